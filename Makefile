@@ -1,0 +1,37 @@
+# Everything runs from a virtual environment in .venv, created on first use.
+# On a GPU cluster pick the CUDA build of torch, e.g.:
+#   make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+# DeepSpeed ships only a source archive whose setup.py imports torch: build it against the torch above.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+PYTEST_ARGS ?=
+
+# Offline machines (CI, compute nodes): tiktoken's GPT-2 BPE cache beside the checkout, if it is there.
+ifneq ($(wildcard ../shared/tiktoken),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
+endif
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(PY) -m model info --model gpt2
+	$(PY) -m model sample --preset tiny --prompt "Hello, I'm a language model," --num 2 --max-new-tokens 16 --seed 42
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

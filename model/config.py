@@ -1,0 +1,73 @@
+"""GPTConfig: the shape of a GPT-2 network, with the four OpenAI presets and small CPU ones."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A model shape that cannot be built; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024          # longest sequence the position table holds
+    vocab_size: int = 50257         # real vocabulary: logits, losses and exports have this width
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True               # biases in Linear and LayerNorm, as OpenAI's GPT-2 has
+    padded_vocab_size: int | None = None  # embedding rows rounded up (e.g. 50304) for faster matmuls
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(
+                f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})")
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        """Build from a mapping, e.g. a recipe's `model:` section; `preset` may name the base shape."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}; known: preset, {', '.join(sorted(known))}")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **values}
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# OpenAI's released shapes (Radford et al. 2019), plus small shapes that train on a CPU in seconds.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=256),
+    "small-cpu": dict(n_layer=4, n_head=4, n_embd=256, block_size=512),
+}

@@ -1,0 +1,173 @@
+"""Conversion between GPT and Hugging Face's GPT2LMHeadModel directories, with no network."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, GPTConfig
+from .tokenizer import EOT_TOKEN, gpt2_bpe_files
+
+# HF's GPT-2 stores these as Conv1D (in, out); torch Linear wants (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Features of GPT2Config that this network does not implement: loading such a model would be silently wrong.
+_UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+
+
+class HFFormatError(ConfigError):
+    """An HF directory or state dict that does not describe a GPT-2 this code can build."""
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise HFFormatError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFFormatError(f"activation_function {act!r} is not GPT-2's tanh GELU")
+    for key, ok in _UNSUPPORTED.items():
+        if hf.get(key, ok) != ok:
+            raise HFFormatError(f"config.json sets {key}={hf[key]!r}, which this GPT does not support")
+    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+        raise HFFormatError(f"layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's 1e-5")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
+def _read_state_dict(directory: Path) -> dict:
+    st = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    binf = directory / "pytorch_model.bin"
+    if st.exists():
+        from safetensors.torch import load_file
+        return load_file(str(st))
+    if index.exists():
+        from safetensors.torch import load_file
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(directory / shard)))
+        return state
+    if binf.exists():
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise HFFormatError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _infer_config(state: dict) -> GPTConfig:
+    wte, wpe = state["transformer.wte.weight"], state["transformer.wpe.weight"]
+    n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k)))
+    n_embd = wte.shape[1]
+    if n_embd % 64:
+        raise HFFormatError("a bare state dict does not say n_head; pass config=GPTConfig(...)")
+    return GPTConfig(vocab_size=wte.shape[0], block_size=wpe.shape[0], n_layer=n_layer,
+                     n_head=n_embd // 64, n_embd=n_embd,
+                     bias="transformer.ln_f.bias" in state)
+
+
+def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
+    if isinstance(source, dict):
+        state = source
+    else:
+        directory = Path(source)
+        if not directory.is_dir():
+            raise HFFormatError(f"{directory} is not a directory")
+        cfg_file = directory / "config.json"
+        if not cfg_file.exists():
+            raise HFFormatError(f"{directory}: no config.json, not a Hugging Face model directory")
+        if config is None:
+            config = config_from_hf(json.loads(cfg_file.read_text()))
+        state = _read_state_dict(directory)
+    # A GPT2Model (no LM head) saves keys without the "transformer." prefix.
+    state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in state.items()}
+    # Causal-mask buffers that older transformers versions saved: not parameters.
+    state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    if config is None:
+        config = _infer_config(state)
+    if overrides:
+        config = GPTConfig.from_dict({**config.to_dict(), **overrides})
+    model = cls(config)
+    ours = model.state_dict()
+    loaded = {}
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            continue  # tied to wte
+        if key not in ours:
+            raise HFFormatError(f"unexpected weight {key!r}: not part of a GPT-2 of this shape")
+        if key.endswith(_CONV1D):
+            value = value.t()
+        expected = ours[key].shape
+        if key == "transformer.wte.weight" and config.padded_vocab_size:
+            if value.shape[0] != config.vocab_size or value.shape[1] != expected[1]:
+                raise HFFormatError(f"{key} has shape {tuple(value.shape)}, expected ({config.vocab_size}, {expected[1]})")
+            padded = ours[key].clone()
+            padded[: config.vocab_size] = value
+            value = padded
+        if value.shape != expected:
+            raise HFFormatError(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected)} for {config}")
+        loaded[key] = value.to(ours[key].dtype)
+    missing = sorted(set(ours) - set(loaded) - {"lm_head.weight"})
+    if missing:
+        raise HFFormatError(f"missing weights: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    model.load_state_dict(loaded, strict=False)
+    return model
+
+
+def hf_config_dict(config: GPTConfig) -> dict:
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
+        "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "torch_dtype": "float32",
+    }
+
+
+def save_hf(model, path) -> None:
+    """Write config, safetensors weights and GPT-2 tokenizer files; the directory appears whole or not at all."""
+    from safetensors.torch import save_file
+    config: GPTConfig = model.config
+    if not config.bias:
+        raise HFFormatError("transformers' GPT-2 always has biases; a bias=False model cannot be exported")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {}
+        for key, value in model.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied: transformers re-ties it from wte on load
+            value = value.detach().float().cpu()
+            if key == "transformer.wte.weight":
+                value = value[: config.vocab_size]
+            if key.endswith(_CONV1D):
+                value = value.t()
+            state[key] = value.contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}, indent=2) + "\n")
+        encoder_json, vocab_bpe = gpt2_bpe_files()
+        shutil.copyfile(encoder_json, tmp / "vocab.json")
+        shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+            "add_prefix_space": False, "add_bos_token": False}, indent=2) + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(
+            {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,73 @@
+"""One token shard in llm.c's layout: 256 little-endian int32 header, then uint16 tokens.
+
+header[0] = MAGIC, header[1] = VERSION, header[2] = token count; file size is exactly 1024 + 2 * count.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1  # uint16 tokens
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+class ShardError(ValueError):
+    """A shard whose header, size or contents do not match the format; the message names the file."""
+
+
+def make_header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, n_tokens
+    return header.tobytes()
+
+
+def read_header(path: Path) -> int:
+    """Validate magic, version and file size; return the token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic {int(header[0])} (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported version {int(header[1])} (expected {VERSION})")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ShardError(f"{path}: file is {size} bytes, header says {n} tokens ({HEADER_BYTES + 2 * n} bytes)")
+    return n
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """Memory-map a shard's tokens (read-only uint16) after checking header and size."""
+    n = read_header(path)
+    if n == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Write atomically: a temporary name in the same directory, fsync, then rename."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(make_header(len(tokens)))
+            f.write(tokens.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
