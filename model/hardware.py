@@ -1,0 +1,46 @@
+"""GPU peak throughput and memory, and the FLOPs-per-token formula that MFU and `model plan` share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import GPTConfig
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_bytes: int        # as the driver reports it (nvidia-smi's total)
+    peak_bf16_flops: float   # dense, no sparsity
+
+
+MiB = 1024 ** 2
+# Dense bf16 peaks from NVIDIA's data sheets (A100: 312 TFLOP/s; H100 SXM and H200: 989 TFLOP/s);
+# memory totals are what nvidia-smi reports on the SXM parts.
+GPUS: dict[str, GPUSpec] = {
+    "a100-40gb": GPUSpec("A100-40GB", 40960 * MiB, 312e12),
+    "a100-80gb": GPUSpec("A100-80GB", 81920 * MiB, 312e12),
+    "h100": GPUSpec("H100", 81559 * MiB, 989e12),
+    "h200": GPUSpec("H200", 143771 * MiB, 989e12),
+}
+GPU_ALIASES = {"a100": "a100-80gb", "h100-sxm": "h100", "h100-80gb": "h100"}
+
+
+def gpu_spec(name: str) -> GPUSpec:
+    key = name.strip().lower()
+    key = GPU_ALIASES.get(key, key)
+    if key not in GPUS:
+        raise ValueError(f"unknown GPU kind {name!r}; known: {', '.join(s.name for s in GPUS.values())} "
+                         "(or give its memory and peak TFLOP/s)")
+    return GPUS[key]
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward (PaLM, Chowdhery et al. 2022, appendix B).
+
+    6 * N + 12 * n_layer * n_embd * seq_len, where N counts every parameter that takes part in a matmul:
+    all parameters except the position table (the tied embedding counts once, as the LM head).
+    The second term is attention's QK^T and AV products, counted over the full (not causal-halved) square.
+    """
+    C, L = config.n_embd, config.n_layer
+    n_matmul = 12 * L * C * C + config.embedding_rows * C  # per block: qkv 3C^2 + proj C^2 + mlp 8C^2
+    return 6.0 * n_matmul + 12.0 * L * C * seq_len
