@@ -4,10 +4,11 @@ header[0] = MAGIC, header[1] = VERSION, header[2] = token count; file size is ex
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_file
 
 MAGIC = 20240520
 VERSION = 1  # uint16 tokens
@@ -58,16 +59,20 @@ def open_shard(path: Path) -> np.ndarray:
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     """Write atomically: a temporary name in the same directory, fsync, then rename."""
-    path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(make_header(len(tokens)))
-            f.write(tokens.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as f:
+        f.write(make_header(len(tokens)))
+        f.write(tokens.tobytes())
+
+
+class TokenRangeError(ValueError):
+    """A token id that does not fit the uint16 shard format."""
+
+
+def to_uint16(tokens: np.ndarray, where: str) -> np.ndarray:
+    """Narrow tokenizer output to uint16, refusing (never wrapping) ids >= 65536."""
+    if len(tokens) and int(tokens.max()) > 0xFFFF:
+        bad = int(tokens.max())
+        raise TokenRangeError(f"{where}: token id {bad} does not fit in uint16 (>= 65536); "
+                              "this tokenizer cannot be stored in llm.c version-1 shards")
+    return tokens.astype(TOKEN_DTYPE)

@@ -1,0 +1,85 @@
+"""`python -m prep {download,eval-data,tokenize,finalize,verify,info}`: FineWeb -> GPT-2 uint16 token shards."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import download, evaldata, finalize, tokenize, verify
+from .inputs import DEFAULT_UNIT_BYTES
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or directories (recursive)")
+    p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--val-tokens", type=int, default=10_000_000, help="validation holdout size in tokens (default 10M)")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the validation hash (default 0)")
+    p.add_argument("--text-column", default="text", help="parquet column / JSON field holding the text")
+    p.add_argument("--skip-bad-docs", action="store_true",
+                   help="skip (and count) malformed JSON lines, records without text and parquet files without "
+                        "the text column instead of stopping")
+    p.add_argument("--task-index", type=int, help="this Slurm array task (0-based); with --task-count: no finalize")
+    p.add_argument("--task-count", type=int, help="number of array tasks sharing the input units")
+    p.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES,
+                   help="pack parquet row groups into units of about this many uncompressed bytes")
+    p.set_defaults(run=tokenize.tokenize)
+
+
+def _add_finalize(sub) -> None:
+    p = sub.add_parser("finalize", help="after all array tasks: write the shards and manifest.json")
+    p.add_argument("--out", required=True, help="dataset directory")
+    p.set_defaults(run=lambda a: finalize.finalize(a.out))
+
+
+def _add_verify_info(sub) -> None:
+    p = sub.add_parser("verify", help="re-check headers, sizes, token ranges and sha256 against the manifest")
+    p.add_argument("dataset")
+    p.set_defaults(run=lambda a: verify.verify(a.dataset))
+    p = sub.add_parser("info", help="print a dataset's summary")
+    p.add_argument("dataset")
+    p.set_defaults(run=lambda a: verify.info(a.dataset))
+
+
+def _add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a FineWeb / FineWeb-Edu sample's parquet files (login node)")
+    p.add_argument("--dataset", choices=sorted(download.DATASETS), default="fineweb-edu")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sample", choices=download.SAMPLES, help="sample folder, e.g. 10BT (default when no --dump)")
+    g.add_argument("--dump", help="a named Common Crawl dump instead, e.g. CC-MAIN-2024-10")
+    p.add_argument("--out", required=True, help="raw directory for the parquet files")
+    p.add_argument("--files", help="only files I:J of the sorted listing (Python slice), to split the work")
+    p.add_argument("--revision", default="main", help="branch, tag or commit (resolved to a commit and recorded)")
+    p.set_defaults(run=download.download)
+
+
+def _add_eval_data(sub) -> None:
+    p = sub.add_parser("eval-data", help="HellaSwag validation as a local jsonl, for offline compute nodes")
+    p.add_argument("--out", required=True, help="directory; writes hellaswag_val.jsonl there")
+    p.add_argument("--from", dest="from_file", help="install this local jsonl copy instead of downloading")
+    p.set_defaults(run=evaldata.eval_data)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_download, _add_eval_data, _add_tokenize, _add_finalize, _add_verify_info):
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permissions, ...: name the file and the reason, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as exc:  # every prep error derives from ValueError (+ TokenizerUnavailable)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""`prep download`: a FineWeb / FineWeb-Edu sample's parquet files from the Hugging Face Hub into a raw directory.
+
+The listing is taken at one commit (the --revision resolved once) and written to RAW/download.json, so every file
+of a dataset comes from the same revision and tokenize can record it. Each file is fetched into RAW/.partial/ with
+HTTP range requests (a rerun continues where a killed one stopped), checked against the Hub's size and LFS sha256,
+then renamed into place. A file already in place is re-hashed only if its size or mtime changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from . import atomic
+
+DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
+SAMPLES = ("10BT", "100BT", "350BT")
+RECORD = "download.json"
+CHUNK = 8 << 20
+CONNECT_TIMEOUT_S = 10
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def offline_help(repo_id: str, folder: str, out: Path) -> str:
+    return (f"to work offline, fetch the files on a machine with internet, e.g. `huggingface-cli download {repo_id} "
+            f"--repo-type dataset --include '{folder}/*.parquet' --local-dir RAW`, copy them into {out} "
+            f"(any layout), then run `python -m prep tokenize --input {out} --out DATASET`")
+
+
+def check_online(help_text: str) -> str:
+    """The Hub endpoint, after making sure it is reachable (fail in seconds, not after long retries)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise DownloadError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; {help_text}")
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DownloadError(f"cannot reach the Hugging Face Hub at {endpoint} ({exc.strerror or exc}); "
+                            f"{help_text}") from None
+    return endpoint
+
+
+def parse_files(spec: str | None, n: int) -> range:
+    if not spec:
+        return range(n)
+    try:
+        i, j = (int(x) if x else None for x in spec.split(":"))
+    except ValueError:
+        raise DownloadError(f"--files {spec!r}: expected I:J (a Python slice of the sorted file list)") from None
+    picked = range(n)[slice(i, j)]
+    if not picked:
+        raise DownloadError(f"--files {spec} selects none of the {n} files")
+    return picked
+
+
+def list_files(repo_id: str, folder: str, revision: str) -> tuple[str, list[dict]]:
+    """(commit sha, [{path, bytes, sha256}]) of the parquet files under `folder` at `revision`."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+    api = HfApi()
+    commit = api.dataset_info(repo_id, revision=revision, timeout=CONNECT_TIMEOUT_S).sha
+    files = [{"path": f.path, "bytes": f.size, "sha256": f.lfs.sha256 if f.lfs else None}
+             for f in api.list_repo_tree(repo_id, folder, recursive=True, repo_type="dataset", revision=commit)
+             if isinstance(f, RepoFile) and f.path.endswith(".parquet")]
+    if not files:
+        raise DownloadError(f"{repo_id}@{commit[:12]} has no parquet files under {folder}/")
+    return commit, sorted(files, key=lambda f: f["path"])
+
+
+def file_status(path: Path, size: int, sha256: str | None) -> str:
+    """'ok', 'missing' or a reason the local file is wrong. A verified hash is cached beside the raw dir."""
+    if not path.exists():
+        return "missing"
+    st = path.stat()
+    if st.st_size != size:
+        return f"size {st.st_size} != {size}"
+    if not sha256:
+        return "ok"
+    stamp = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    cache = path.with_name(f".{path.name}.verified")
+    if cache.exists() and atomic.read_json(cache) == stamp:
+        return "ok"
+    actual = sha256_file(path)
+    if actual != sha256:
+        return f"sha256 {actual[:12]}... != {sha256[:12]}..."
+    atomic.write_json(cache, stamp)
+    return "ok"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(url: str, dest: Path, size: int, sha256: str | None, headers: dict | None = None, progress=None) -> None:
+    """Download url to dest, resuming from dest's .partial file; verify size and sha256 before renaming into place."""
+    part = dest.parent / ".partial" / (dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:  # not a prefix of this file: start over
+        part.unlink()
+        have = 0
+    if have < size:
+        req = urllib.request.Request(url, headers={**(headers or {}), "Range": f"bytes={have}-"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            if have and resp.status != 206:  # server ignored the range: rewrite from the start
+                have = 0
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+    got = part.stat().st_size
+    if got != size:
+        raise DownloadError(f"{dest.name}: got {got} bytes, the Hub lists {size}; rerun to resume")
+    if sha256:
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink()
+            raise DownloadError(f"{dest.name}: sha256 {actual} != {sha256} listed by the Hub; deleted, rerun to fetch again")
+    os.replace(part, dest)
+
+
+def download(args) -> int:
+    from tqdm import tqdm
+    repo_id = DATASETS[args.dataset]
+    folder = f"data/{args.dump}" if args.dump else f"sample/{args.sample or '10BT'}"
+    out = Path(args.out).resolve()
+    endpoint = check_online(offline_help(repo_id, folder, out))
+    try:
+        commit, files = list_files(repo_id, folder, args.revision)
+    except DownloadError:
+        raise
+    except Exception as exc:  # huggingface_hub raises HTTP / repository errors of several kinds
+        raise DownloadError(f"listing {repo_id} {folder}/ at {args.revision}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"repo_id": repo_id, "dataset": args.dataset, "sample": args.sample or (None if args.dump else "10BT"),
+              "dump": args.dump, "pattern": f"{folder}/*.parquet", "revision": commit, "files": files}
+    if (out / RECORD).exists():
+        old = atomic.read_json(out / RECORD)
+        if (old.get("repo_id"), old.get("pattern"), old.get("revision")) != (repo_id, record["pattern"], commit):
+            raise DownloadError(f"{out} already holds {old.get('repo_id')} {old.get('pattern')} at revision "
+                                f"{old.get('revision')}; refusing to mix in {record['pattern']} at {commit} "
+                                f"(use another --out, or --revision {old.get('revision')})")
+    else:
+        atomic.write_json(out / RECORD, record)
+    picked = [files[i] for i in parse_files(args.files, len(files))]
+    print(f"{repo_id} {folder}/ at {commit}: {len(files)} files, taking {len(picked)} "
+          f"({sum(f['bytes'] for f in picked) / 1e9:,.2f} GB) into {out}", file=sys.stderr)
+    from huggingface_hub import get_token, hf_hub_url
+    token = get_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    skipped = 0
+    with tqdm(total=sum(f["bytes"] for f in picked), unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
+        for f in picked:
+            dest = out / f["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            status = file_status(dest, f["bytes"], f["sha256"])
+            if status == "ok":
+                skipped += 1
+                bar.update(f["bytes"])
+                continue
+            if status != "missing":
+                print(f"{dest}: {status}; fetching again", file=sys.stderr)
+                dest.unlink()
+            url = hf_hub_url(repo_id, f["path"], repo_type="dataset", revision=commit, endpoint=endpoint)
+            fetch(url, dest, f["bytes"], f["sha256"], headers, bar.update)
+    print(f"done: {len(picked)} file(s) verified ({skipped} were already complete) in {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,254 @@
+"""Input discovery and reading: files and directories -> ordered units of work -> documents.
+
+A unit is what one worker tokenizes and commits in one go: a whole .jsonl / .jsonl.zst / .txt file, or a run of
+consecutive row groups of a parquet file (so one large FineWeb file spreads over many workers and array tasks).
+Units are numbered in input order; that order, not the order they finish in, fixes the bytes of the dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
+# Row groups are packed into units of about this many uncompressed bytes (FineWeb's files are ~2 GB each).
+DEFAULT_UNIT_BYTES = 64 << 20
+READ_BATCH_ROWS = 1024
+
+
+class InputError(ValueError):
+    """Bad or missing input; the message names the file (and line or row group)."""
+
+
+def file_kind(path: Path) -> str | None:
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix.lstrip(".")
+    return None
+
+
+def discover(paths: list[str]) -> list[Path]:
+    """Expand files and directories (recursively, sorted) into the ordered list of input files."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw).resolve()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and file_kind(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files.extend(found)
+        elif p.is_file():
+            if not file_kind(p):
+                raise InputError(f"{p}: unsupported input type (expected {', '.join(SUFFIXES)})")
+            files.append(p)
+        else:
+            raise InputError(f"{raw}: no such file or directory")
+    if not files:
+        raise InputError(f"no input files ({', '.join(SUFFIXES)}) found in: {' '.join(paths)}")
+    seen = set()
+    for f in files:
+        if f in seen:
+            raise InputError(f"{f}: given twice in --input")
+        seen.add(f)
+    return files
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    path: str
+    kind: str
+    row_groups: tuple[int, ...] = ()  # parquet only
+
+    def describe(self) -> str:
+        if self.kind != "parquet":
+            return self.path
+        first, last = self.row_groups[0], self.row_groups[-1]
+        return f"{self.path} row groups {first}-{last}" if first != last else f"{self.path} row group {first}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "path": self.path, "kind": self.kind, "row_groups": list(self.row_groups)}
+
+
+def plan_units(files: list[Path], text_column: str, unit_bytes: int, skip_bad: bool,
+               skipped: list[dict] | None = None) -> list[Unit]:
+    """Split the input files into units; parquet files are checked for the text column here, up front."""
+    units: list[Unit] = []
+    for f in files:
+        kind = file_kind(f)
+        if kind != "parquet":
+            units.append(Unit(len(units), str(f), kind))
+            continue
+        meta = _parquet_metadata(f)
+        if text_column not in meta.schema.names:
+            msg = f"{f}: parquet file has no column {text_column!r} (columns: {', '.join(meta.schema.names)})"
+            if not skip_bad:
+                raise InputError(msg + "; pass --text-column, or --skip-bad-docs to skip the file")
+            if skipped is not None:
+                skipped.append({"path": str(f), "rows": meta.num_rows, "reason": f"no column {text_column!r}"})
+            continue
+        group: list[int] = []
+        size = 0
+        for rg in range(meta.num_row_groups):
+            group.append(rg)
+            size += meta.row_group(rg).total_byte_size
+            if size >= unit_bytes:
+                units.append(Unit(len(units), str(f), kind, tuple(group)))
+                group, size = [], 0
+        if group:
+            units.append(Unit(len(units), str(f), kind, tuple(group)))
+    return units
+
+
+def _parquet_metadata(path: Path):
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for corrupt or truncated files
+        raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+
+
+@dataclass
+class ReadStats:
+    """What reading skipped or repaired; summed over units into the manifest."""
+    documents: int = 0
+    empty: int = 0
+    bad: int = 0
+    invalid_utf8: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def add(self, other: "ReadStats") -> None:
+        self.documents += other.documents
+        self.empty += other.empty
+        self.bad += other.bad
+        self.invalid_utf8 += other.invalid_utf8
+        self.bad_examples = (self.bad_examples + other.bad_examples)[:5]
+
+    def to_dict(self) -> dict:
+        return {"documents": self.documents, "empty_skipped": self.empty, "bad_skipped": self.bad,
+                "invalid_utf8_replaced": self.invalid_utf8}
+
+
+def decode_utf8(raw: bytes, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_documents(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
+    """Yield batches of (key, text): key is the document's id when it has one, else None (hash the text)."""
+    if unit.kind == "parquet":
+        yield from _read_parquet(unit, text_column, skip_bad, stats)
+    elif unit.kind == "txt":
+        yield [(None, decode_utf8(Path(unit.path).read_bytes(), stats))]
+    else:
+        yield from _read_jsonl(unit, text_column, skip_bad, stats)
+
+
+def _bad(stats: ReadStats, skip_bad: bool, msg: str) -> None:
+    if not skip_bad:
+        raise InputError(msg + " (pass --skip-bad-docs to skip and count such documents)")
+    stats.bad += 1
+    if len(stats.bad_examples) < 5:
+        stats.bad_examples.append(msg)
+
+
+def _read_jsonl(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
+    batch = []
+    with _open_lines(Path(unit.path)) as lines:
+        for lineno, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            where = f"{unit.path}:{lineno}"
+            try:
+                obj = json.loads(decode_utf8(raw, stats))
+            except json.JSONDecodeError as exc:
+                _bad(stats, skip_bad, f"{where}: malformed JSON ({exc.msg} at column {exc.colno})")
+                continue
+            text = obj.get(text_column) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                _bad(stats, skip_bad, f"{where}: no string field {text_column!r}")
+                continue
+            doc_id = obj.get("id")
+            batch.append((None if doc_id is None else str(doc_id), text))
+            if len(batch) >= READ_BATCH_ROWS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+class _open_lines:
+    """Binary line iterator over .jsonl or streamed .jsonl.zst (never decompressed whole into memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import io
+        self.raw = open(self.path, "rb")
+        if self.path.name.endswith(".zst"):
+            import zstandard
+            reader = zstandard.ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            return _checked_lines(io.BufferedReader(reader, 1 << 20), self.path)
+        return _checked_lines(self.raw, self.path)
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+def _checked_lines(stream, path: Path):
+    import zstandard
+    try:
+        yield from stream
+    except zstandard.ZstdError as exc:
+        raise InputError(f"{path}: cannot decompress ({exc})") from None
+
+
+def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(unit.path)
+    columns = [text_column] + (["id"] if "id" in pf.schema_arrow.names else [])
+    for rg in unit.row_groups:
+        try:
+            table = pf.read_row_group(rg, columns=columns)
+        except Exception as exc:  # corrupt page / truncated file
+            raise InputError(f"{unit.path} row group {rg}: cannot read ({exc})") from None
+        text_col = table.column(text_column)
+        if not (pa.types.is_string(text_col.type) or pa.types.is_large_string(text_col.type)
+                or pa.types.is_binary(text_col.type) or pa.types.is_large_binary(text_col.type)):
+            raise InputError(f"{unit.path} row group {rg}: column {text_column!r} is {text_col.type}, not text")
+        ids = table.column("id").to_pylist() if "id" in columns else [None] * table.num_rows
+        texts = _column_texts(text_col, stats)
+        for start in range(0, table.num_rows, READ_BATCH_ROWS):
+            batch = []
+            for doc_id, text in zip(ids[start:start + READ_BATCH_ROWS], texts[start:start + READ_BATCH_ROWS]):
+                batch.append((None if doc_id is None else str(doc_id), text))
+            yield batch
+
+
+def _column_texts(col, stats: ReadStats) -> list:
+    """Python strings of a text column; invalid UTF-8 (parquet does not enforce it) is replaced and counted."""
+    import pyarrow as pa
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        try:
+            return col.to_pylist()
+        except UnicodeDecodeError:
+            col = col.cast(pa.large_binary())
+    return [None if raw is None else decode_utf8(raw, stats) for raw in col.to_pylist()]
+
+
+def file_fingerprint(path: Path) -> dict:
+    st = os.stat(path)
+    return {"path": str(path), "bytes": st.st_size}
+
+
+def stable_hash(key: str, seed: int) -> int:
+    """64-bit hash that is the same on every machine and Python version (not Python's salted hash())."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little")

@@ -1,0 +1,195 @@
+"""`prep tokenize`: turn input units into committed token files under DS/.work/, then (alone) finalize.
+
+Each unit is tokenized by one worker into .work/units/uNNNNNN.bin (tokens, shard format) and uNNNNNN.idx.npy
+(per document: holdout hash and token count), then uNNNNNN.json is written last as the done marker. A unit with a
+marker is never redone, so a rerun after SIGKILL picks up where the last run stopped; a unit cut off half-way left
+only temporary files, which are ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import queue
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model import tokenizer
+from . import atomic, recipe as recipes
+from .inputs import ReadStats, Unit, read_documents, stable_hash
+from .shard import make_header, to_uint16
+
+INDEX_DTYPE = np.dtype([("hash", "<u8"), ("tokens", "<i8")])
+
+
+def work_dir(out: Path) -> Path:
+    return Path(out) / ".work"
+
+
+def units_dir(out: Path) -> Path:
+    return work_dir(out) / "units"
+
+
+def unit_paths(out: Path, index: int) -> dict[str, Path]:
+    base = units_dir(out) / f"u{index:06d}"
+    return {"tokens": base.with_suffix(".bin"), "index": base.with_suffix(".idx.npy"), "done": base.with_suffix(".json")}
+
+
+def is_done(out: Path, unit: Unit) -> bool:
+    marker = unit_paths(out, unit.index)["done"]
+    return marker.exists() and atomic.read_json(marker).get("unit") == unit.to_dict()
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    out: str
+    unit: Unit
+    text_column: str
+    skip_bad: bool
+    seed: int
+
+
+_progress_queue = None  # set in each pool worker by _init_worker; None when running in-process
+
+
+def _init_worker(progress_queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def tokenize_unit(job: UnitJob, progress=None) -> dict:
+    """Tokenize one unit and commit it; returns the done-marker contents."""
+    progress = progress or (_progress_queue.put if _progress_queue is not None else None)
+    enc = tokenizer.get_encoding()
+    eot = np.array([tokenizer.EOT_TOKEN], dtype=np.uint32)
+    paths = unit_paths(Path(job.out), job.unit.index)
+    stats = ReadStats()
+    hashes: list[int] = []
+    lengths: list[int] = []
+    digest = hashlib.sha256()
+    n_tokens = 0
+    with atomic.atomic_file(paths["tokens"]) as f:
+        f.write(make_header(0))  # patched with the real count once the unit is complete
+        for batch in read_documents(job.unit, job.text_column, job.skip_bad, stats):
+            pieces = []
+            for key, text in batch:
+                if not text:
+                    stats.empty += 1
+                    continue
+                # encode_to_numpy with no special tokens allowed or disallowed == encode_ordinary, minus a list copy.
+                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+                pieces += (eot, ids)
+                hashes.append(stable_hash(text if key is None else key, job.seed))
+                lengths.append(len(ids) + 1)
+            stats.documents += len(pieces) // 2
+            if not pieces:
+                continue
+            chunk = to_uint16(np.concatenate(pieces), job.unit.describe()).tobytes()
+            f.write(chunk)
+            digest.update(chunk)
+            n_tokens += len(chunk) // 2
+            if progress:
+                progress((len(pieces) // 2, len(chunk) // 2))
+        f.seek(0)
+        f.write(make_header(n_tokens))
+    index = np.array(list(zip(hashes, lengths)), dtype=INDEX_DTYPE)
+    with atomic.atomic_file(paths["index"]) as f:
+        np.save(f, index)
+    marker = {"unit": job.unit.to_dict(), "tokens": n_tokens, "documents": len(lengths),
+              "tokens_sha256": digest.hexdigest(), "stats": stats.to_dict(), "bad_examples": stats.bad_examples}
+    atomic.write_json(paths["done"], marker)
+    return marker
+
+
+def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str) -> tuple[ReadStats, int]:
+    """Tokenize the given units with `workers` processes, showing one progress bar; returns (stats, tokens)."""
+    from tqdm import tqdm
+    jobs = [UnitJob(str(out), u, rcp["text_column"], rcp["skip_bad_docs"], rcp["validation"]["seed"]) for u in units]
+    total = ReadStats()
+    bar = tqdm(total=len(jobs), desc=label, unit="unit", dynamic_ncols=True, file=sys.stderr)
+    counts = {"docs": 0, "tokens": 0, "committed": 0, "shown": 0.0}
+    start = time.monotonic()
+
+    def on_progress(delta):
+        counts["docs"] += delta[0]
+        counts["tokens"] += delta[1]
+        now = time.monotonic()
+        if now - counts["shown"] >= 1.0:  # rates between unit completions, at most once a second
+            counts["shown"] = now
+            dt = max(now - start, 1e-9)
+            bar.set_postfix_str(f"{counts['docs'] / dt:,.0f} docs/s, {counts['tokens'] / dt:,.0f} tok/s")
+
+    def on_done(marker):
+        stats = ReadStats(**{k: marker["stats"][v] for k, v in
+                             (("documents", "documents"), ("empty", "empty_skipped"), ("bad", "bad_skipped"),
+                              ("invalid_utf8", "invalid_utf8_replaced"))})
+        stats.bad_examples = marker["bad_examples"]
+        total.add(stats)
+        counts["committed"] += marker["tokens"]
+        bar.update(1)
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                on_done(tokenize_unit(job, on_progress))
+        else:
+            _run_pool(jobs, workers, on_progress, on_done)
+    finally:
+        bar.close()
+    return total, counts["committed"]
+
+
+def _run_pool(jobs, workers, on_progress, on_done) -> None:
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    progress_queue = ctx.Queue()
+    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
+        pending = pool.imap_unordered(tokenize_unit, jobs)
+        finished = 0
+        while finished < len(jobs):
+            try:
+                marker = pending.next(timeout=0.2)
+            except mp.TimeoutError:
+                marker = None
+            while True:
+                try:
+                    on_progress(progress_queue.get_nowait())
+                except queue.Empty:
+                    break
+            if marker is not None:
+                on_done(marker)
+                finished += 1
+
+
+def tokenize(args) -> int:
+    """The `prep tokenize` command: plan, check the recipe, tokenize this task's units, finalize when alone."""
+    from . import finalize as fin
+    out = Path(args.out).resolve()
+    rcp, units, skipped = recipes.build(args)
+    if (out / "manifest.json").exists():
+        return fin.already_finished(out, rcp)
+    recipes.claim_work_dir(out, rcp, units, skipped)
+    task_mode = args.task_count is not None
+    task_index, task_count = (args.task_index, args.task_count) if task_mode else (0, 1)
+    mine = [u for u in units if u.index % task_count == task_index]
+    done = [u for u in mine if is_done(out, u)]
+    todo = [u for u in mine if not is_done(out, u)]
+    recipes.print_config(out, rcp, units, args.workers, task_index, task_count, len(done))
+    if done:
+        shown = ", ".join(f"u{u.index:06d}" for u in done[:8]) + (" ..." if len(done) > 8 else "")
+        print(f"skipping {len(done)} unit(s) already done: {shown}", file=sys.stderr)
+    start = time.monotonic()
+    stats, n_tokens = run_units(out, todo, rcp, args.workers, f"tokenize task {task_index}/{task_count}")
+    dt = time.monotonic() - start
+    print(f"task {task_index}/{task_count}: {len(todo)} unit(s) tokenized, {len(done)} skipped as done; "
+          f"{stats.documents:,} documents, {n_tokens:,} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):,.0f} tok/s); "
+          f"empty {stats.empty}, bad {stats.bad}, invalid UTF-8 {stats.invalid_utf8}", file=sys.stderr)
+    for example in stats.bad_examples:
+        print(f"  skipped: {example}", file=sys.stderr)
+    if task_mode:
+        print(f"run `python -m prep finalize --out {out}` once every task has finished", file=sys.stderr)
+        return 0
+    return fin.finalize(out)
+
