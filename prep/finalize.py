@@ -64,6 +64,10 @@ def finalize(out: Path) -> int:
         if idx.dtype != INDEX_DTYPE or len(idx) != m["documents"] or int(idx["tokens"].sum()) != m["tokens"]:
             raise FinalizeError(f"{unit_paths(out, u.index)['index']}: does not match its done marker; "
                                 f"delete {unit_paths(out, u.index)['done']} and rerun tokenize to redo the unit")
+    if sum(m["tokens"] for m in markers) == 0:
+        raise FinalizeError(f"{out}: the inputs hold no documents with text "
+                            f"({sum(m['stats']['empty_skipped'] for m in markers)} empty, "
+                            f"{sum(m['stats']['bad_skipped'] for m in markers)} bad)")
     val_sets = select_validation(indexes, rcp["validation"]["tokens"])
     atomic.remove_stale_tmp(out)
     writers = {s: SplitWriter(out, s, _split_tokens(indexes, val_sets, s == "val"), rcp["shard_tokens"])

@@ -189,24 +189,34 @@ class _open_lines:
         self.path = path
 
     def __enter__(self):
-        import io
         self.raw = open(self.path, "rb")
-        if self.path.name.endswith(".zst"):
-            import zstandard
-            reader = zstandard.ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
-            return _checked_lines(io.BufferedReader(reader, 1 << 20), self.path)
-        return _checked_lines(self.raw, self.path)
+        return _zst_lines(self.raw, self.path) if self.path.name.endswith(".zst") else self.raw
 
     def __exit__(self, *exc):
         self.raw.close()
 
 
-def _checked_lines(stream, path: Path):
+def _zst_lines(raw, path: Path):
+    """Lines of a (possibly multi-frame) zstd stream; a truncated last frame is an error, not a silent short read."""
     import zstandard
+    dobj, pending, fed = zstandard.ZstdDecompressor().decompressobj(), b"", False
     try:
-        yield from stream
+        while chunk := raw.read(1 << 20):
+            while chunk:
+                fed = True
+                pending += dobj.decompress(chunk)
+                chunk = b""
+                if dobj.eof:  # frame finished: whatever follows starts the next frame
+                    chunk, dobj, fed = dobj.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
     except zstandard.ZstdError as exc:
         raise InputError(f"{path}: cannot decompress ({exc})") from None
+    if fed and not dobj.eof:
+        raise InputError(f"{path}: truncated zstd stream (the last frame is incomplete)")
+    if pending:
+        yield pending
 
 
 def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):

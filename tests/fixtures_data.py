@@ -1,4 +1,4 @@
-"""Datasets made by the real `prep` stage from ../shared text, for train/eval/slurm tests."""
+"""Datasets made by the real `prep` stage from ../shared text, for train/eval/slurm tests; input-file writers."""
 import json
 import subprocess
 from pathlib import Path
@@ -15,6 +15,37 @@ def split_documents(text: str) -> list[str]:
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
+def write_fineweb_parquet(path: Path, docs: list[str], row_group_size: int, ids: list[str] | None = None) -> Path:
+    """A parquet file in FineWeb's schema (text, id, dump, url, date, file_path, language, ...), several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = len(docs)
+    ids = ids or [f"<urn:uuid:{i:08d}-0000-4000-8000-{i:012d}>" for i in range(n)]
+    table = pa.table({
+        "text": pa.array(docs, pa.string()),
+        "id": pa.array(ids, pa.string()),
+        "dump": pa.array(["CC-MAIN-2024-10"] * n),
+        "url": pa.array([f"https://example.org/play/{i}" for i in range(n)]),
+        "date": pa.array(["2024-02-21T00:00:00Z"] * n),
+        "file_path": pa.array(["s3://commoncrawl/crawl-data/CC-MAIN-2024-10/segments/0/warc/0.warc.gz"] * n),
+        "language": pa.array(["en"] * n),
+        "language_score": pa.array([0.9] * n, pa.float64()),
+        "token_count": pa.array([len(d) // 4 for d in docs], pa.int64()),
+    })
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Plain .jsonl, or zstandard-compressed when the name ends in .zst."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    if path.name.endswith(".zst"):
+        import zstandard
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    path.write_bytes(data)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shakespeare_docs() -> list[str]:
     return split_documents((SHARED / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
@@ -24,10 +55,7 @@ def shakespeare_docs() -> list[str]:
 def tiny_dataset(tmp_path_factory, shakespeare_docs) -> Path:
     """A finished dataset dir: all of Tiny Shakespeare (~338k tokens), small shards, a val split."""
     root = tmp_path_factory.mktemp("tiny_dataset")
-    src = root / "docs.jsonl"
-    with open(src, "w", encoding="utf-8") as f:
-        for i, doc in enumerate(shakespeare_docs):
-            f.write(json.dumps({"id": f"shakespeare-{i}", "text": doc}) + "\n")
+    src = write_jsonl(root / "docs.jsonl", [{"id": f"shakespeare-{i}", "text": d} for i, d in enumerate(shakespeare_docs)])
     out = root / "ds"
     subprocess.run([PYTHON, "-m", "prep", "tokenize", "--input", str(src), "--out", str(out),
                     "--shard-tokens", "100000", "--val-tokens", "20000"],

@@ -1,0 +1,84 @@
+"""prep tokenize on every input format, and output bytes that depend on neither workers nor array tasks."""
+import numpy as np
+import pytest
+
+from model import tokenizer
+from prep.__main__ import main as prep_main
+from prep.reader import Dataset
+from tests.fixtures_data import write_fineweb_parquet, write_jsonl
+from tests.test_prep import documents_of
+
+
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tokenize(inputs, out, *extra) -> int:
+    return prep_main(["tokenize", "--input", *map(str, inputs), "--out", str(out), *map(str, extra)])
+
+
+@pytest.fixture(scope="session")
+def fineweb_parquet(tmp_path_factory, shakespeare_docs):
+    """All of Tiny Shakespeare as a FineWeb-schema parquet file of 15 row groups."""
+    return write_fineweb_parquet(tmp_path_factory.mktemp("raw") / "000_00000.parquet", shakespeare_docs, 500)
+
+
+@pytest.fixture(scope="session")
+def parquet_reference(tmp_path_factory, fineweb_parquet):
+    """The dataset of one uninterrupted, single-process run; every other run must equal it byte for byte."""
+    out = tmp_path_factory.mktemp("reference") / "ds"
+    assert tokenize([fineweb_parquet], out, "--shard-tokens", 60000, "--val-tokens", 15000, "--unit-bytes", 1) == 0
+    return tree_bytes(out)
+
+
+def test_every_format_tokens_equal_tiktoken_in_input_order(tmp_path, shakespeare_docs):
+    docs = shakespeare_docs[:600] + ["caf\u00e9 \u2014 \u4e2d\u6587 \U0001f600", "a literal <|endoftext|> is text"]
+    parts = [docs[0:200], docs[200:350], docs[350:500], docs[500:]]
+    raw = tmp_path / "raw"
+    (raw / "b").mkdir(parents=True)
+    write_fineweb_parquet(raw / "b" / "a.parquet", parts[0], 64)
+    write_jsonl(raw / "b" / "b.jsonl", [{"id": f"j{i}", "text": d} for i, d in enumerate(parts[1])])
+    write_jsonl(raw / "c.jsonl.zst", [{"text": d} for d in parts[2]])  # no id: holdout hashes the text
+    txt = tmp_path / "one.txt"
+    txt.write_text("\n\n".join(parts[3]), encoding="utf-8")  # a .txt file is one document
+    (raw / "notes.md").write_text("not an input")
+    assert tokenize([raw, txt], tmp_path / "ds", "--shard-tokens", 10000, "--val-tokens", 0, "--unit-bytes", 1) == 0
+    ds = Dataset(tmp_path / "ds")
+    enc = tokenizer.get_encoding()
+    expected = [enc.encode_ordinary(d) for d in parts[0] + parts[1] + parts[2]] + [enc.encode_ordinary("\n\n".join(parts[3]))]
+    assert documents_of(ds, "train") == expected
+    assert ds.split("val") == [] and ds.manifest["input_stats"]["documents"] == len(expected)
+    assert [f["path"].rsplit("/", 1)[-1] for f in ds.manifest["inputs"]] == ["a.parquet", "b.jsonl", "c.jsonl.zst", "one.txt"]
+    assert all(int(a.max()) < 50257 for a in ds.arrays("train"))
+
+
+def test_workers_and_array_tasks_give_identical_bytes(tmp_path, fineweb_parquet, parquet_reference, capsys):
+    common = ["--shard-tokens", 60000, "--val-tokens", 15000, "--unit-bytes", 1]
+    assert tokenize([fineweb_parquet], tmp_path / "w2", *common, "--workers", 2) == 0
+    assert tree_bytes(tmp_path / "w2") == parquet_reference
+    tasks = tmp_path / "tasks"
+    for i in (2, 0):  # out of order, and one task still missing
+        assert tokenize([fineweb_parquet], tasks, *common, "--task-index", i, "--task-count", 3) == 0
+    assert not (tasks / "manifest.json").exists()
+    capsys.readouterr()
+    assert prep_main(["finalize", "--out", str(tasks)]) == 1
+    assert "5 of 15 unit(s) are not tokenized yet (first: u000001" in capsys.readouterr().err
+    assert tokenize([fineweb_parquet], tasks, *common, "--task-index", 1, "--task-count", 3, "--workers", 2) == 0
+    assert tokenize([fineweb_parquet], tasks, *common, "--task-index", 1, "--task-count", 3) == 0
+    assert "skipping 5 unit(s) already done" in capsys.readouterr().err
+    assert prep_main(["finalize", "--out", str(tasks)]) == 0
+    assert tree_bytes(tasks) == parquet_reference
+    ds = Dataset(tasks)
+    assert [s.tokens for s in ds.split("train")][:-1] == [60000] * (len(ds.split("train")) - 1)
+    assert ds.manifest["validation"]["tokens"] >= 15000
+
+
+def test_shard_boundaries_do_not_split_or_drop_documents(tmp_path, fineweb_parquet, shakespeare_docs):
+    assert tokenize([fineweb_parquet], tmp_path / "ds", "--shard-tokens", 777, "--val-tokens", 3000) == 0
+    ds = Dataset(tmp_path / "ds")
+    train = np.concatenate(ds.arrays("train"))
+    assert all(s.tokens == 777 for s in ds.split("train")[:-1])
+    enc = tokenizer.get_encoding()
+    total = sum(len(enc.encode_ordinary(d)) + 1 for d in shakespeare_docs)
+    assert len(train) + ds.manifest["totals"]["val"]["tokens"] == total
+    assert sum(s.documents for s in ds.shards) == len(shakespeare_docs)
