@@ -107,6 +107,7 @@ def tokenize_unit(job: UnitJob, progress=None) -> dict:
 def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str) -> tuple[ReadStats, int]:
     """Tokenize the given units with `workers` processes, showing one progress bar; returns (stats, tokens)."""
     from tqdm import tqdm
+    tokenizer.get_encoding()  # load the BPE once, before forking, rather than once per worker
     jobs = [UnitJob(str(out), u, rcp["text_column"], rcp["skip_bad_docs"], rcp["validation"]["seed"]) for u in units]
     total = ReadStats()
     bar = tqdm(total=len(jobs), desc=label, unit="unit", dynamic_ncols=True, file=sys.stderr)

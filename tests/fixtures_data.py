@@ -7,7 +7,10 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, SHARED
 
-__all__ = ["shakespeare_docs", "tiny_dataset"]
+__all__ = ["shakespeare_docs", "tiny_dataset", "fineweb_parquet", "parquet_reference"]
+
+# The recipe of parquet_reference: 15 units (one per row group), several shards, a validation split.
+REFERENCE_RECIPE = ["--shard-tokens", "60000", "--val-tokens", "15000", "--unit-bytes", "1"]
 
 
 def split_documents(text: str) -> list[str]:
@@ -46,6 +49,10 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def shakespeare_docs() -> list[str]:
     return split_documents((SHARED / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
@@ -61,3 +68,18 @@ def tiny_dataset(tmp_path_factory, shakespeare_docs) -> Path:
                     "--shard-tokens", "100000", "--val-tokens", "20000"],
                    check=True, cwd=REPO)
     return out
+
+
+@pytest.fixture(scope="session")
+def fineweb_parquet(tmp_path_factory, shakespeare_docs):
+    """All of Tiny Shakespeare as a FineWeb-schema parquet file of 15 row groups."""
+    return write_fineweb_parquet(tmp_path_factory.mktemp("raw") / "000_00000.parquet", shakespeare_docs, 500)
+
+
+@pytest.fixture(scope="session")
+def parquet_reference(tmp_path_factory, fineweb_parquet):
+    """The dataset of one uninterrupted, single-process run; every other run must equal it byte for byte."""
+    out = tmp_path_factory.mktemp("reference") / "ds"
+    from prep.__main__ import main as prep_main
+    assert prep_main(["tokenize", "--input", str(fineweb_parquet), "--out", str(out), *REFERENCE_RECIPE]) == 0
+    return tree_bytes(out)

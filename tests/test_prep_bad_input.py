@@ -14,7 +14,8 @@ from prep.reader import Dataset
 from prep.shard import TokenRangeError, to_uint16
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_data import write_fineweb_parquet, write_jsonl
-from tests.test_prep_inputs import tokenize, tree_bytes
+from tests.fixtures_data import tree_bytes
+from tests.test_prep_inputs import tokenize
 
 
 def assert_no_dataset(out):

@@ -1,34 +1,15 @@
 """prep tokenize on every input format, and output bytes that depend on neither workers nor array tasks."""
 import numpy as np
-import pytest
 
 from model import tokenizer
 from prep.__main__ import main as prep_main
 from prep.reader import Dataset
-from tests.fixtures_data import write_fineweb_parquet, write_jsonl
+from tests.fixtures_data import REFERENCE_RECIPE, tree_bytes, write_fineweb_parquet, write_jsonl
 from tests.test_prep import documents_of
-
-
-def tree_bytes(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def tokenize(inputs, out, *extra) -> int:
     return prep_main(["tokenize", "--input", *map(str, inputs), "--out", str(out), *map(str, extra)])
-
-
-@pytest.fixture(scope="session")
-def fineweb_parquet(tmp_path_factory, shakespeare_docs):
-    """All of Tiny Shakespeare as a FineWeb-schema parquet file of 15 row groups."""
-    return write_fineweb_parquet(tmp_path_factory.mktemp("raw") / "000_00000.parquet", shakespeare_docs, 500)
-
-
-@pytest.fixture(scope="session")
-def parquet_reference(tmp_path_factory, fineweb_parquet):
-    """The dataset of one uninterrupted, single-process run; every other run must equal it byte for byte."""
-    out = tmp_path_factory.mktemp("reference") / "ds"
-    assert tokenize([fineweb_parquet], out, "--shard-tokens", 60000, "--val-tokens", 15000, "--unit-bytes", 1) == 0
-    return tree_bytes(out)
 
 
 def test_every_format_tokens_equal_tiktoken_in_input_order(tmp_path, shakespeare_docs):
@@ -53,7 +34,7 @@ def test_every_format_tokens_equal_tiktoken_in_input_order(tmp_path, shakespeare
 
 
 def test_workers_and_array_tasks_give_identical_bytes(tmp_path, fineweb_parquet, parquet_reference, capsys):
-    common = ["--shard-tokens", 60000, "--val-tokens", 15000, "--unit-bytes", 1]
+    common = REFERENCE_RECIPE
     assert tokenize([fineweb_parquet], tmp_path / "w2", *common, "--workers", 2) == 0
     assert tree_bytes(tmp_path / "w2") == parquet_reference
     tasks = tmp_path / "tasks"

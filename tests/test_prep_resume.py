@@ -1,0 +1,54 @@
+"""SIGKILL at random moments of a real multi-worker `prep tokenize`, rerun, and get the uninterrupted run's bytes."""
+import os
+import random
+import signal
+import subprocess
+import time
+
+from tests.conftest import PYTHON, REPO
+from tests.fixtures_data import REFERENCE_RECIPE, tree_bytes
+
+
+def start_tokenize(src, out):
+    return subprocess.Popen([PYTHON, "-m", "prep", "tokenize", "--input", str(src), "--out", str(out),
+                             "--workers", "2", *REFERENCE_RECIPE], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and proc.poll() is None:
+        assert time.monotonic() < deadline, "tokenize made no progress"
+        time.sleep(0.005)
+
+
+def kill_group(proc):
+    """What Slurm does to a preempted or timed-out task: SIGKILL to every process, workers included."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_random_points_then_rerun_is_byte_identical(tmp_path, fineweb_parquet, parquet_reference):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    out = tmp_path / "ds"
+    units = out / ".work" / "units"
+    kills = []
+    markers = lambda: len(list(units.glob("u*.json"))) if units.exists() else 0  # noqa: E731
+    # At a random moment of the tokenize phase; at a random moment after one more unit is committed (so a unit is
+    # skipped on rerun and others are cut mid-way); then the moment the first shard file appears (finalize).
+    plans = [(lambda: units.exists(), 2.0), (lambda: markers() > kills[-1][1], 0.3),
+             (lambda: any(p.name.startswith((".train_", "train_")) for p in out.iterdir()), 0.0)]
+    for condition, max_delay in plans:
+        proc = start_tokenize(fineweb_parquet, out)
+        wait_for(condition, proc)
+        time.sleep(rng.uniform(0.0, max_delay))
+        finished = proc.poll() is not None
+        kill_group(proc)
+        kills.append((finished, markers()))
+    print(f"seed {seed}: kills (finished?, units done) {kills}")
+    assert not all(finished for finished, _ in kills), f"seed {seed}: no kill landed before the end: {kills}"
+    proc = start_tokenize(fineweb_parquet, out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert tree_bytes(out) == parquet_reference, f"seed {seed}, kills (finished?, units done): {kills}"
