@@ -1,0 +1,142 @@
+"""prep download / eval-data: fast offline failure with a way forward, resumable verified fetches, local installs."""
+import hashlib
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from prep.__main__ import main as prep_main
+from prep.download import DownloadError, fetch, file_status, parse_files
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one in-memory file with HTTP range support, like the Hub's CDN; records the Range headers it saw."""
+    payload = b""
+    honour_ranges = True
+    seen: list = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        type(self).seen.append(rng)
+        start = int(rng.split("=")[1].split("-")[0]) if rng and self.honour_ranges else 0
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server():
+    RangeHandler.payload = os.urandom(3_000_000)
+    RangeHandler.seen = []
+    RangeHandler.honour_ranges = True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/000_00000.parquet", RangeHandler
+    server.shutdown()
+
+
+def test_fetch_resumes_a_partial_file_and_verifies(tmp_path, file_server):
+    url, handler = file_server
+    data, sha = handler.payload, hashlib.sha256(handler.payload).hexdigest()
+    dest = tmp_path / "000_00000.parquet"
+    part = tmp_path / ".partial" / "000_00000.parquet.part"
+    part.parent.mkdir()
+    part.write_bytes(data[:1_000_000])  # what a killed download left
+    fetch(url, dest, len(data), sha)
+    assert handler.seen == ["bytes=1000000-"] and dest.read_bytes() == data and not part.exists()
+    assert file_status(dest, len(data), sha) == "ok"
+
+
+def test_fetch_rejects_a_corrupt_partial_file_then_refetches(tmp_path, file_server):
+    url, handler = file_server
+    data, sha = handler.payload, hashlib.sha256(handler.payload).hexdigest()
+    dest = tmp_path / "f.parquet"
+    part = tmp_path / ".partial" / "f.parquet.part"
+    part.parent.mkdir()
+    part.write_bytes(b"x" * 500_000)  # a prefix that is not this file's
+    with pytest.raises(DownloadError, match="sha256 .* listed by the Hub; deleted, rerun"):
+        fetch(url, dest, len(data), sha)
+    assert not dest.exists() and not part.exists()
+    handler.honour_ranges = False  # a server that ignores Range: the file is rewritten from the start
+    part.write_bytes(data[:10])
+    fetch(url, dest, len(data), sha)
+    assert dest.read_bytes() == data
+    part.write_bytes(data + b"extra")  # longer than the listed size: cannot be a prefix, so start over
+    dest.unlink()
+    fetch(url, dest, len(data), sha)
+    assert dest.read_bytes() == data
+    with pytest.raises(DownloadError, match="got 3000000 bytes, the Hub lists 2999999"):
+        fetch(url, tmp_path / "g.parquet", len(data) - 1, None)
+
+
+def test_file_status_checks_size_and_sha_and_caches_the_hash(tmp_path):
+    f = tmp_path / "a.parquet"
+    f.write_bytes(b"parquet bytes")
+    sha = hashlib.sha256(b"parquet bytes").hexdigest()
+    assert file_status(tmp_path / "missing", 1, None) == "missing"
+    assert file_status(f, 99, sha).startswith("size 13 != 99")
+    assert file_status(f, 13, sha) == "ok" and (tmp_path / ".a.parquet.verified").exists()
+    f.write_bytes(b"parquet byteZ")  # same size, new content and mtime: hashed again
+    assert file_status(f, 13, sha).startswith("sha256 ")
+    assert file_status(f, 13, None) == "ok"  # no hash listed: size is all that can be checked
+
+
+def test_files_slice():
+    assert list(parse_files("2:4", 10)) == [2, 3] and list(parse_files(None, 3)) == [0, 1, 2]
+    assert list(parse_files("8:", 10)) == [8, 9]
+    with pytest.raises(DownloadError, match="expected I:J"):
+        parse_files("a:b", 10)
+    with pytest.raises(DownloadError, match="selects none of the 10 files"):
+        parse_files("12:14", 10)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_offline_fails_fast_and_says_how_to_bring_files(tmp_path, monkeypatch, capsys):
+    args = ["download", "--dataset", "fineweb-edu", "--sample", "10BT", "--out", str(tmp_path / "raw")]
+    start = time.monotonic()
+    assert prep_main(args) == 1  # HF_HUB_OFFLINE=1 (set for every test)
+    err = capsys.readouterr().err
+    assert "error: HF_HUB_OFFLINE is set" in err
+    assert "--include 'sample/10BT/*.parquet'" in err and "python -m prep tokenize --input" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert prep_main(args[:-4] + ["--dump", "CC-MAIN-2024-10", "--out", str(tmp_path / "raw")]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot reach the Hugging Face Hub" in err and "data/CC-MAIN-2024-10/*.parquet" in err
+    assert time.monotonic() - start < 10 and not (tmp_path / "raw").exists()
+
+
+def test_eval_data_offline_error_and_local_install(tmp_path, shared_dir, capsys):
+    assert prep_main(["eval-data", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: HF_HUB_OFFLINE is set" in err and "--from FILE" in err
+    src = shared_dir / "data" / "hellaswag_val.jsonl"
+    assert prep_main(["eval-data", "--out", str(tmp_path / "eval"), "--from", str(src)]) == 0
+    dest = tmp_path / "eval" / "hellaswag_val.jsonl"
+    assert capsys.readouterr().out.strip() == str(dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert sum(1 for _ in dest.open()) == 10042
+
+
+def test_eval_data_rejects_a_file_not_in_hellaswag_schema(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = {"activity_label": "a", "ctx_a": "b", "ctx_b": "", "ctx": "b", "endings": ["1", "2", "3", "4"], "label": 2}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["only one"]}) + "\n")
+    assert prep_main(["eval-data", "--out", str(tmp_path / "eval"), "--from", str(bad)]) == 1
+    assert f"error: {bad}:2: 'endings' must be a list of 4 strings" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "hellaswag_val.jsonl").exists()
