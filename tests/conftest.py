@@ -36,3 +36,4 @@ def repo_root() -> Path:
 
 # Fixtures that build real artefacts with the stages themselves, shared across test modules.
 from tests.fixtures_data import *  # noqa: E402,F401,F403
+from tests.fixtures_run import *  # noqa: E402,F401,F403

@@ -1,0 +1,41 @@
+"""python -m train --config configs/train/NAME.yaml [--set key=value ...]
+
+Alone, or under torchrun / deepspeed / srun. Exit status: 0 done, 1 failure, 2 bad recipe or usage,
+99 preempted by SIGUSR1/SIGTERM after saving a checkpoint (requeue and run the same command to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prep.reader import DatasetError
+from prep.shard import ShardError
+
+from .checkpoint import CheckpointError
+from .config import RecipeError, load_recipe
+from .launch import LaunchError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description="GPT-2 pretraining with DeepSpeed")
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set batch.micro_batch=8 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.config, args.overrides)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .trainer import TrainError, Trainer
+    try:
+        return Trainer(recipe).run()
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

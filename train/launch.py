@@ -1,0 +1,83 @@
+"""Who am I in the job: rank, local rank, world size, rendezvous address, device and backend.
+
+torchrun and the deepspeed launcher set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT themselves.
+Under srun (one task per GPU) they come from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS; MASTER_ADDR defaults to
+the first host of the allocation and MASTER_PORT to a port derived from the job id. Alone, this is rank 0 of 1.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str    # "cuda:N" or "cpu"
+    backend: str   # "nccl" or "gloo"
+
+
+def _first_slurm_host(env) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise LaunchError("under srun but SLURM_JOB_NODELIST is unset; export MASTER_ADDR")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        if any(c in nodelist for c in "[,"):
+            raise LaunchError(f"cannot expand SLURM nodelist {nodelist!r} (no scontrol); export MASTER_ADDR") from None
+        return nodelist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_env(env=None) -> dict:
+    """The rendezvous variables torch.distributed reads, filled in from Slurm's or single-process defaults."""
+    env = dict(os.environ if env is None else env)
+    out = {}
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out.update(RANK=env["RANK"], WORLD_SIZE=env["WORLD_SIZE"], LOCAL_RANK=env.get("LOCAL_RANK", "0"))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        out.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_slurm_host(env)
+        # Every task of a job step computes the same port without talking to the others.
+        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    else:
+        out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+    if "MASTER_PORT" not in out:
+        if env.get("MASTER_PORT"):
+            out["MASTER_PORT"] = env["MASTER_PORT"]
+        elif out["WORLD_SIZE"] == "1":
+            out["MASTER_PORT"] = str(_free_port())
+        else:
+            raise LaunchError("WORLD_SIZE > 1 but MASTER_PORT is unset; use torchrun/deepspeed/srun or export it")
+    return out
+
+
+def setup(env=None) -> Placement:
+    """Export the rendezvous variables and pick device and backend; call before deepspeed.init_distributed."""
+    import torch
+    resolved = resolve_env(env)
+    os.environ.update(resolved)
+    rank, local_rank, world = int(resolved["RANK"]), int(resolved["LOCAL_RANK"]), int(resolved["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return Placement(rank, local_rank, world, f"cuda:{local_rank}", "nccl")
+    # DeepSpeed picks its CPU accelerator on its own when torch has no CUDA; say so explicitly for clarity.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return Placement(rank, local_rank, world, "cpu", "gloo")
