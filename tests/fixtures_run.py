@@ -11,7 +11,7 @@ from tests.conftest import PYTHON, REPO
 __all__ = ["tiny_run", "train_command", "run_train", "read_metrics"]
 
 # Shapes small enough that one optimizer step takes about a second on a busy 2-core CPU.
-FAST = ["schedule.max_steps=6", "batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128",
+FAST = ["schedule.max_steps=6", "optim.warmup_steps=3", "batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128",
         "eval.every=3", "eval.val_batches=2", "checkpoint.every=3", "checkpoint.keep_last=3",
         "sample.every=3", "sample.max_new_tokens=8", "log.tensorboard=true"]
 

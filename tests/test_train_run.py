@@ -1,0 +1,107 @@
+"""Single-process runs of `python -m train` (DeepSpeed ZeRO-1 on CPU, gloo): records, lr, checkpoints, preemption."""
+import json
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import PYTHON, REPO
+from tests.fixtures_run import read_metrics, run_train, train_command
+from train.checkpoint import read_client_state
+from train.config import load_recipe
+
+TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "step_time_s", "peak_mem_mb"}
+
+
+def test_metrics_lines_carry_the_contract_fields(tiny_run):
+    train, val = read_metrics(tiny_run)
+    assert [r["step"] for r in train] == list(range(6))
+    for r in train:
+        assert TRAIN_FIELDS <= set(r), r
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["mfu"] is None  # no peak FLOP/s known for a CPU unless mfu.peak_tflops is set
+    assert [r["tokens"] for r in train] == [128 * (i + 1) for i in range(6)]
+    assert [r["step"] for r in val] == [3, 6] and all(math.isfinite(r["val_loss"]) for r in val)
+    assert val[1]["val_loss"] < val[0]["val_loss"] < train[0]["loss"]
+
+
+def test_lr_applied_by_the_optimizer_follows_warmup_then_cosine(tiny_run):
+    # Independent of train.schedule: max_lr 3e-3, 3 warmup updates, cosine to 0.1 x max_lr at the 6th (last) update.
+    lrs = [r["lr"] for r in read_metrics(tiny_run)[0]]
+    max_lr, min_lr = 3e-3, 3e-4
+    assert lrs[0] == pytest.approx(max_lr / 3, rel=1e-12)
+    assert lrs[1] == pytest.approx(2 * max_lr / 3, rel=1e-12)
+    assert lrs[2] == pytest.approx(max_lr, rel=1e-12)          # end of warmup
+    assert lrs[3] == pytest.approx(min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi / 3)) / 2, rel=1e-12)
+    assert lrs[5] == pytest.approx(min_lr, rel=1e-12)           # last step
+
+
+def test_run_dir_holds_config_checkpoints_samples_and_tensorboard(tiny_run):
+    resolved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert resolved["schedule"]["max_steps"] == 6 and resolved["run_dir"] == str(tiny_run)
+    ckpts = tiny_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "global_step6"
+    assert (ckpts / "global_step3").is_dir() and (ckpts / "global_step6").is_dir()
+    state = read_client_state(ckpts / "global_step6")
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 128 and state["world_size"] == 1
+    assert state["model_config"]["n_layer"] == 2 and state["config"] == resolved
+    assert state["loader"]["position"] > 0 and len(state["rng"]) == 1
+    samples = [json.loads(line) for line in (tiny_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [3, 3, 6, 6] and all(s["text"] for s in samples)
+    assert list((tiny_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_weight_decay_only_on_matrices(tiny_run):
+    optim = torch.load(next((tiny_run / "checkpoints/global_step6").glob("*optim_states.pt")),
+                       map_location="cpu", weights_only=False)
+    groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) and g["eps"] == 1e-8 for g in groups)
+
+
+def test_finished_run_reruns_as_a_no_op(tiny_run, tiny_dataset):
+    before = (tiny_run / "metrics.jsonl").read_text()
+    out = run_train(train_command(tiny_run, tiny_dataset))
+    assert "run already complete: step 6 of 6" in out.stdout
+    assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_model_sample_reads_a_training_checkpoint(tiny_run):
+    out = subprocess.run([PYTHON, "-m", "model", "sample", str(tiny_run / "checkpoints/global_step3"),
+                          "--prompt", "ROMEO:", "--num", "1", "--max-new-tokens", "8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--- sample 0 ---" in out.stdout and "ROMEO:" in out.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_dataset, sig):
+    run_dir = tmp_path / "run"
+    cmd = train_command(run_dir, tiny_dataset, "schedule.max_steps=8", "checkpoint.every=100", "sample.every=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 99, stderr[-3000:]
+    train, _ = read_metrics(run_dir)
+    saved = train[-1]["step"] + 1
+    assert 1 <= saved < 8 and f"saved global_step{saved}, exiting with status 99" in stdout
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
+
+    again = run_train(cmd)
+    assert f"resuming from {run_dir / 'checkpoints' / f'global_step{saved}'} at step {saved}" in again.stdout
+    steps = [r["step"] for r in read_metrics(run_dir)[0]]
+    assert steps == list(range(8))
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "global_step8"
+
+
+def test_recipe_resolution_matches_fixture_overrides(tiny_run):
+    resolved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert resolved == load_recipe(tiny_run / "config.yaml")
