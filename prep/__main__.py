@@ -5,7 +5,6 @@ import argparse
 import sys
 
 from . import download, evaldata, finalize, tokenize, verify
-from .inputs import DEFAULT_UNIT_BYTES
 
 
 def _add_tokenize(sub) -> None:
@@ -22,8 +21,9 @@ def _add_tokenize(sub) -> None:
                         "the text column instead of stopping")
     p.add_argument("--task-index", type=int, help="this Slurm array task (0-based); with --task-count: no finalize")
     p.add_argument("--task-count", type=int, help="number of array tasks sharing the input units")
-    p.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES,
-                   help="pack parquet row groups into units of about this many uncompressed bytes")
+    p.add_argument("--unit-bytes", type=int, default=0,
+                   help="pack parquet row groups into units of about this many uncompressed bytes "
+                        "(default 0: about 1/2000 of the input, 1-256 MiB)")
     p.set_defaults(run=tokenize.tokenize)
 
 

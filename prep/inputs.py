@@ -6,6 +6,7 @@ Units are numbered in input order; that order, not the order they finish in, fix
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
-# Row groups are packed into units of about this many uncompressed bytes (FineWeb's files are ~2 GB each).
-DEFAULT_UNIT_BYTES = 64 << 20
+# With --unit-bytes 0 (auto), parquet row groups are packed into units of about total/TARGET_UNITS uncompressed
+# bytes, within these bounds: enough units to keep many workers busy to the end, few enough files under .work/.
+TARGET_UNITS = 2000
+MIN_UNIT_BYTES, MAX_UNIT_BYTES = 1 << 20, 256 << 20
 READ_BATCH_ROWS = 1024
 
 
@@ -72,6 +75,19 @@ class Unit:
         return {"index": self.index, "path": self.path, "kind": self.kind, "row_groups": list(self.row_groups)}
 
 
+def auto_unit_bytes(files: list[Path]) -> int:
+    """The unit size for --unit-bytes 0: about TARGET_UNITS units over the whole input, within the bounds."""
+    total = sum(_uncompressed_bytes(f) for f in files)
+    return int(min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, total // TARGET_UNITS)))
+
+
+def _uncompressed_bytes(path: Path) -> int:
+    if file_kind(path) != "parquet":
+        return path.stat().st_size
+    meta = _parquet_metadata(path)
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
 def plan_units(files: list[Path], text_column: str, unit_bytes: int, skip_bad: bool,
                skipped: list[dict] | None = None) -> list[Unit]:
     """Split the input files into units; parquet files are checked for the text column here, up front."""
@@ -103,6 +119,13 @@ def plan_units(files: list[Path], text_column: str, unit_bytes: int, skip_bad: b
 
 
 def _parquet_metadata(path: Path):
+    st = path.stat()
+    return _parquet_metadata_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_metadata_of(path: Path, size: int, mtime_ns: int):
+    """Footer of one version of a parquet file (planning reads each footer twice)."""
     import pyarrow.parquet as pq
     try:
         return pq.ParquetFile(path).metadata

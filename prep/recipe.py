@@ -10,7 +10,7 @@ from pathlib import Path
 
 from model import tokenizer
 from . import atomic
-from .inputs import discover, file_fingerprint, plan_units, InputError
+from .inputs import auto_unit_bytes, discover, file_fingerprint, plan_units, InputError
 
 FORMAT_VERSION = 1
 VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed by the seed) of their id, "
@@ -36,7 +36,10 @@ def build(args) -> tuple[dict, list, list]:
         raise InputError(f"--task-index {args.task_index} is outside 0..{args.task_count - 1}")
     files = discover(args.input)
     skipped: list[dict] = []
-    units = plan_units(files, args.text_column, args.unit_bytes, args.skip_bad_docs, skipped)
+    if args.unit_bytes < 0:
+        raise InputError(f"--unit-bytes must be >= 0 (0 = auto), got {args.unit_bytes}")
+    unit_bytes = args.unit_bytes or auto_unit_bytes(files)
+    units = plan_units(files, args.text_column, unit_bytes, args.skip_bad_docs, skipped)
     if not units:
         raise InputError("nothing to tokenize: every input file was skipped (" +
                          "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) + ")")
@@ -49,7 +52,7 @@ def build(args) -> tuple[dict, list, list]:
                       "eot_placement": "prepend"},
         "shard_tokens": args.shard_tokens,
         "validation": {"tokens": args.val_tokens, "seed": args.val_seed, "rule": VAL_RULE},
-        "unit_bytes": args.unit_bytes,
+        "unit_bytes": unit_bytes,
     }
     return rcp, units, skipped
 
