@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,14 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
-            raise ConfigError(
-                f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})")
+        if self.padded_vocab_size is not None and (
+                not isinstance(self.padded_vocab_size, int) or self.padded_vocab_size < self.vocab_size):
+            raise ConfigError(f"padded_vocab_size must be an integer >= vocab_size ({self.vocab_size}), "
+                              f"got {self.padded_vocab_size!r}")
 
     @property
     def embedding_rows(self) -> int:
@@ -57,6 +61,25 @@ class GPTConfig:
                 raise ConfigError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
             values = {**PRESETS[preset], **values}
         return cls(**values)
+
+    @classmethod
+    def resolve(cls, spec: str) -> "GPTConfig":
+        """A preset name, or a YAML file of model keys (optionally `preset:`) or a recipe with a `model:` section."""
+        if spec in PRESETS:
+            return cls.preset(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"unknown model {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+        import yaml
+        try:
+            values = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read model file {path}: {str(exc).splitlines()[0]}") from None
+        if isinstance(values, dict) and isinstance(values.get("model"), dict):
+            values = values["model"]
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} holds no model mapping (preset, n_layer, n_head, n_embd, ...)")
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,6 +84,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None)."""
+        logits = self.head(self.features(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> final-layernormed hidden states (B, T, n_embd)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -91,14 +100,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        if self.config.padded_vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padding rows never become predictions
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> logits over the real vocabulary: padding rows never become predictions."""
+        return self.lm_head(features)[..., : self.config.vocab_size]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -106,8 +112,7 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T); top_k=1 is greedy decoding."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()
+            logits = self.head(self.features(context)[:, -1, :]).float()  # only the last position samples
             if top_k is not None and top_k <= 1:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -16,7 +16,7 @@ from .tokenizer import EOT_TOKEN, gpt2_bpe_files
 # HF's GPT-2 stores these as Conv1D (in, out); torch Linear wants (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Features of GPT2Config that this network does not implement: loading such a model would be silently wrong.
-_UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+_UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "scale_attn_weights": True}
 
 
 class HFFormatError(ConfigError):
@@ -32,6 +32,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
     for key, ok in _UNSUPPORTED.items():
         if hf.get(key, ok) != ok:
             raise HFFormatError(f"config.json sets {key}={hf[key]!r}, which this GPT does not support")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise HFFormatError(f"config.json sets n_inner={hf['n_inner']}, but GPT-2's MLP is 4 * n_embd wide")
     if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
         raise HFFormatError(f"layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's 1e-5")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
@@ -57,6 +59,8 @@ def _read_state_dict(directory: Path) -> dict:
 
 
 def _infer_config(state: dict) -> GPTConfig:
+    if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
+        raise HFFormatError("state dict has no transformer.wte.weight / transformer.wpe.weight: not a GPT-2")
     wte, wpe = state["transformer.wte.weight"], state["transformer.wpe.weight"]
     n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k)))
     n_embd = wte.shape[1]
@@ -88,7 +92,8 @@ def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
         config = _infer_config(state)
     if overrides:
         config = GPTConfig.from_dict({**config.to_dict(), **overrides})
-    model = cls(config)
+    with torch.device("meta"):  # shapes only: every weight is about to be replaced, so skip the random init
+        model = cls(config)
     ours = model.state_dict()
     loaded = {}
     for key, value in state.items():
@@ -102,16 +107,19 @@ def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
         if key == "transformer.wte.weight" and config.padded_vocab_size:
             if value.shape[0] != config.vocab_size or value.shape[1] != expected[1]:
                 raise HFFormatError(f"{key} has shape {tuple(value.shape)}, expected ({config.vocab_size}, {expected[1]})")
-            padded = ours[key].clone()
+            padded = torch.zeros(expected, dtype=value.dtype)  # padding rows are never predicted: zeros will do
             padded[: config.vocab_size] = value
             value = padded
         if value.shape != expected:
             raise HFFormatError(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected)} for {config}")
-        loaded[key] = value.to(ours[key].dtype)
+        # A caller's state dict is copied, so the new model never shares storage with its source.
+        loaded[key] = value.to(ours[key].dtype, copy=isinstance(source, dict)).contiguous()
     missing = sorted(set(ours) - set(loaded) - {"lm_head.weight"})
     if missing:
         raise HFFormatError(f"missing weights: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    model.load_state_dict(loaded, strict=False)
+    loaded["lm_head.weight"] = loaded["transformer.wte.weight"]
+    model.load_state_dict(loaded, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True gives each name its own Parameter: re-tie
     return model
 
 
@@ -131,8 +139,6 @@ def save_hf(model, path) -> None:
     """Write config, safetensors weights and GPT-2 tokenizer files; the directory appears whole or not at all."""
     from safetensors.torch import save_file
     config: GPTConfig = model.config
-    if not config.bias:
-        raise HFFormatError("transformers' GPT-2 always has biases; a bias=False model cannot be exported")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -147,6 +153,10 @@ def save_hf(model, path) -> None:
             if key.endswith(_CONV1D):
                 value = value.t()
             state[key] = value.contiguous()
+        # transformers' GPT-2 always has biases: a bias=False model is the same function with zero biases.
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is None and name != "lm_head":
+                state[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(

@@ -1,0 +1,97 @@
+"""`python -m model sample CKPT_OR_HF_DIR --prompt "..." --num 4 --seed 42`: text from a trained or imported GPT-2.
+
+CKPT_OR_HF_DIR is anything model.checkpoint.load_model accepts (an HF directory, a training run, its checkpoints
+dir or one checkpoint tag); `--preset NAME` samples from a freshly initialised model instead (a smoke test).
+The same seed gives the same samples on the same device.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import tokenizer
+from .config import PRESETS, ConfigError, GPTConfig
+from .gpt import GPT
+
+
+class SampleError(ValueError):
+    pass
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def load(args) -> tuple[GPT, str]:
+    """(model in eval mode, a one-line description of where it came from)."""
+    if args.preset is not None:
+        config = GPTConfig.preset(args.preset)
+        torch.manual_seed(args.seed)  # the random init is part of what --seed fixes
+        return GPT(config).eval(), f"preset {args.preset} (random init, seed {args.seed})"
+    from .checkpoint import load_model
+    model, meta = load_model(args.source)
+    where = f"{meta['kind']} {meta['path']}"
+    if meta["kind"] == "deepspeed":
+        where += f" (step {meta['step']}, {meta['tokens_seen']} tokens seen, {meta['weights']})"
+    return model, where
+
+
+def prompt_tokens(prompt: str, config: GPTConfig) -> list[int]:
+    # An empty prompt starts from <|endoftext|>, the token every training document begins with.
+    tokens = tokenizer.encode(prompt) if prompt else [tokenizer.EOT_TOKEN]
+    if len(tokens) > config.block_size:
+        raise SampleError(f"prompt is {len(tokens)} tokens, longer than the model's block_size {config.block_size}")
+    if max(tokens) >= config.vocab_size:
+        raise SampleError(f"prompt token {max(tokens)} is outside the model's vocabulary (vocab_size "
+                          f"{config.vocab_size}): sampling needs a model trained on the GPT-2 BPE")
+    return tokens
+
+
+def run(args) -> int:
+    model, where = load(args)
+    config = model.config
+    if config.vocab_size > tokenizer.N_VOCAB:
+        raise SampleError(f"vocab_size {config.vocab_size} exceeds the GPT-2 BPE's {tokenizer.N_VOCAB} tokens: "
+                          "its samples could not be decoded")
+    tokens = prompt_tokens(args.prompt, config)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    print(f"model: {where}\nconfig: {config.to_dict()}\nparameters: {model.num_params():,}  device: {device}  "
+          f"seed: {args.seed}  top_k: {args.top_k}  temperature: {args.temperature}", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([tokens] * args.num, dtype=torch.long, device=device)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         generator=generator)
+    for i, row in enumerate(out.tolist()):
+        print(f"--- sample {i} ---")
+        print(tokenizer.decode(row))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate text from a checkpoint, an HF directory or a preset",
+                              description=__doc__.splitlines()[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("source", nargs="?", metavar="CKPT_OR_HF_DIR",
+                        help="HF directory, run dir, checkpoints dir or checkpoint tag dir")
+    source.add_argument("--preset", choices=PRESETS, help="sample from a randomly initialised model of this shape")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
+    p.add_argument("--num", type=positive_int, default=4, help="number of samples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens; 1 is greedy")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(run=run)

@@ -1,0 +1,181 @@
+"""GPT and GPTConfig: exact parameter counts, GPT-2 initialisation, dropout, padding, bias=False, config errors."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from model.config import ConfigError
+from model.info import parameter_table
+
+SMALL = dict(block_size=32, vocab_size=300, n_layer=3, n_head=4, n_embd=32)
+
+
+@pytest.mark.parametrize("preset,total", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                          ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_exact_parameter_counts(preset, total):
+    config = GPTConfig.preset(preset)
+    table = parameter_table(config)  # counts a GPT built on the meta device
+    assert table["total"] == total
+    assert sum(row["params"] for row in table["components"]) == total
+    C, L = config.n_embd, config.n_layer
+    by_name = {row["name"]: row for row in table["components"]}
+    assert by_name["attention (c_attn, c_proj)"]["per_block"] == 4 * C * C + 4 * C
+    assert by_name["MLP (c_fc, c_proj)"]["per_block"] == 8 * C * C + 5 * C
+    assert by_name["LM head (tied to wte)"]["params"] == 0
+    if preset == "gpt2":
+        # Without the Linear layers' biases (3C + C + 4C + C per block) GPT-2 has 124,356,864 parameters; see
+        # docs/model.md for the seed text's 124,396,864, which no subset of GPT-2's tensors adds up to.
+        assert total - L * 9 * C == 124_356_864
+        assert 124_396_864 % C != 0 and total % C == 0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"padded_vocab_size": 320}])
+def test_table_matches_a_real_model(overrides):
+    config = GPTConfig(**SMALL, **overrides)
+    model = GPT(config)
+    table = parameter_table(config)
+    assert table["total"] == model.num_params()
+    assert table["padding"] == (config.embedding_rows - config.vocab_size) * config.n_embd
+    assert model.num_params(include_padding=True) == sum(p.numel() for p in model.parameters())
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=256, vocab_size=2048, n_layer=6, n_head=4, n_embd=256)
+    model = GPT(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * config.n_layer), rel=0.05), name
+        elif name.endswith("weight") and p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif "ln" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        else:
+            assert torch.all(p == 0), name
+
+
+def test_dropout_on_embeddings_attention_and_residuals():
+    config = GPTConfig(**SMALL, dropout=0.5)
+    model = GPT(config)
+    dropouts = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == ["transformer.drop"] + [
+        name for i in range(config.n_layer) for name in (f"transformer.h.{i}.attn.resid_dropout",
+                                                         f"transformer.h.{i}.mlp.dropout")]
+    assert all(block.attn.dropout == 0.5 for block in model.transformer.h)  # SDPA's dropout_p in training
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_attention_dropout_alone_changes_training_outputs():
+    model = GPT(GPTConfig(**SMALL, dropout=0.5))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # leave only the dropout inside scaled_dot_product_attention
+    idx = torch.randint(0, 300, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_causal():
+    model = GPT(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 300, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 300
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[0, :12], b[0, :12], atol=1e-6)
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+
+
+def test_padding_never_leaks():
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(**SMALL, padded_vocab_size=320))
+    plain = GPT(GPTConfig(**SMALL))
+    state = padded.state_dict()
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:300]
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    plain.load_state_dict(state)
+    idx = torch.randint(0, 300, (2, 16))
+    targets = torch.randint(0, 300, (2, 16))
+    logits_p, loss_p = padded(idx, targets)
+    logits_u, loss_u = plain(idx, targets)
+    assert logits_p.shape == (2, 16, 300)
+    assert torch.allclose(logits_p, logits_u, atol=1e-6) and torch.allclose(loss_p, loss_u, atol=1e-6)
+    loss_p.backward()
+    assert torch.all(padded.transformer.wte.weight.grad[300:] == 0)
+    generated = padded.generate(idx[:, :4], 20, top_k=None, generator=torch.Generator().manual_seed(0))
+    assert generated.max() < 300
+
+
+def test_bias_false_has_no_biases():
+    model = GPT(GPTConfig(**SMALL, bias=False))
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert model(torch.randint(0, 300, (1, 8)))[0].shape == (1, 8, 300)
+
+
+def test_loss_ignores_minus_one_and_matches_cross_entropy():
+    model = GPT(GPTConfig(**SMALL))
+    idx = torch.randint(0, 300, (2, 8))
+    targets = torch.randint(0, 300, (2, 8))
+    targets[:, :3] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected)
+
+
+def test_sequence_longer_than_block_size():
+    model = GPT(GPTConfig(**SMALL))
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generate_greedy_is_argmax_and_slides_past_block_size():
+    model = GPT(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 300, (2, 30))
+    out = model.generate(idx, 10, top_k=1)  # ends at 40 tokens: the context slides past block_size 32
+    assert out.shape == (2, 40) and torch.equal(out[:, :30], idx)
+    for t in range(30, 40):
+        context = out[:, max(0, t - 32):t]
+        assert torch.equal(model(context)[0][:, -1].argmax(-1), out[:, t])
+
+
+def test_generate_is_reproducible_with_a_generator():
+    model = GPT(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 300, (3, 4))
+    a = model.generate(idx, 12, top_k=50, generator=torch.Generator().manual_seed(7))
+    b = model.generate(idx, 12, top_k=50, generator=torch.Generator().manual_seed(7))
+    c = model.generate(idx, 12, top_k=50, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"n_layers": 2}, "unknown model config key"),
+    ({"preset": "gpt5"}, "unknown model preset"),
+    ({"n_embd": 100, "n_head": 3}, "not divisible by n_head"),
+    ({"n_layer": 0}, "n_layer must be a positive integer"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"bias": "yes"}, "bias"),
+    ({"padded_vocab_size": 100}, "padded_vocab_size"),
+])
+def test_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig.from_dict(values)
+
+
+def test_resolve_presets_and_yaml(tmp_path):
+    assert GPTConfig.resolve("gpt2-medium") == GPTConfig.preset("gpt2-medium")
+    (tmp_path / "m.yaml").write_text("preset: gpt2\nn_layer: 6\n")
+    assert GPTConfig.resolve(str(tmp_path / "m.yaml")) == GPTConfig.preset("gpt2", n_layer=6)
+    (tmp_path / "recipe.yaml").write_text("run_dir: runs/x\nmodel: {n_layer: 2, n_head: 2, n_embd: 64}\n")
+    assert GPTConfig.resolve(str(tmp_path / "recipe.yaml")) == GPTConfig(n_layer=2, n_head=2, n_embd=64)
+    (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="no model mapping"):
+        GPTConfig.resolve(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        GPTConfig.resolve("gpt-9")
+    assert GPTConfig.from_dict(GPTConfig.preset("tiny").to_dict()) == GPTConfig.preset("tiny")
