@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.tokenizer import TokenizerUnavailable
 from prep.reader import DatasetError
 from prep.shard import ShardError
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from model import GPT
+from model import GPT, tokenizer
 from prep.reader import Dataset
 
 from . import checkpoint as ckpt
@@ -127,6 +127,8 @@ class Trainer:
         self.val = val_batches(self.dataset, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
                                self.place.world_size, recipe["eval"]["val_batches"])
         self.peak = peak_flops(recipe["mfu"], self.place.device)
+        # Tokenize the sample prompt now: a missing BPE cache should stop the run before step 0, not at step N.
+        self.prompt_tokens = tokenizer.encode(recipe["sample"]["prompt"]) if recipe["sample"]["every"] else None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -212,9 +214,8 @@ class Trainer:
     @torch.no_grad()
     def sample(self) -> list[str]:
         # Every rank generates (ZeRO-3 gathers parameters collectively in forward); rank 0 records the text.
-        from model import tokenizer
         s = self.recipe["sample"]
-        prompt = torch.tensor([tokenizer.encode(s["prompt"])] * s["num"], device=self.engine.device)
+        prompt = torch.tensor([self.prompt_tokens] * s["num"], device=self.engine.device)
         generator = torch.Generator(device=self.engine.device).manual_seed(self.recipe["seed"] + self.step)
         self.engine.eval()
         out = self.engine.module.generate(prompt, s["max_new_tokens"], top_k=50, generator=generator)
