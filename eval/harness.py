@@ -1,0 +1,112 @@
+"""Running lm-eval tasks: our offline HellaSwag definition, any built-in task by name, results as plain dicts."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+HELLASWAG_YAML = TASKS_DIR / "hellaswag_local.yaml"
+# What the pipeline reads when no --hellaswag-file is given (written there by `python -m prep eval-data`).
+DEFAULT_HELLASWAG = Path("data/eval/hellaswag_val.jsonl")
+HELLASWAG_KEYS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+
+
+class EvalError(RuntimeError):
+    """Bad input to an evaluation (task, data file, checkpoint); the message names the problem."""
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+    return version("lm_eval")
+
+
+def check_hellaswag_file(path: Path) -> int:
+    """Every line a HellaSwag doc in the original schema; returns the number of docs."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"HellaSwag file {path} not found (write it with `python -m prep eval-data --out DIR` "
+                        "on a machine with internet, or pass --hellaswag-file)")
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            missing = [k for k in HELLASWAG_KEYS if not isinstance(doc, dict) or k not in doc]
+            if missing:
+                raise EvalError(f"{path}:{lineno}: not a HellaSwag doc, missing {', '.join(missing)}")
+            if not isinstance(doc["endings"], list) or not doc["endings"]:
+                raise EvalError(f"{path}:{lineno}: 'endings' must be a non-empty list")
+            try:
+                label = int(doc["label"])
+            except (TypeError, ValueError):
+                raise EvalError(f"{path}:{lineno}: label {doc['label']!r} is not an integer") from None
+            if not 0 <= label < len(doc["endings"]):
+                raise EvalError(f"{path}:{lineno}: label {label} is out of range for {len(doc['endings'])} endings")
+            n += 1
+    if n == 0:
+        raise EvalError(f"HellaSwag file {path} holds no docs")
+    return n
+
+
+def hellaswag_config(path: Path) -> dict:
+    """Our task YAML (parsed by lm-eval itself, so !function resolves as lm-eval does) pointed at `path`."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    config = load_yaml(HELLASWAG_YAML)
+    config["dataset_kwargs"] = {"data_files": {"validation": str(Path(path).resolve())}}
+    return config
+
+
+def load_tasks(names: list[str], hellaswag_file: Path | None = None) -> dict:
+    """Task objects by the names asked for; `hellaswag` is the offline local definition."""
+    from lm_eval.tasks import TaskManager
+    if not names:
+        raise EvalError("no tasks given")
+    builtin = [n for n in names if n != "hellaswag"]
+    # Indexing lm-eval's thousands of built-in task YAMLs takes tens of seconds: only when one is asked for.
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(builtin))
+    unknown = [n for n in builtin if n not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"lm-eval {lm_eval_version()} has no task {', '.join(map(repr, unknown))} "
+                        "(`lm_eval ls tasks` lists them)")
+    tasks = {}
+    if "hellaswag" in names:
+        path = Path(hellaswag_file) if hellaswag_file else DEFAULT_HELLASWAG
+        check_hellaswag_file(path)
+        tasks["hellaswag"] = manager.load([hellaswag_config(path)])["tasks"]["hellaswag_local"]
+    for name in builtin:
+        try:
+            loaded = manager.load([name])["tasks"]
+        except Exception as exc:  # datasets/hub errors of many kinds, e.g. no network on a compute node
+            raise EvalError(f"cannot load lm-eval task {name!r}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        for task_name, task in loaded.items():
+            tasks[task_name] = task
+    return tasks
+
+
+def run_tasks(lm, tasks: dict, limit: int | None = None, log_samples: bool = False) -> dict:
+    """Evaluate `lm` (an lm-eval LM) 0-shot on `tasks` ({name: Task}); lm-eval's raw output dict."""
+    from lm_eval import simple_evaluate
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples)
+
+
+def summarize(raw: dict, tasks: dict) -> dict:
+    """{our name: {task_version, n_docs, acc, acc_stderr, ...}} from lm-eval's output, metrics as plain floats."""
+    summary = {}
+    for ours, task in tasks.items():
+        name = task.task_name
+        metrics = {}
+        for key, value in raw["results"][name].items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            metrics[metric if filt == "none" else f"{metric},{filt}"] = float(value)
+        summary[ours] = {"lm_eval_task": name, "task_version": raw["versions"].get(name),
+                         "n_docs": int(raw["n-samples"][name]["effective"]), **metrics}
+    return summary
