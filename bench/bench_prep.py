@@ -2,8 +2,9 @@
 
     TIKTOKEN_CACHE_DIR=../shared/tiktoken .venv/bin/python bench/bench_prep.py --workers 2 --mb 80
 
-Three measurements on the same FineWeb-schema parquet file, one after the other in one invocation:
+Measurements on the same FineWeb-schema parquet file, interleaved in one invocation:
   ceiling    tiktoken's single-process encode_ordinary rate on the same documents, times W
+  parallel   the same encode split over W forked processes at once (what W cores really give on a shared machine)
   prep       `python -m prep tokenize --workers W` from parquet to finished shards + manifest
   reference  the anchors' approach (build-nanogpt's fineweb.py style, written here): the main process reads the
              documents, multiprocessing Pool(W).imap(chunksize=16) tokenizes one document per task into a uint16
@@ -11,7 +12,8 @@ Three measurements on the same FineWeb-schema parquet file, one after the other 
 prep and reference each run in a fresh subprocess (timed after imports) so each one's peak RSS is its own; prep
 runs once per --shard-tokens value to show that worker memory does not grow with the shard size.
 The bench data is Tiny Shakespeare repeated and reshuffled: runs of 20 consecutive speeches joined into one
-document (~900 tokens, the size of an average FineWeb document), shuffled, repeated until --mb MB of text.
+document (~900 tokens, the size of an average FineWeb document), shuffled, repeated until --mb MB of text,
+written in row groups of 1000 documents.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def make_parquet(path: Path, mb: int, seed: int = 0) -> Path:
                       "dump": ["bench"] * n, "url": [f"https://example.org/{i}" for i in range(n)],
                       "language": ["en"] * n, "token_count": [0] * n})
     tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp, row_group_size=2000)  # ~2 MB row groups, as small as FineWeb's are large
+    pq.write_table(table, tmp, row_group_size=1000)  # ~3.5 MB row groups: 2 workers get ~25 units to share
     os.replace(tmp, path)
     return path
 

@@ -1,7 +1,8 @@
 """`prep download`: a FineWeb / FineWeb-Edu sample's parquet files from the Hugging Face Hub into a raw directory.
 
 The listing is taken at one commit (the --revision resolved once) and written to RAW/download.json, so every file
-of a dataset comes from the same revision and tokenize can record it. Each file is fetched into RAW/.partial/ with
+of a dataset comes from the same revision and tokenize can record it; later runs reuse that listing, so a rerun
+over complete files needs no network. Each file is fetched into RAW/.partial/ with
 HTTP range requests (a rerun continues where a killed one stopped), checked against the Hub's size and LFS sha256,
 then renamed into place. A file already in place is re-hashed only if its size or mtime changed.
 """
@@ -137,11 +138,64 @@ def fetch(url: str, dest: Path, size: int, sha256: str | None, headers: dict | N
 
 
 def download(args) -> int:
+    """List (or reuse the recorded listing), then fetch what is missing or wrong; offline is fine if nothing is."""
     from tqdm import tqdm
     repo_id = DATASETS[args.dataset]
     folder = f"data/{args.dump}" if args.dump else f"sample/{args.sample or '10BT'}"
     out = Path(args.out).resolve()
-    endpoint = check_online(offline_help(repo_id, folder, out))
+    help_text = offline_help(repo_id, folder, out)
+    record = _recorded_listing(out, repo_id, folder, args.revision)
+    endpoint = None
+    if record is None:
+        endpoint = check_online(help_text)
+        record = _list_and_record(out, args, repo_id, folder)
+    commit, files = record["revision"], record["files"]
+    picked = [files[i] for i in parse_files(args.files, len(files))]
+    print(f"{repo_id} {folder}/ at {commit}: {len(files)} files, taking {len(picked)} "
+          f"({sum(f['bytes'] for f in picked) / 1e9:,.2f} GB) into {out}", file=sys.stderr)
+    todo = []
+    for f in tqdm(picked, desc="verify local", unit="file", file=sys.stderr):
+        status = file_status(out / f["path"], f["bytes"], f["sha256"])
+        if status != "ok":
+            todo.append(f)
+            if status != "missing":
+                print(f"{out / f['path']}: {status}; fetching again", file=sys.stderr)
+                (out / f["path"]).unlink()
+    if todo:
+        endpoint = endpoint or check_online(f"{len(todo)} file(s) still to fetch (first: {todo[0]['path']}); "
+                                            + help_text)
+        from huggingface_hub import get_token, hf_hub_url
+        token = get_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with tqdm(total=sum(f["bytes"] for f in todo), unit="B", unit_scale=True, desc="download",
+                  file=sys.stderr) as bar:
+            for f in todo:
+                dest = out / f["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                url = hf_hub_url(repo_id, f["path"], repo_type="dataset", revision=commit, endpoint=endpoint)
+                fetch(url, dest, f["bytes"], f["sha256"], headers, bar.update)
+                file_status(dest, f["bytes"], f["sha256"])  # records the verified hash for the next run
+    print(f"done: {len(picked)} file(s) in place and verified ({len(picked) - len(todo)} already were) in {out}",
+          file=sys.stderr)
+    return 0
+
+
+def _recorded_listing(out: Path, repo_id: str, folder: str, revision: str) -> dict | None:
+    """RAW/download.json from an earlier run, if it is for this dataset (a different one is refused)."""
+    if not (out / RECORD).exists():
+        return None
+    rec = atomic.read_json(out / RECORD)
+    pattern = f"{folder}/*.parquet"
+    if (rec.get("repo_id"), rec.get("pattern")) != (repo_id, pattern):
+        raise DownloadError(f"{out} already holds {rec.get('repo_id')} {rec.get('pattern')}; refusing to mix in "
+                            f"{repo_id} {pattern} (use another --out)")
+    if revision not in ("main", rec["revision"]):
+        raise DownloadError(f"{out} holds revision {rec['revision']}; refusing to mix in --revision {revision} "
+                            f"(use another --out)")
+    return rec
+
+
+def _list_and_record(out: Path, args, repo_id: str, folder: str) -> dict:
     try:
         commit, files = list_files(repo_id, folder, args.revision)
     except DownloadError:
@@ -150,36 +204,7 @@ def download(args) -> int:
         raise DownloadError(f"listing {repo_id} {folder}/ at {args.revision}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     out.mkdir(parents=True, exist_ok=True)
-    record = {"repo_id": repo_id, "dataset": args.dataset, "sample": args.sample or (None if args.dump else "10BT"),
+    record = {"repo_id": repo_id, "dataset": args.dataset, "sample": None if args.dump else (args.sample or "10BT"),
               "dump": args.dump, "pattern": f"{folder}/*.parquet", "revision": commit, "files": files}
-    if (out / RECORD).exists():
-        old = atomic.read_json(out / RECORD)
-        if (old.get("repo_id"), old.get("pattern"), old.get("revision")) != (repo_id, record["pattern"], commit):
-            raise DownloadError(f"{out} already holds {old.get('repo_id')} {old.get('pattern')} at revision "
-                                f"{old.get('revision')}; refusing to mix in {record['pattern']} at {commit} "
-                                f"(use another --out, or --revision {old.get('revision')})")
-    else:
-        atomic.write_json(out / RECORD, record)
-    picked = [files[i] for i in parse_files(args.files, len(files))]
-    print(f"{repo_id} {folder}/ at {commit}: {len(files)} files, taking {len(picked)} "
-          f"({sum(f['bytes'] for f in picked) / 1e9:,.2f} GB) into {out}", file=sys.stderr)
-    from huggingface_hub import get_token, hf_hub_url
-    token = get_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    skipped = 0
-    with tqdm(total=sum(f["bytes"] for f in picked), unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
-        for f in picked:
-            dest = out / f["path"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            status = file_status(dest, f["bytes"], f["sha256"])
-            if status == "ok":
-                skipped += 1
-                bar.update(f["bytes"])
-                continue
-            if status != "missing":
-                print(f"{dest}: {status}; fetching again", file=sys.stderr)
-                dest.unlink()
-            url = hf_hub_url(repo_id, f["path"], repo_type="dataset", revision=commit, endpoint=endpoint)
-            fetch(url, dest, f["bytes"], f["sha256"], headers, bar.update)
-    print(f"done: {len(picked)} file(s) verified ({skipped} were already complete) in {out}", file=sys.stderr)
-    return 0
+    atomic.write_json(out / RECORD, record)
+    return record

@@ -144,24 +144,26 @@ def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str)
 
 
 def _run_pool(jobs, workers, on_progress, on_done) -> None:
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker killed by the OOM killer raises BrokenProcessPool here
+    # instead of leaving the parent waiting forever for the lost unit.
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     progress_queue = ctx.Queue()
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
-        pending = pool.imap_unordered(tokenize_unit, jobs)
-        finished = 0
-        while finished < len(jobs):
-            try:
-                marker = pending.next(timeout=0.2)
-            except mp.TimeoutError:
-                marker = None
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(progress_queue,))
+    try:
+        pending = {pool.submit(tokenize_unit, job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:
                 try:
                     on_progress(progress_queue.get_nowait())
                 except queue.Empty:
                     break
-            if marker is not None:
-                on_done(marker)
-                finished += 1
+            for future in done:
+                on_done(future.result())  # re-raises the worker's error (bad input, disk full, ...)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on error: let running units finish, start no more
 
 
 def tokenize(args) -> int:

@@ -140,3 +140,30 @@ def test_eval_data_rejects_a_file_not_in_hellaswag_schema(tmp_path, capsys):
     assert prep_main(["eval-data", "--out", str(tmp_path / "eval"), "--from", str(bad)]) == 1
     assert f"error: {bad}:2: 'endings' must be a list of 4 strings" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "hellaswag_val.jsonl").exists()
+
+
+def test_rerun_over_complete_files_needs_no_network_and_catches_damage(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    (raw / "sample" / "10BT").mkdir(parents=True)
+    files = []
+    for i in range(3):
+        f = raw / "sample" / "10BT" / f"00{i}_00000.parquet"
+        f.write_bytes(os.urandom(1000 + i))
+        files.append({"path": f.relative_to(raw).as_posix(), "bytes": f.stat().st_size,
+                      "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
+    record = {"repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT", "dump": None,
+              "pattern": "sample/10BT/*.parquet", "revision": "0" * 40, "files": files}
+    (raw / "download.json").write_text(json.dumps(record))
+    args = ["download", "--dataset", "fineweb-edu", "--sample", "10BT", "--out", str(raw)]
+    assert prep_main(args) == 0  # offline (HF_HUB_OFFLINE=1): the recorded listing and local hashes suffice
+    assert "3 file(s) in place and verified (3 already were)" in capsys.readouterr().err
+    damaged = raw / files[1]["path"]
+    damaged.write_bytes(b"Z" + damaged.read_bytes()[1:])
+    assert prep_main(args + ["--files", "1:2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{damaged}: sha256" in err and "error: HF_HUB_OFFLINE is set" in err
+    assert "1 file(s) still to fetch (first: sample/10BT/001_00000.parquet)" in err and not damaged.exists()
+    assert prep_main(args[:-4] + ["--sample", "100BT", "--out", str(raw)]) == 1
+    assert "refusing to mix in HuggingFaceFW/fineweb-edu sample/100BT/*.parquet" in capsys.readouterr().err
+    assert prep_main(args + ["--revision", "v1.2.0"]) == 1
+    assert "refusing to mix in --revision v1.2.0" in capsys.readouterr().err
