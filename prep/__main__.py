@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import download, evaldata, finalize, tokenize, verify
+from . import UsageError, download, evaldata, finalize, tokenize, verify
 
 
 def _add_tokenize(sub) -> None:
@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from . import atomic
+from . import UsageError, atomic
 
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 SAMPLES = ("10BT", "100BT", "350BT")
@@ -57,10 +57,10 @@ def parse_files(spec: str | None, n: int) -> range:
     try:
         i, j = (int(x) if x else None for x in spec.split(":"))
     except ValueError:
-        raise DownloadError(f"--files {spec!r}: expected I:J (a Python slice of the sorted file list)") from None
+        raise UsageError(f"--files {spec!r}: expected I:J (a Python slice of the sorted file list)") from None
     picked = range(n)[slice(i, j)]
     if not picked:
-        raise DownloadError(f"--files {spec} selects none of the {n} files")
+        raise UsageError(f"--files {spec} selects none of the {n} files")
     return picked
 
 

@@ -215,7 +215,7 @@ def _manifest(out, rcp, plan, markers, shards, writers) -> dict:
         "format": {"name": "llm.c token shards", "version": 1, "magic": 20240520, "header_bytes": HEADER_BYTES,
                    "dtype": "uint16 little-endian", "sha256_of": "whole file (header + tokens)"},
         "tokenizer": dict(rcp["tokenizer"]),
-        "source": _source(rcp),
+        "source": source_of(rcp),
         "inputs": rcp["inputs"],
         "skipped_inputs": plan["skipped_inputs"],
         "validation": {"rule": rcp["validation"]["rule"], "seed": rcp["validation"]["seed"],
@@ -229,20 +229,22 @@ def _manifest(out, rcp, plan, markers, shards, writers) -> dict:
     }
 
 
-def _source(rcp: dict) -> dict:
-    """What `prep download` recorded (dataset id, sample, revision) for the directories the inputs came from."""
-    seen = {}
+def source_of(rcp: dict) -> dict:
+    """What `prep download` recorded (dataset id, sample, revision) for the raw directories the inputs came from."""
+    records: dict[Path, dict] = {}
     for f in rcp["inputs"]:
-        for parent in Path(f["path"]).parents:
-            record = parent / "download.json"
-            if record.exists() and str(record) not in seen:
-                rec = atomic.read_json(record)
-                seen[str(record)] = {k: rec.get(k) for k in ("repo_id", "dataset", "sample", "revision", "pattern")}
-                break
-    if not seen:
+        raw = next((p for p in Path(f["path"]).parents if (p / "download.json").exists()), None)
+        if raw is None:
+            continue
+        if raw not in records:
+            rec = atomic.read_json(raw / "download.json")
+            records[raw] = {**{k: rec.get(k) for k in ("repo_id", "dataset", "sample", "dump", "revision", "pattern")},
+                            "files_listed": len(rec.get("files", [])), "files_used": 0}
+        records[raw]["files_used"] += 1
+    if not records:
         return {"kind": "local files"}
-    records = list(seen.values())
-    return {"kind": "huggingface", **records[0]} if len(records) == 1 else {"kind": "huggingface", "parts": records}
+    parts = list(records.values())
+    return {"kind": "huggingface", **parts[0]} if len(parts) == 1 else {"kind": "huggingface", "parts": parts}
 
 
 __all__ = ["finalize", "already_finished", "select_validation", "FinalizeError", "RecipeMismatch"]

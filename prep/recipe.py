@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from model import tokenizer
-from . import atomic
+from . import UsageError, atomic
 from .inputs import auto_unit_bytes, discover, file_fingerprint, plan_units, InputError
 
 FORMAT_VERSION = 1
@@ -25,19 +25,19 @@ class RecipeMismatch(ValueError):
 def build(args) -> tuple[dict, list, list]:
     """(recipe, units, skipped input files) for a tokenize command line."""
     if args.shard_tokens <= 0:
-        raise InputError(f"--shard-tokens must be positive, got {args.shard_tokens}")
+        raise UsageError(f"--shard-tokens must be positive, got {args.shard_tokens}")
     if args.val_tokens < 0:
-        raise InputError(f"--val-tokens must be >= 0, got {args.val_tokens}")
+        raise UsageError(f"--val-tokens must be >= 0, got {args.val_tokens}")
     if args.workers < 1:
-        raise InputError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if (args.task_index is None) != (args.task_count is None):
-        raise InputError("--task-index and --task-count go together")
+        raise UsageError("--task-index and --task-count go together")
     if args.task_count is not None and not 0 <= args.task_index < args.task_count:
-        raise InputError(f"--task-index {args.task_index} is outside 0..{args.task_count - 1}")
+        raise UsageError(f"--task-index {args.task_index} is outside 0..{args.task_count - 1}")
     files = discover(args.input)
     skipped: list[dict] = []
     if args.unit_bytes < 0:
-        raise InputError(f"--unit-bytes must be >= 0 (0 = auto), got {args.unit_bytes}")
+        raise UsageError(f"--unit-bytes must be >= 0 (0 = auto), got {args.unit_bytes}")
     unit_bytes = args.unit_bytes or auto_unit_bytes(files)
     units = plan_units(files, args.text_column, unit_bytes, args.skip_bad_docs, skipped)
     if not units:

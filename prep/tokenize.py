@@ -173,6 +173,12 @@ def tokenize(args) -> int:
     rcp, units, skipped = recipes.build(args)
     if (out / "manifest.json").exists():
         return fin.already_finished(out, rcp)
+    source = fin.source_of(rcp)
+    for part in source.get("parts", [source]):
+        if part.get("files_used", 0) < part.get("files_listed", 0):
+            print(f"warning: the download of {part['repo_id']} {part['pattern']} lists {part['files_listed']} files, "
+                  f"the inputs hold {part['files_used']} of them (download unfinished, or a --files subset)",
+                  file=sys.stderr)
     recipes.claim_work_dir(out, rcp, units, skipped)
     task_mode = args.task_count is not None
     task_index, task_count = (args.task_index, args.task_count) if task_mode else (0, 1)

@@ -95,8 +95,10 @@ def test_empty_input_set_and_bad_flags(tmp_path, capsys):
     assert tokenize([empty], tmp_path / "ds", "--val-tokens", 0) == 1
     assert "no documents" in capsys.readouterr().err
     assert_no_dataset(tmp_path / "ds")
-    assert tokenize([empty], tmp_path / "ds", "--task-index", 3, "--task-count", 2) == 1
+    assert tokenize([empty], tmp_path / "ds", "--task-index", 3, "--task-count", 2) == 2  # usage error
     assert "--task-index 3 is outside 0..1" in capsys.readouterr().err
+    assert tokenize([empty], tmp_path / "ds", "--shard-tokens", 0) == 2
+    assert "--shard-tokens must be positive" in capsys.readouterr().err
 
 
 def test_val_tokens_larger_than_corpus_refused(tmp_path, shakespeare_docs, capsys):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from prep.__main__ import main as prep_main
+from prep import UsageError
 from prep.download import DownloadError, fetch, file_status, parse_files
 
 
@@ -94,9 +95,9 @@ def test_file_status_checks_size_and_sha_and_caches_the_hash(tmp_path):
 def test_files_slice():
     assert list(parse_files("2:4", 10)) == [2, 3] and list(parse_files(None, 3)) == [0, 1, 2]
     assert list(parse_files("8:", 10)) == [8, 9]
-    with pytest.raises(DownloadError, match="expected I:J"):
+    with pytest.raises(UsageError, match="expected I:J"):
         parse_files("a:b", 10)
-    with pytest.raises(DownloadError, match="selects none of the 10 files"):
+    with pytest.raises(UsageError, match="selects none of the 10 files"):
         parse_files("12:14", 10)
 
 
@@ -167,3 +168,21 @@ def test_rerun_over_complete_files_needs_no_network_and_catches_damage(tmp_path,
     assert "refusing to mix in HuggingFaceFW/fineweb-edu sample/100BT/*.parquet" in capsys.readouterr().err
     assert prep_main(args + ["--revision", "v1.2.0"]) == 1
     assert "refusing to mix in --revision v1.2.0" in capsys.readouterr().err
+
+
+def test_tokenize_records_the_download_source(tmp_path, shakespeare_docs, capsys):
+    from prep.reader import Dataset
+    from tests.fixtures_data import write_fineweb_parquet
+    raw = tmp_path / "raw"
+    (raw / "sample" / "10BT").mkdir(parents=True)
+    f = write_fineweb_parquet(raw / "sample" / "10BT" / "000_00000.parquet", shakespeare_docs[:300], 100)
+    files = [{"path": "sample/10BT/000_00000.parquet", "bytes": f.stat().st_size, "sha256": None},
+             {"path": "sample/10BT/001_00000.parquet", "bytes": 5, "sha256": None}]
+    (raw / "download.json").write_text(json.dumps({
+        "repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT", "dump": None,
+        "pattern": "sample/10BT/*.parquet", "revision": "a" * 40, "files": files}))
+    assert prep_main(["tokenize", "--input", str(raw), "--out", str(tmp_path / "ds"), "--val-tokens", "500"]) == 0
+    assert "lists 2 files, the inputs hold 1 of them" in capsys.readouterr().err
+    assert Dataset(tmp_path / "ds").manifest["source"] == {
+        "kind": "huggingface", "repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT",
+        "dump": None, "revision": "a" * 40, "pattern": "sample/10BT/*.parquet", "files_listed": 2, "files_used": 1}
