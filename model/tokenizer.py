@@ -38,10 +38,10 @@ def get_encoding():
         enc = tiktoken.get_encoding(ENCODING_NAME)
     except Exception as exc:  # tiktoken raises requests/urllib errors of several kinds when offline
         raise TokenizerUnavailable(
-            f"cannot load the GPT-2 BPE ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"tiktoken looked in {_cache_dir()}. On a machine with internet run "
-            f"`TIKTOKEN_CACHE_DIR=/shared/tiktoken python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"`, "
-            f"then set TIKTOKEN_CACHE_DIR to that directory here") from None
+            f"cannot load the GPT-2 BPE: it is not in tiktoken's cache {_cache_dir()} and downloading it failed "
+            f"({type(exc).__name__}). Fix: on a machine with internet run `TIKTOKEN_CACHE_DIR=DIR python -c "
+            f"\"import tiktoken; tiktoken.get_encoding('gpt2')\"`, then make DIR readable here and set "
+            f"TIKTOKEN_CACHE_DIR=DIR") from None
     assert enc.eot_token == EOT_TOKEN and enc.n_vocab == N_VOCAB
     return enc
 

@@ -77,6 +77,21 @@ def test_hf_directory(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.state_dict().items())
 
 
+def test_sample_from_a_training_run(ds_runs, capsys):
+    """`python -m model sample RUN` goes through load_model; greedy output is the loaded model's own."""
+    from model import tokenizer
+    from model.__main__ import main
+    run = ds_runs / variant_name(2, "bf16")
+    prompt = "a b c"  # ids 64, 275, 269: inside this test model's 512-token vocabulary
+    assert main(["sample", str(run), "--prompt", prompt, "--num", "1", "--max-new-tokens", "5",
+                 "--top-k", "1"]) == 0
+    out, err = capsys.readouterr()
+    model, _ = load_model(run)
+    expected = model.generate(torch.tensor([tokenizer.encode(prompt)]), 5, top_k=1)[0].tolist()
+    assert out == f"--- sample 0 ---\n{tokenizer.decode(expected)}\n"
+    assert f"step {STEPS}" in err
+
+
 def copy_run(ds_runs, tmp_path, variant=(1, "bf16")):
     dst = tmp_path / "run"
     shutil.copytree(ds_runs / variant_name(*variant), dst)
