@@ -78,15 +78,16 @@ def finalize(out: Path) -> int:
         with tqdm(total=total_tokens, desc="finalize", unit="tok", unit_scale=True, file=sys.stderr) as bar:
             for u, m, idx, val in zip(units, markers, indexes, val_sets):
                 tokens = open_shard(unit_paths(out, u.index)["tokens"])
-                if len(tokens) != m["tokens"]:
-                    raise FinalizeError(f"{unit_paths(out, u.index)['tokens']}: {len(tokens)} tokens, marker says "
-                                        f"{m['tokens']}; delete its marker and rerun tokenize")
+                if len(tokens) != m["tokens"] or hashlib.sha256(tokens.tobytes()).hexdigest() != m["tokens_sha256"]:
+                    raise FinalizeError(f"{unit_paths(out, u.index)['tokens']}: does not match its done marker "
+                                        f"(damaged on disk?); delete {unit_paths(out, u.index)['done']} and rerun "
+                                        f"tokenize to redo the unit")
                 for start, end, is_val in _runs(idx["tokens"], val):
                     writers["val" if is_val else "train"].write(tokens[start:end])
                     bar.update(end - start)
     except BaseException:
         for w in writers.values():
-            w.abort()  # no partial shard under a temporary name either
+            w.abort()  # no shards without a manifest, not even complete ones
         raise
     shards = writers["train"].shards + writers["val"].shards
     manifest = _manifest(out, rcp, plan, markers, shards, writers)
@@ -194,9 +195,12 @@ class SplitWriter:
                             "bytes": HEADER_BYTES + 2 * self._count})
 
     def abort(self) -> None:
+        """After a failure: remove the shard being written and the ones finished by this run."""
         if self._file is not None:
             self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
             self._file = None
+        for shard in self.shards:
+            (self.out / shard["name"]).unlink(missing_ok=True)
 
 
 def _manifest(out, rcp, plan, markers, shards, writers) -> dict:

@@ -63,3 +63,18 @@ def test_shard_boundaries_do_not_split_or_drop_documents(tmp_path, fineweb_parqu
     total = sum(len(enc.encode_ordinary(d)) + 1 for d in shakespeare_docs)
     assert len(train) + ds.manifest["totals"]["val"]["tokens"] == total
     assert sum(s.documents for s in ds.shards) == len(shakespeare_docs)
+
+
+def test_finalize_refuses_a_damaged_unit(tmp_path, fineweb_parquet, capsys):
+    out = tmp_path / "ds"
+    assert tokenize([fineweb_parquet], out, *REFERENCE_RECIPE, "--task-index", 0, "--task-count", 1) == 0
+    unit = out / ".work" / "units" / "u000003.bin"
+    data = bytearray(unit.read_bytes())
+    data[-1] ^= 0xFF
+    unit.write_bytes(bytes(data))
+    assert prep_main(["finalize", "--out", str(out)]) == 1
+    assert "u000003.bin: does not match its done marker" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+    (out / ".work" / "units" / "u000003.json").unlink()
+    assert tokenize([fineweb_parquet], out, *REFERENCE_RECIPE) == 0
+    assert "skipping 14 unit(s) already done" in capsys.readouterr().err
