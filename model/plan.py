@@ -1,0 +1,469 @@
+"""`python -m model plan`: will a run fit on these GPUs, how long will it take, what will it cost?
+
+Memory is modelled the way DeepSpeed lays out bf16 mixed-precision training with Adam (the same byte
+counts as its own ZeRO estimators), activations are the tensors this repository's model/gpt.py saves for
+backward, and compute is model/hardware.py's FLOPs per token (the formula train's MFU uses).
+See docs/plan.md for every formula and its source.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from .config import ConfigError, GPTConfig
+from .hardware import GPUS, GPUSpec, attention_flops_per_token, flops_per_token, gpu_spec, matmul_params
+from .info import parameter_table
+
+GiB = 1024 ** 3
+CHINCHILLA_TOKENS_PER_PARAM = 20          # Hoffmann et al. 2022: compute-optimal D ~ 20 N
+ACT_BYTES = 2                             # bf16 activations (DeepSpeed's bf16 mode casts the module)
+CUDA_RUNTIME_BYTES = 1 * GiB              # CUDA context, cuBLAS workspace, NCCL buffers: outside torch's allocator
+FRAGMENTATION = 0.10                      # caching-allocator slack on top of what tensors occupy
+DS_REDUCE_BUCKET = 500_000_000            # DeepSpeed's default reduce_bucket_size (elements)
+DS_PREFETCH_BUCKET = 50_000_000           # DeepSpeed's default stage3_prefetch_bucket_size (elements)
+DS_CPU_BUFFER_FACTOR = 1.5                # DeepSpeed estimators' additional_buffer_factor for CPU memory
+MAX_MICRO_BATCH = 1 << 16                 # search ceiling for the largest micro batch that fits
+
+
+class PlanError(ValueError):
+    """Inputs that describe no possible run; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model states: bf16 weights, gradients, fp32 master weights and Adam moments, partitioned by ZeRO.
+
+def model_state_bytes(n_params: int, largest_layer: int, zero: int, gpus: int,
+                      offload: bool = False, offload_params: bool = False, fp32_grad_accum: bool = False) -> dict:
+    """Bytes of model states per GPU and per rank on the CPU, as DeepSpeed's ZeRO allocates them.
+
+    Per parameter: bf16 weight 2, bf16 gradient 2, fp32 gradient 4 (DeepSpeed converts the reduced
+    gradient partition to fp32 before the step), fp32 master 4, Adam m and v 8. ZeRO-1 partitions the
+    fp32 gradient, master and moments across the data-parallel GPUs, ZeRO-2 also the bf16 gradients,
+    ZeRO-3 also the bf16 weights; ZeRO-3 then gathers one layer at a time, so the largest layer's bf16
+    weights and gradients (2 + 2 bytes each) are whole on every GPU, and (as DeepSpeed's own estimator
+    has it) its partitioned gradient is counted once, in fp32: 18 bytes per parameter per GPU.
+    Offload keeps the fp32 gradient, master and moments on the CPU (and the bf16 gradient partition
+    lands there directly); offload_params (ZeRO-3) also keeps the bf16 weight partition there.
+    fp32_grad_accum at ZeRO-1 is DeepSpeed's BF16_Optimizer (data_types.grad_accum_dtype fp32): it keeps
+    bf16 gradients until backward ends and then accumulates them into a full, unpartitioned fp32 buffer.
+    """
+    N, G = n_params, gpus
+
+    def shard(nbytes: int, from_stage: int) -> float:
+        return nbytes * N / G if zero >= from_stage else nbytes * N
+    gathered = 2 * largest_layer if zero == 3 else 0
+    # DeepSpeed's ZeRO-3 estimator counts no bf16 gradient partition (18 bytes/param/GPU); we keep its count.
+    bf16_grads = (shard(2, 2) if zero < 3 else 0) + gathered
+    fp32_grads = 4 * N if fp32_grad_accum else shard(4, 1)
+    gpu = {"weights": shard(2, 3) + gathered, "gradients": bf16_grads + fp32_grads, "optimizer": shard(12, 1)}
+    cpu = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    if offload:
+        cpu["optimizer"] = 12 * N / G                     # fp32 master + Adam m, v
+        cpu["gradients"] = 4 * N / G                      # fp32 gradient partition the CPU Adam reads
+        gpu["optimizer"] = 0.0
+        # ZeRO-2/3 stream each reduced bucket straight to the CPU; ZeRO-1 still accumulates in param.grad.
+        gpu["gradients"] = gathered if zero >= 2 else bf16_grads
+    if offload_params:
+        cpu["weights"] = 2 * N / G
+        gpu["weights"] = gathered
+    return {"gpu": {k: int(v) for k, v in gpu.items()}, "cpu_per_rank": {k: int(v) for k, v in cpu.items()}}
+
+
+def cpu_bytes_per_node(n_params: int, states_per_rank: dict, gpus_per_node: int) -> dict:
+    """CPU memory per node: the offloaded states of its ranks, or, if larger, the fp32 model every rank
+    builds on the CPU before DeepSpeed takes it (no zero.Init), plus DeepSpeed's 1.5x buffer factor."""
+    offloaded = sum(states_per_rank.values()) * gpus_per_node
+    model_build = 4 * n_params * gpus_per_node
+    peak = max(offloaded, model_build)
+    buffers = (DS_CPU_BUFFER_FACTOR - 1) * peak
+    return {"offloaded_states": int(offloaded), "model_build": int(model_build),
+            "buffers": int(buffers), "total": int(peak + buffers)}
+
+
+def largest_layer_params(config: GPTConfig) -> int:
+    """The most parameters one module owns directly (DeepSpeed's ZeRO-3 estimator's 'largest layer'):
+    the token embedding (shared with the LM head), or a block's MLP matrix if that is bigger."""
+    C = config.n_embd
+    return max(config.embedding_rows * C, 4 * C * C + (4 * C if config.bias else 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations: what model/gpt.py saves for backward, per token, on a GPU with fused SDPA attention.
+
+def block_activation_bytes_per_token(config: GPTConfig) -> float:
+    """One transformer block, bf16, flash / memory-efficient SDPA (no T x T matrix is kept).
+
+    Saved tensors, in n_embd (C) units: ln_1 input 1, ln_1 output 1 (c_attn's input), q/k/v 3 (views of
+    c_attn's output), attention output 1 (SDPA's output, which c_proj reads without a copy), ln_2 input 1,
+    ln_2 output 1, c_fc output 4 (GELU's input), GELU output 4 (c_proj's input): 16 C at 2 bytes.
+    Plus fp32 mean and rstd of both layernorms (16 bytes), SDPA's fp32 logsumexp (4 per head), and when
+    dropout > 0 the two 1-byte dropout masks (attention-probability dropout is regenerated from the RNG).
+    Korthikanti et al. 2022 count 34 C bytes per token with masks and without flash attention's savings.
+    """
+    C, H = config.n_embd, config.n_head
+    masks = 2 * C if config.dropout > 0 else 0
+    return 16 * C * ACT_BYTES + 2 * 2 * 4 + 4 * H + masks
+
+
+def head_activation_bytes_per_token(config: GPTConfig) -> float:
+    """Embeddings, final layernorm and loss: token ids 8, embedding dropout mask C (if dropout), ln_f input
+    and output 2 C x 2 bytes + 8 of stats, targets 8, and the fp32 log-softmax that cross-entropy keeps of
+    the upcast logits (gpt.py calls .float() on the logits): 4 bytes x vocab_size."""
+    C, V = config.n_embd, config.vocab_size
+    return 8 + (C if config.dropout > 0 else 0) + 2 * C * ACT_BYTES + 8 + 8 + 4 * V
+
+
+def activation_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
+    """Saved-for-backward bytes and the transient peak on top of them at the start of backward.
+
+    Transient: the bf16 logits GPT.forward returns (2 bytes x padded vocab per token; a training loop
+    holds them until after backward) and, while the loss's backward runs, two fp32 (B, T, vocab)
+    gradients at once (of the log-softmax output and of its input), 8 bytes x vocab per token.
+    With activation checkpointing (one checkpoint per block, as Megatron's full recompute) only each
+    block's input is kept (C x 2 bytes) and backward recomputes one block at a time, which then needs the
+    larger of the loss gradients and one block's saved tensors.
+    """
+    tokens = micro_batch * seq_len
+    block = block_activation_bytes_per_token(config)
+    kept_per_block = config.n_embd * ACT_BYTES if checkpointing else block
+    saved = tokens * (config.n_layer * kept_per_block + head_activation_bytes_per_token(config)) + 8 * seq_len
+    logits = tokens * ACT_BYTES * config.embedding_rows
+    loss_grads = tokens * 8 * config.vocab_size
+    transient = logits + (max(loss_grads, tokens * block) if checkpointing else loss_grads)
+    return {"saved": int(saved), "transient": int(transient), "total": int(saved + transient)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan.
+
+def deepspeed_settings(ds_config: dict, zero: int, fp32_grad_accum: bool = False) -> dict:
+    """The DeepSpeed config values the memory model reads, with DeepSpeed's defaults where absent."""
+    zo = ds_config.get("zero_optimization", {})
+    return {"fp32_grad_accum": fp32_grad_accum,
+            "reduce_bucket_size": int(zo.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+            "overlap_comm": bool(zo.get("overlap_comm", zero == 3)),
+            "prefetch_bucket_size": int(zo.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))}
+
+
+def deepspeed_bucket_bytes(zero: int, n_params: int, ds: dict) -> int:
+    """Gradient-reduction staging buffers. ZeRO 1-2 allocate a bf16 buffer of reduce_bucket_size elements
+    up front, two with overlap_comm; ZeRO-3 one, plus up to stage3_prefetch_bucket_size prefetched
+    weights. Stage 0 and BF16_Optimizer all-reduce the gradients in flattened chunks of up to 5e8 elements."""
+    if zero == 0 or ds["fp32_grad_accum"]:
+        return 2 * min(n_params, DS_REDUCE_BUCKET)
+    if zero == 3:
+        return 2 * ds["reduce_bucket_size"] + 2 * ds["prefetch_bucket_size"]
+    return 2 * ds["reduce_bucket_size"] * (2 if ds["overlap_comm"] else 1)
+
+
+def gpu_memory(config: GPTConfig, states: dict, micro_batch: int, seq_len: int, checkpointing: bool,
+               buckets: int) -> dict:
+    act = activation_bytes(config, micro_batch, seq_len, checkpointing)
+    tensors = sum(states.values()) + act["total"] + buckets
+    fragmentation = int(FRAGMENTATION * tensors)
+    buffers = buckets + fragmentation + CUDA_RUNTIME_BYTES
+    memory = {**states, "activations": act["total"], "buffers": buffers}
+    memory["total"] = sum(memory.values())
+    detail = {"activations_saved": act["saved"], "activations_transient": act["transient"],
+              "deepspeed_buckets": buckets, "allocator_fragmentation": fragmentation,
+              "cuda_runtime": CUDA_RUNTIME_BYTES}
+    return {"memory": memory, "detail": detail}
+
+
+def count_params(config: GPTConfig) -> tuple[int, int]:
+    """(parameters as `model info` counts them, parameters in memory incl. vocab padding)."""
+    table = parameter_table(config)
+    return table["total"], table["total"] + table["padding"]
+
+
+def make_plan(config: GPTConfig, *, seq_len: int, micro_batch: int, gpus: int, gpus_per_node: int,
+              gpu: GPUSpec, zero: int, offload: bool, offload_params: bool, checkpointing: bool,
+              tokens: int | None, mfu: float, price_per_gpu_hour: float | None,
+              deepspeed: dict | None = None, batch_tokens: int | None = None) -> dict:
+    ds = deepspeed_settings({}, zero) if deepspeed is None else deepspeed
+    params, params_in_memory = count_params(config)
+    states = model_state_bytes(params_in_memory, largest_layer_params(config), zero, gpus,
+                               offload, offload_params, ds["fp32_grad_accum"])
+    buckets = deepspeed_bucket_bytes(zero, params_in_memory, ds)
+    mem = gpu_memory(config, states["gpu"], micro_batch, seq_len, checkpointing, buckets)
+    fits = mem["memory"]["total"] <= gpu.memory_bytes
+
+    def fits_with(mb: int) -> bool:
+        return gpu_memory(config, states["gpu"], mb, seq_len, checkpointing, buckets)["memory"]["total"] \
+            <= gpu.memory_bytes
+    lo, hi = 0, MAX_MICRO_BATCH           # memory grows with the micro batch: bisect the largest that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits_with(mid) else (lo, mid - 1)
+
+    chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
+    budget_from_chinchilla = tokens is None
+    tokens = chinchilla if tokens is None else tokens
+    per_token = flops_per_token(config, seq_len)
+    flops = per_token * tokens
+    hours = flops / (gpus * gpu.peak_bf16_flops * mfu) / 3600
+    plan = {
+        "model": config.to_dict(),
+        "params": params,
+        "params_in_memory": params_in_memory,
+        "seq_len": seq_len, "micro_batch": micro_batch, "gpus": gpus, "gpus_per_node": gpus_per_node,
+        "gpu": {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "peak_bf16_flops": gpu.peak_bf16_flops},
+        "zero": zero, "offload": offload, "offload_params": offload_params, "deepspeed": ds,
+        "activation_checkpointing": checkpointing,
+        "tokens": int(tokens), "tokens_from_chinchilla": budget_from_chinchilla,
+        "flops_per_token": per_token,
+        "flops": flops,
+        "flops_formula": (f"(6 * N_matmul + 12 * n_layer * n_embd * seq_len) * D = (6 * {matmul_params(config):,}"
+                          f" + 12 * {config.n_layer} * {config.n_embd} * {seq_len}) * {int(tokens):,}"),
+        "attention_flops_fraction": attention_flops_per_token(config, seq_len) / per_token,
+        "chinchilla_tokens": chinchilla,
+        "chinchilla_ratio": tokens / chinchilla,
+        "memory_per_gpu": mem["memory"],
+        "memory_detail": mem["detail"],
+        "cpu_memory_per_node": cpu_bytes_per_node(params_in_memory, states["cpu_per_rank"], gpus_per_node),
+        "fits": fits,
+        "max_micro_batch": lo,
+        "mfu": mfu,
+        "hours": hours,
+        "gpu_hours": hours * gpus,
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "cost": None if price_per_gpu_hour is None else hours * gpus * price_per_gpu_hour,
+    }
+    if batch_tokens is not None:
+        plan["batch_tokens"] = batch_tokens
+        plan["grad_accum_steps"] = batch_tokens // (micro_batch * seq_len * gpus)
+        plan["steps"] = math.ceil(tokens / batch_tokens)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+def parse_count(text: str) -> int:
+    """'10B', '1.5T', '500M', '2e9', '10_000' -> an integer count (decimal suffixes K, M, B/G, T)."""
+    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 10B, 500M, 2e9)")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[match.group(2).lower()]
+    return int(round(float(match.group(1).replace("_", "")) * scale))
+
+
+def resolve_model(args) -> GPTConfig:
+    """--model (preset or YAML, as `model info` reads it), then the shape flags on top."""
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+                                                "dropout") if getattr(args, k) is not None}
+    config = GPTConfig.resolve(args.model)
+    return GPTConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config
+
+
+def resolve_deepspeed(args) -> tuple[int, bool, bool, dict]:
+    """(ZeRO stage, offload, offload_params, deepspeed_settings) from --deepspeed FILE, flags overriding it."""
+    ds_config = {}
+    if args.deepspeed:
+        try:
+            ds_config = json.loads(Path(args.deepspeed).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read DeepSpeed config {args.deepspeed}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(ds_config, dict):
+            raise PlanError(f"{args.deepspeed} is not a DeepSpeed config (a JSON object)")
+    zo = ds_config.get("zero_optimization", {})
+    zero = args.zero if args.zero is not None else int(zo.get("stage", 0 if args.deepspeed else 1))
+    if zero not in range(4):
+        raise PlanError(f"ZeRO stage must be 0-3, got {zero}")
+    offload = args.offload or zo.get("offload_optimizer", {}).get("device") == "cpu"
+    offload_params = args.offload_params or zo.get("offload_param", {}).get("device") == "cpu"
+    accum = args.grad_accum_dtype or ds_config.get("data_types", {}).get("grad_accum_dtype", "bf16")
+    if accum not in ("bf16", "fp32"):
+        raise PlanError(f"gradient accumulation dtype must be bf16 or fp32, got {accum!r}")
+    if accum == "fp32" and (zero != 1 or offload):
+        raise PlanError("fp32 gradient accumulation is modelled for ZeRO-1 without offload only "
+                        "(DeepSpeed's BF16_Optimizer)")
+    return zero, offload, offload_params, deepspeed_settings(ds_config, zero, accum == "fp32")
+
+
+def resolve_gpu(args) -> GPUSpec:
+    custom = args.gpu_memory_gb is not None or args.gpu_tflops is not None
+    try:
+        base = gpu_spec(args.gpu)
+    except ValueError:
+        if not (args.gpu_memory_gb is not None and args.gpu_tflops is not None):
+            raise PlanError(f"unknown GPU kind {args.gpu!r}; known: {', '.join(GPUS)} "
+                            "(or give both --gpu-memory-gb and --gpu-tflops)") from None
+        base = GPUSpec(args.gpu, 0, 0.0)
+    if not custom:
+        return base
+    for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--gpu-tflops", args.gpu_tflops)):
+        if value is not None and not value > 0:
+            raise PlanError(f"{flag} must be positive, got {value}")
+    memory = base.memory_bytes if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GiB)
+    peak = base.peak_bf16_flops if args.gpu_tflops is None else args.gpu_tflops * 1e12
+    return GPUSpec(base.name, memory, peak)
+
+
+def resolve(args) -> tuple[dict, str]:
+    """Check every flag against the others; return (make_plan's keyword arguments, the model's name)."""
+    config = resolve_model(args)
+    zero, offload, offload_params, ds = resolve_deepspeed(args)
+    seq_len = config.block_size if args.seq_len is None else args.seq_len
+    if seq_len <= 0:
+        raise PlanError(f"--seq-len must be positive, got {seq_len}")
+    if seq_len > config.block_size:
+        raise PlanError(f"--seq-len {seq_len} exceeds the model's block_size {config.block_size}")
+    if args.micro_batch <= 0:
+        raise PlanError(f"--micro-batch must be positive, got {args.micro_batch}")
+    if args.gpus <= 0:
+        raise PlanError(f"--gpus must be at least 1, got {args.gpus}")
+    gpus_per_node = min(args.gpus, 8) if args.gpus_per_node is None else args.gpus_per_node
+    if gpus_per_node <= 0 or args.gpus % gpus_per_node:
+        raise PlanError(f"--gpus {args.gpus} is not a whole number of nodes of {gpus_per_node} GPUs")
+    if offload and zero == 0:
+        raise PlanError("optimizer offload needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads only partitioned states)")
+    if offload_params and zero != 3:
+        raise PlanError("parameter offload needs ZeRO stage 3 (only stage 3 partitions the weights)")
+    if not 0 < args.mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.price_per_gpu_hour is not None and args.price_per_gpu_hour < 0:
+        raise PlanError(f"--price-per-gpu-hour must not be negative, got {args.price_per_gpu_hour}")
+    tokens = args.tokens
+    if args.steps is not None:
+        if tokens is not None:
+            raise PlanError("give either --tokens or --steps with --batch-tokens, not both")
+        if args.batch_tokens is None:
+            raise PlanError("--steps needs --batch-tokens (tokens per optimizer step)")
+        if args.steps <= 0:
+            raise PlanError(f"--steps must be positive, got {args.steps}")
+        tokens = args.steps * args.batch_tokens
+    if tokens is not None and tokens <= 0:
+        raise PlanError(f"--tokens must be positive, got {tokens}")
+    if args.batch_tokens is not None:
+        per_step = args.micro_batch * seq_len * args.gpus
+        if args.batch_tokens <= 0 or args.batch_tokens % per_step:
+            raise PlanError(f"--batch-tokens {args.batch_tokens} is not a positive multiple of micro batch x "
+                            f"seq len x GPUs = {per_step}")
+    return dict(config=config, seq_len=seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
+                gpus_per_node=gpus_per_node, gpu=resolve_gpu(args), zero=zero,
+                offload=offload or offload_params, offload_params=offload_params,
+                checkpointing=args.activation_checkpointing, tokens=tokens, mfu=args.mfu,
+                price_per_gpu_hour=args.price_per_gpu_hour, deepspeed=ds, batch_tokens=args.batch_tokens), args.model
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def format_plan(plan: dict, name: str) -> str:
+    m, gpu = plan["model"], plan["gpu"]
+    mem, detail, cpu = plan["memory_per_gpu"], plan["memory_detail"], plan["cpu_memory_per_node"]
+    offload = "none" if not plan["offload"] else ("optimizer + params" if plan["offload_params"] else "optimizer")
+    ds = plan["deepspeed"]
+    optimizer = "BF16_Optimizer, fp32 gradient accumulation" if ds["fp32_grad_accum"] else "bf16 gradients"
+    budget = "Chinchilla-optimal (no --tokens given)" if plan["tokens_from_chinchilla"] else \
+        f"{plan['chinchilla_ratio']:.2f} x Chinchilla-optimal"
+    rows = [
+        ("model", f"{name}: n_layer {m['n_layer']}, n_head {m['n_head']}, n_embd {m['n_embd']}, "
+                  f"vocab {m['vocab_size']}, dropout {m['dropout']}"),
+        ("parameters", f"{plan['params']:,}"),
+        ("setup", f"{plan['gpus']} x {gpu['name']} ({plan['gpus_per_node']} per node), ZeRO-{plan['zero']}, "
+                  f"{optimizer}, offload {offload}, "
+                  f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}"),
+        ("batch", f"micro batch {plan['micro_batch']} x seq len {plan['seq_len']}"
+                  + (f", {plan['batch_tokens']:,} tokens/step ({plan['grad_accum_steps']} accumulation steps, "
+                     f"{plan['steps']:,} steps)" if "batch_tokens" in plan else "")),
+        ("tokens", f"{plan['tokens']:,} ({human(plan['tokens'])}), {budget}"),
+        ("Chinchilla tokens", f"{plan['chinchilla_tokens']:,} (20 per parameter)"),
+        ("training FLOPs", f"{plan['flops']:.3e} = {plan['flops_formula']} "
+                           f"(attention {100 * plan['attention_flops_fraction']:.1f}%)"),
+        ("time", f"{plan['hours']:,.1f} h wall, {plan['gpu_hours']:,.0f} GPU-hours at MFU {plan['mfu']:.0%} of "
+                 f"{gpu['peak_bf16_flops'] / 1e12:.0f} TFLOP/s"),
+        ("cost", "-" if plan["cost"] is None else f"{plan['cost']:,.0f} at {plan['price_per_gpu_hour']} per GPU-hour"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += ["", "memory per GPU"]
+    parts = [
+        ("weights (bf16)", mem["weights"]),
+        ("gradients (bf16 + fp32 partition)", mem["gradients"]),
+        ("optimizer (fp32 master + Adam m, v)", mem["optimizer"]),
+        (f"activations ({detail['activations_saved'] / GiB:.2f} GiB saved + "
+         f"{detail['activations_transient'] / GiB:.2f} GiB backward peak)", mem["activations"]),
+        (f"buffers (DeepSpeed buckets, {FRAGMENTATION:.0%} fragmentation, CUDA runtime)", mem["buffers"]),
+        ("total", mem["total"]),
+        (f"{gpu['name']} capacity", gpu["memory_bytes"]),
+    ]
+    width = max(len(k) for k, _ in parts)
+    lines += [f"  {k:<{width}} {gib(v)}" for k, v in parts]
+    verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+    lines += ["", f"{verdict}; largest micro batch that fits: {plan['max_micro_batch']}",
+              f"CPU memory per node: {cpu['total'] / GiB:.2f} GiB (offloaded states "
+              f"{cpu['offloaded_states'] / GiB:.2f}, fp32 model built by each rank {cpu['model_build'] / GiB:.2f}, "
+              f"x{DS_CPU_BUFFER_FACTOR} buffers)"]
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="size a training run: memory per GPU, FLOPs, time, cost",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def plan_from_argv(argv: list[str]) -> dict:
+    """The plan `python -m model plan ARGV --json` prints, for scripts and benchmarks in Python."""
+    parser = argparse.ArgumentParser(prog="plan")
+    add_arguments(parser)
+    return make_plan(**resolve(parser.parse_args(argv))[0])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gpt2", help="preset (%(default)s, ...) or a YAML file (model keys, or a "
+                                                   "recipe with a model: section)")
+    for flag, kind in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int),
+                       ("--vocab-size", int), ("--dropout", float)):
+        p.add_argument(flag, type=kind, default=None, help="override the model's shape")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: block_size)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward (default 1)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs in all")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
+    p.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory in GiB (custom or override)")
+    p.add_argument("--gpu-tflops", type=float, default=None, help="dense bf16 peak TFLOP/s (custom or override)")
+    p.add_argument("--deepspeed", default=None, metavar="FILE.json",
+                   help="read ZeRO stage, offload, bucket sizes and grad_accum_dtype from a DeepSpeed config "
+                        "(e.g. configs/deepspeed/zero1.json); the flags below override it")
+    p.add_argument("--zero", type=int, choices=range(4), default=None,
+                   help="DeepSpeed ZeRO stage (default: the --deepspeed file's, else 1)")
+    p.add_argument("--offload", action="store_true", help="optimizer states on the CPU (ZeRO-Offload)")
+    p.add_argument("--offload-params", action="store_true", help="ZeRO-3: the weights on the CPU too")
+    p.add_argument("--grad-accum-dtype", choices=("bf16", "fp32"), default=None,
+                   help="gradient accumulation dtype (default: the --deepspeed file's, else bf16)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--tokens", type=parse_count, default=None,
+                   help="training tokens, e.g. 10B (default: Chinchilla-optimal, 20 per parameter)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --batch-tokens)")
+    p.add_argument("--batch-tokens", type=parse_count, default=None, help="tokens per optimizer step, e.g. 524288")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="for the cost line")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def run(args) -> int:
+    try:
+        kwargs, name = resolve(args)
+    except (PlanError, ConfigError) as exc:
+        # A bad flag is a usage error (exit 2, C8); __main__ handles the model package's failures.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(**kwargs)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan, name))
+    return 0
