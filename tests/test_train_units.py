@@ -62,6 +62,7 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
 def test_overrides_parse_yaml_values():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null", "e=text"]) == {"a": {"b": 3, "c": [1, 2]}, "d": None,
                                                                             "e": "text"}
+    assert parse_overrides(["lr=1e-3", "big=3e30"]) == {"lr": 0.001, "big": 3e30}  # YAML 1.1 would say strings
     r = load_recipe(TINY, ["optim.betas=[0.8, 0.9]", "schedule.max_steps=7"])
     assert r["optim"]["betas"] == [0.8, 0.9] and r["schedule"]["max_steps"] == 7
 

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (TrainError, DatasetError, ShardError, CheckpointError, LaunchError, TokenizerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,20 @@ import yaml
 
 from model import ConfigError as ModelConfigError
 from model import GPTConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` and `3e30` as strings; recipes and --set values mean numbers (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(ValueError):
@@ -76,7 +91,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or not key:
             raise RecipeError(f"--set expects key=value, got {pair!r}")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -92,7 +107,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def load_recipe(path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

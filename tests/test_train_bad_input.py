@@ -1,0 +1,67 @@
+"""Bad input to `python -m train`: one `error:` line, non-zero exit, nothing in the run dir written or overwritten."""
+import json
+import shutil
+
+import torch
+
+from tests.fixtures_run import run_train, train_command
+from train.checkpoint import read_client_state
+
+
+def assert_one_line_error(result, rc, *needles):
+    assert result.returncode == rc, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_dataset_without_manifest(tmp_path, tiny_dataset):
+    broken = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, broken)
+    (broken / "manifest.json").unlink()
+    result = run_train(train_command(tmp_path / "run", broken), check_rc=None)
+    assert_one_line_error(result, 1, "no manifest.json", str(broken))
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_and_block_size_mismatch(tmp_path, tiny_dataset):
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "model.vocab_size=50000"), check_rc=None)
+    assert_one_line_error(result, 1, "vocabulary 50257", "vocab_size is 50000")
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "batch.seq_len=512"), check_rc=None)
+    assert_one_line_error(result, 2, "batch.seq_len (512) exceeds the model's block_size (256)")
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "optim.max_lr_typo=1"), check_rc=None)
+    assert_one_line_error(result, 2, "unknown recipe key 'optim.max_lr_typo'")
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "batch.total_tokens=100"), check_rc=None)
+    assert_one_line_error(result, 2, "not a multiple of micro_batch 2 x seq_len 32 x world_size 1 = 64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path, tiny_run, tiny_dataset):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoints", run_dir / "checkpoints")
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    result = run_train(train_command(run_dir, tiny_dataset, "model.n_layer=3"), check_rc=None)
+    assert_one_line_error(result, 1, "another shape", "n_layer: checkpoint 2 vs recipe 3")
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
+    # An absurd learning rate overflows the weights after the first update; the next loss is not finite.
+    run_dir = tmp_path / "run"
+    result = run_train(train_command(run_dir, tiny_dataset, "optim.max_lr=1.0e30", "optim.warmup_steps=0",
+                                     "checkpoint.every=1", "eval.every=0", "sample.every=0"), check_rc=None)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss is ") and "stopped before the update" in last, last
+    bad_step = int(last.split(" at step ")[1].split(";")[0])
+    assert bad_step >= 1
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"global_step{bad_step}"
+    assert read_client_state(ckpts / f"global_step{bad_step}")["step"] == bad_step
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(bad_step))
+    optim = torch.load(next((ckpts / f"global_step{bad_step}").glob("*optim_states.pt")), weights_only=False)
+    assert optim["optimizer_state_dict"]["base_optimizer_state"]["state"]  # the saved optimizer state is there
