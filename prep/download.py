@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from . import UsageError, atomic
+from . import UsageError, atomic, progress
 
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 SAMPLES = ("10BT", "100BT", "350BT")
@@ -139,7 +139,6 @@ def fetch(url: str, dest: Path, size: int, sha256: str | None, headers: dict | N
 
 def download(args) -> int:
     """List (or reuse the recorded listing), then fetch what is missing or wrong; offline is fine if nothing is."""
-    from tqdm import tqdm
     repo_id = DATASETS[args.dataset]
     folder = f"data/{args.dump}" if args.dump else f"sample/{args.sample or '10BT'}"
     out = Path(args.out).resolve()
@@ -154,7 +153,7 @@ def download(args) -> int:
     print(f"{repo_id} {folder}/ at {commit}: {len(files)} files, taking {len(picked)} "
           f"({sum(f['bytes'] for f in picked) / 1e9:,.2f} GB) into {out}", file=sys.stderr)
     todo = []
-    for f in tqdm(picked, desc="verify local", unit="file", file=sys.stderr):
+    for f in progress.bar(iterable=picked, desc="verify local", unit="file"):
         status = file_status(out / f["path"], f["bytes"], f["sha256"])
         if status != "ok":
             todo.append(f)
@@ -167,8 +166,7 @@ def download(args) -> int:
         from huggingface_hub import get_token, hf_hub_url
         token = get_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with tqdm(total=sum(f["bytes"] for f in todo), unit="B", unit_scale=True, desc="download",
-                  file=sys.stderr) as bar:
+        with progress.bar(total=sum(f["bytes"] for f in todo), unit="B", unit_scale=True, desc="download") as bar:
             for f in todo:
                 dest = out / f["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from model import tokenizer
-from . import atomic
+from . import atomic, progress
 from .inputs import ReadStats, Unit
 from .reader import MANIFEST
-from .recipe import refuse_if_different, RecipeMismatch
+from .recipe import refuse_if_different
 from .shard import HEADER_BYTES, make_header, open_shard
 from .tokenize import INDEX_DTYPE, is_done, unit_paths, work_dir
 
@@ -72,10 +72,9 @@ def finalize(out: Path) -> int:
     atomic.remove_stale_tmp(out)
     writers = {s: SplitWriter(out, s, _split_tokens(indexes, val_sets, s == "val"), rcp["shard_tokens"])
                for s in SPLITS}
-    from tqdm import tqdm
     total_tokens = sum(m["tokens"] for m in markers)
     try:
-        with tqdm(total=total_tokens, desc="finalize", unit="tok", unit_scale=True, file=sys.stderr) as bar:
+        with progress.bar(total=total_tokens, desc="finalize", unit="tok", unit_scale=True) as bar:
             for u, m, idx, val in zip(units, markers, indexes, val_sets):
                 tokens = open_shard(unit_paths(out, u.index)["tokens"])
                 if len(tokens) != m["tokens"] or hashlib.sha256(tokens.tobytes()).hexdigest() != m["tokens_sha256"]:
@@ -250,5 +249,3 @@ def source_of(rcp: dict) -> dict:
     parts = list(records.values())
     return {"kind": "huggingface", **parts[0]} if len(parts) == 1 else {"kind": "huggingface", "parts": parts}
 
-
-__all__ = ["finalize", "already_finished", "select_validation", "FinalizeError", "RecipeMismatch"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model import tokenizer
-from . import atomic, recipe as recipes
+from . import atomic, progress, recipe as recipes
 from .inputs import ReadStats, Unit, read_documents, stable_hash
 from .shard import make_header, to_uint16
 
@@ -60,9 +60,9 @@ def _init_worker(progress_queue) -> None:
     _progress_queue = progress_queue
 
 
-def tokenize_unit(job: UnitJob, progress=None) -> dict:
-    """Tokenize one unit and commit it; returns the done-marker contents."""
-    progress = progress or (_progress_queue.put if _progress_queue is not None else None)
+def tokenize_unit(job: UnitJob, report=None) -> dict:
+    """Tokenize one unit and commit it; returns the done-marker contents. report((docs, tokens)) shows progress."""
+    report = report or (_progress_queue.put if _progress_queue is not None else None)
     enc = tokenizer.get_encoding()
     eot = np.array([tokenizer.EOT_TOKEN], dtype=np.uint32)
     paths = unit_paths(Path(job.out), job.unit.index)
@@ -91,8 +91,8 @@ def tokenize_unit(job: UnitJob, progress=None) -> dict:
             f.write(chunk)
             digest.update(chunk)
             n_tokens += len(chunk) // 2
-            if progress:
-                progress((len(pieces) // 2, len(chunk) // 2))
+            if report:
+                report((len(pieces) // 2, len(chunk) // 2))
         f.seek(0)
         f.write(make_header(n_tokens))
     index = np.array(list(zip(hashes, lengths)), dtype=INDEX_DTYPE)
@@ -106,11 +106,10 @@ def tokenize_unit(job: UnitJob, progress=None) -> dict:
 
 def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str) -> tuple[ReadStats, int]:
     """Tokenize the given units with `workers` processes, showing one progress bar; returns (stats, tokens)."""
-    from tqdm import tqdm
     tokenizer.get_encoding()  # load the BPE once, before forking, rather than once per worker
     jobs = [UnitJob(str(out), u, rcp["text_column"], rcp["skip_bad_docs"], rcp["validation"]["seed"]) for u in units]
     total = ReadStats()
-    bar = tqdm(total=len(jobs), desc=label, unit="unit", dynamic_ncols=True, file=sys.stderr)
+    bar = progress.bar(total=len(jobs), desc=label, unit="unit")
     counts = {"docs": 0, "tokens": 0, "committed": 0, "shown": 0.0}
     start = time.monotonic()
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import progress
 from .reader import Dataset
 from .shard import HEADER_BYTES, ShardError, read_header
 
@@ -15,10 +15,9 @@ CHUNK_TOKENS = 1 << 24
 
 def verify(path: Path) -> int:
     """Raise ShardError naming the first bad shard; return 0 when all shards match the manifest."""
-    from tqdm import tqdm
     ds = Dataset(path)
     total = sum(s.tokens for s in ds.shards)
-    with tqdm(total=total, desc="verify", unit="tok", unit_scale=True, file=sys.stderr) as bar:
+    with progress.bar(total=total, desc="verify", unit="tok", unit_scale=True) as bar:
         for shard in ds.shards:
             check_shard(ds, shard, bar.update)
     print(f"ok: {len(ds.shards)} shard(s), {total:,} tokens match {ds.path / 'manifest.json'}")

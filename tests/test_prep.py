@@ -3,7 +3,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 
 from model import tokenizer
 from prep.__main__ import main as prep_main
