@@ -30,8 +30,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m model info --model gpt2
-	$(PY) -m model sample --preset tiny --prompt "Hello, I'm a language model," --num 2 --max-new-tokens 16 --seed 42
+	$(PY) slurm/split_text.py ../shared/data/tinyshakespeare.txt demo/input --files 2
+	PYTHON="$(abspath $(PY))" slurm/submit.sh configs/pipelines/tiny-local.env --local
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -13,10 +13,12 @@ plus `scontrol show job` while the controller still holds the job (MinJobAge is 
 """
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,39 +157,38 @@ class SlurmCluster:
     def _scontrol(self, *args: str) -> str:
         return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True).stdout
 
-    def job_fields(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} once the controller forgot it."""
+    def squeue(self) -> list[str]:
+        """Ids of the jobs the controller has pending or running."""
+        return subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True,
+                              text=True).stdout.split()
+
+    def job_records(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job` as dicts (JobState, ExitCode, Restarts, ...): one per array task, [] once forgotten."""
         out = self._scontrol("show", "job", "-o", str(job_id))
-        return dict(re.findall(r"(\w+)=(\S*)", out))
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if "JobId=" in line]
+
+    def job_state(self, job_id: str) -> str:
+        """The job's state; an array's distinct task states joined by commas ("COMPLETED" when all agree)."""
+        return ",".join(sorted({r.get("JobState", "") for r in self.job_records(job_id)}))
 
     def completion_records(self) -> list[dict[str, str]]:
-        """jobcomp/filetxt lines: one per job end (JobId, JobState, ExitCode, NodeList, Name, ...)."""
+        """jobcomp/filetxt lines: one per job end, requeues included (JobId, Name, JobState, ExitCode, ...)."""
         if not self.jobcomp.exists():
             return []
         return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in self.jobcomp.read_text().splitlines()]
 
-    def final_state(self, job_id: str) -> str | None:
-        """The job's state from its last completion record; None while it has none."""
-        records = [r for r in self.completion_records() if r.get("JobId") == str(job_id)]
-        return records[-1]["JobState"] if records else None
-
     def wait_jobs(self, job_ids, timeout: float) -> dict[str, str]:
-        """Wait until every job has left the queue; returns {job id: JobState as the controller reports it}."""
+        """Wait until every job (every task of an array) has ended; returns {job id: job_state}."""
         deadline = time.monotonic() + timeout
-        pending = {str(j) for j in job_ids}
-        states: dict[str, str] = {}
-        while pending:
-            for j in sorted(pending):
-                state = self.job_fields(j).get("JobState", "")
-                if state and state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED",
-                                           "SUSPENDED", "REQUEUE_HOLD", "RESIZING"):
-                    states[j] = state
-                    pending.discard(j)
-            if pending and time.monotonic() > deadline:
-                raise ClusterError(f"jobs still not finished after {timeout:.0f}s: {sorted(pending)}; "
-                                   f"{ {j: self.job_fields(j).get('JobState') for j in pending} }")
+        active = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "REQUEUE_HOLD",
+                  "RESIZING", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+        while True:
+            states = {str(j): self.job_state(j) for j in job_ids}
+            if all(s and not active & set(s.split(",")) for s in states.values()):
+                return states
+            if time.monotonic() > deadline:
+                raise ClusterError(f"jobs not finished after {timeout:.0f}s: {states}")
             time.sleep(0.5)
-        return states
 
     def logs_tail(self, chars: int = 3000) -> str:
         """The daemons' logs, for assertion messages when a test fails."""
@@ -232,7 +233,8 @@ class SlurmCluster:
             f"SlurmctldPort={_free_port()}",
             "SlurmdPort=6818",                       # per node namespace, so never taken by anything else
             "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={r}/ctld", f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={self.log_dir}/slurmctld.log", f"SlurmdLogFile={self.log_dir}/slurmd-%n.log",
@@ -284,3 +286,23 @@ class SlurmCluster:
                 why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout:.0f}s"
                 raise ClusterError(f"waiting for {what}: {why}\n{self.logs_tail()}")
             time.sleep(0.3)
+
+
+# --- pipeline files for the slurm/ tests ---------------------------------------------------------------------
+def write_env_file(path: Path, values: dict) -> Path:
+    """A pipeline or site file: KEY=value lines, each value shell-quoted (paths with spaces stay whole)."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):   # a bash array
+            lines.append(f"{key}=({' '.join(shlex.quote(str(v)) for v in value)})")
+        else:
+            lines.append(f"{key}={shlex.quote(str(value))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def split_inputs(repo: Path, text: Path, out_dir: Path, files: int = 2) -> Path:
+    """Tiny Shakespeare as jsonl documents in `files` files (one tokenize unit, so one array task, each)."""
+    subprocess.run([sys.executable, str(repo / "slurm" / "split_text.py"), str(text), str(out_dir),
+                    "--files", str(files)], check=True, capture_output=True)
+    return out_dir

@@ -1,14 +1,77 @@
-"""The slurm/ stage on a real Slurm cluster: two slurmd nodes in network namespaces on this machine."""
+"""The slurm/ stage on a real Slurm cluster: two slurmd nodes in network namespaces on this machine.
+
+The tiny pipeline goes through slurm/submit.sh as a user would run it: a tokenize array of 2 tasks, finalize,
+training on 2 nodes x 1 task with ZeRO-2 over gloo, and the eval watcher scoring every checkpoint beside it.
+All paths contain a space.
+"""
+import json
+import re
 import subprocess
+import time
 
 import pytest
 
-from tests.slurm_cluster import cluster_fixture
+from tests.conftest import PYTHON, REPO, SHARED
+from tests.slurm_cluster import NODE_IFNAME, cluster_fixture, split_inputs, write_env_file
+
+SUBMIT = str(REPO / "slurm" / "submit.sh")
+FINAL_STEP = 6
+PREEMPT_FINAL_STEP = 12
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
     yield from cluster_fixture()
+
+
+def run_submit(cluster, pipeline, *flags):
+    return subprocess.run([SUBMIT, str(pipeline), *flags], cwd=REPO, env=dict(cluster.env, PYTHON=PYTHON),
+                          capture_output=True, text=True)
+
+
+def submitted_jobs(stdout: str) -> dict[str, str]:
+    """{stage: job id} from submit.sh's `STAGE: job ID (waits for ...)` lines."""
+    return dict(re.findall(r"^(\w+): job (\d+) ", stdout, re.M))
+
+
+def train_overrides(max_steps: int, every: int) -> list[str]:
+    return [f"deepspeed={REPO / 'configs' / 'deepspeed' / 'zero2.json'}", f"schedule.max_steps={max_steps}",
+            "optim.warmup_steps=2", f"checkpoint.every={every}", "checkpoint.keep_last=3", f"eval.every={every}",
+            "eval.val_batches=2", "sample.every=0"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm") / "pipe line"
+    root.mkdir()
+    split_inputs(REPO, SHARED / "data" / "tinyshakespeare.txt", root / "input docs", files=2)
+    site_file = write_env_file(root / "site file.env", {
+        "SITE_PARTITION": "debug", "SITE_ACCOUNT": "", "SITE_QOS": "",
+        "SITE_GPUS_PER_NODE": 0, "SITE_CPUS_PER_NODE": 1, "SITE_EVAL_CPUS": 1,
+        "SITE_TIME_PREP": "00:10:00", "SITE_TIME_TRAIN": "00:20:00", "SITE_TIME_EVAL": "00:20:00",
+        "SITE_SIGNAL_SECONDS": 60, "SITE_ENV_SETUP": "", "SITE_NET_IFNAME": NODE_IFNAME,
+        "SITE_SBATCH_EXTRA": ["--comment=pipeline test"],
+    })
+    return root, site_file
+
+
+def make_pipeline(site, name: str, run: str, overrides: list[str], **extra):
+    root, site_file = site
+    values = {
+        "SITE": site_file, "PREP_SOURCE": "local", "PREP_INPUT": root / "input docs",
+        "RAW_DIR": root / "input docs", "DATASET_DIR": root / "data set", "PREP_TASKS": 2,
+        "PREP_SHARD_TOKENS": 100000, "PREP_VAL_TOKENS": 20000,
+        "TRAIN_RECIPE": REPO / "configs" / "train" / "tiny-cpu.yaml", "TRAIN_OVERRIDES": overrides,
+        "RUN_DIR": root / run, "NODES": 2, "GPUS_PER_NODE": 1,
+        "HELLASWAG": SHARED / "data" / "hellaswag_val.jsonl", "EVAL_LIMIT": 20, "EVAL_POLL": 2,
+    }
+    values.update(extra)
+    return write_env_file(root / f"{name}.env", values)
+
+
+def train_steps(run_dir) -> list[int]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [rec["step"] for rec in lines if "loss" in rec]
 
 
 def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
@@ -18,4 +81,115 @@ def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     job = submitted.stdout.strip()
     assert slurm_cluster.wait_jobs([job], timeout=60) == {job: "COMPLETED"}, slurm_cluster.logs_tail()
     assert sorted(out.read_text().split()) == ["nodea", "nodeb"]
-    assert slurm_cluster.final_state(job) == "COMPLETED"
+    assert [r["JobState"] for r in slurm_cluster.completion_records() if r["JobId"] == job] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("problem", ["missing site file", "recipe fails validation", "GPUs do not divide batch"])
+def test_bad_input_is_refused_before_anything_is_submitted(slurm_cluster, site, problem):
+    root, _ = site
+    extra = {"missing site file": {"SITE": root / "no such site.env"},
+             "recipe fails validation": {"TRAIN_OVERRIDES": "optim.no_such_key=1"},
+             "GPUs do not divide batch": {"GPUS_PER_NODE": 3}}[problem]
+    pipeline = make_pipeline(site, "bad", "bad run", train_overrides(FINAL_STEP, 3), **extra)
+    queue_before = len(slurm_cluster.completion_records()), slurm_cluster.squeue()
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 1, done.stdout + done.stderr
+    expected = {"missing site file": "site file not found", "recipe fails validation": "no_such_key",
+                "GPUs do not divide batch": "not a multiple of"}[problem]
+    assert expected in done.stderr and done.stderr.startswith("error: "), done.stderr
+    assert (len(slurm_cluster.completion_records()), slurm_cluster.squeue()) == queue_before
+    assert not (root / "bad run").exists()   # no logs dir, no jobs.txt: nothing was submitted
+
+
+@pytest.fixture(scope="module")
+def first_pipeline(slurm_cluster, site):
+    pipeline = make_pipeline(site, "first", "run one", train_overrides(FINAL_STEP, 3))
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = submitted_jobs(done.stdout)
+    states = slurm_cluster.wait_jobs(jobs.values(), timeout=400)
+    return site[0], done, jobs, states
+
+
+def test_pipeline_runs_every_stage_to_completion(slurm_cluster, first_pipeline):
+    root, done, jobs, states = first_pipeline
+    run = root / "run one"
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run / "logs").glob("*.out")))
+    assert list(jobs) == ["prep_tokenize", "prep_finalize", "train", "eval_watch"], done.stdout
+    assert states == {j: "COMPLETED" for j in jobs.values()}, logs
+    assert "waits for prep_tokenize to succeed" in done.stdout
+    # the tokenize array ran 2 tasks, both recorded by the controller's job completion log
+    tasks = [r for r in slurm_cluster.completion_records() if r["Name"] == "prep_tokenize"]
+    assert [r["JobState"] for r in tasks] == ["COMPLETED", "COMPLETED"]
+    assert len(list((run / "logs").glob(f"prep_tokenize-{jobs['prep_tokenize']}_*.out"))) == 2
+    # training ran as 2 ranks, one per node, rendezvous on the first node over the node interface
+    train_log = (run / "logs" / f"train-{jobs['train']}.out").read_text()
+    assert "rendezvous: nodea:" in train_log and "2 tasks on 2 node(s)" in train_log
+    train_record = next(r for r in slurm_cluster.completion_records() if r["JobId"] == jobs["train"])
+    assert train_record["NodeList"] == "nodea,nodeb"
+
+
+def test_pipeline_outputs_dataset_checkpoints_eval_and_report(first_pipeline):
+    root, _, _, _ = first_pipeline
+    run = root / "run one"
+    verify = subprocess.run([PYTHON, "-m", "prep", "verify", str(root / "data set")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{FINAL_STEP}"
+    assert train_steps(run)[-1] == FINAL_STEP - 1             # metrics count steps from 0
+    scored = [json.loads(line)["tag"] for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert sorted(scored) == ["global_step3", f"global_step{FINAL_STEP}"]
+    for tag in scored:
+        assert (run / "eval" / f"{tag}.json").exists()
+    report = (run / "eval" / "report.md").read_text()
+    assert re.search(r"^\| 3 \|", report, re.M) and re.search(rf"^\| {FINAL_STEP} \|", report, re.M), report
+    assert (run / "eval" / "curves.png").stat().st_size > 0
+    summary = (run / "logs" / "summary.txt").read_text()
+    assert summary.count(" ok ") == 5 and "FAILED" not in summary, summary
+
+
+def test_second_submit_reuses_dataset_and_training_survives_preemption(slurm_cluster, site, first_pipeline):
+    root = site[0]
+    run = root / "run two"
+    pipeline = make_pipeline(site, "second", "run two", train_overrides(PREEMPT_FINAL_STEP, PREEMPT_FINAL_STEP),
+                             EVAL_LIMIT=8)
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = submitted_jobs(done.stdout)
+    assert list(jobs) == ["train", "eval_watch"], done.stdout      # the dataset is reused: no prep jobs
+    assert "reusing dataset" in done.stdout
+    # mid-run: once training has logged a step, send it the time-limit signal, as Slurm would
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and train_steps(run)):
+        assert time.monotonic() < deadline, slurm_cluster.job_state(jobs["train"])
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", jobs["train"]], env=slurm_cluster.env, check=True)
+    states = slurm_cluster.wait_jobs(jobs.values(), timeout=400)
+    train_log = (run / "logs" / f"train-{jobs['train']}.out").read_text()
+    assert states == {j: "COMPLETED" for j in jobs.values()}, train_log[-4000:]
+    assert slurm_cluster.job_records(jobs["train"])[0]["Restarts"] == "1"
+    assert "requeueing job" in train_log and "restart 1" in train_log
+    assert re.search(r"resuming from .*global_step\d+ at step \d+", train_log), train_log[-4000:]
+    # one log across both attempts, every step exactly once, ending where an uninterrupted run ends
+    assert train_steps(run) == list(range(PREEMPT_FINAL_STEP))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{PREEMPT_FINAL_STEP}"
+    assert (run / "eval" / "report.md").exists()
+
+
+def test_failed_stage_cancels_its_dependents(slurm_cluster, site):
+    root, _ = site
+    bad_input = root / "bad input"
+    bad_input.mkdir()
+    (bad_input / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    pipeline = make_pipeline(site, "broken", "broken run", train_overrides(FINAL_STEP, 3),
+                             PREP_INPUT=bad_input, RAW_DIR=bad_input, DATASET_DIR=root / "broken data", PREP_TASKS=1)
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = submitted_jobs(done.stdout)
+    states = slurm_cluster.wait_jobs(jobs.values(), timeout=120)
+    assert states == {jobs["prep_tokenize"]: "FAILED", jobs["prep_finalize"]: "CANCELLED",
+                      jobs["train"]: "CANCELLED", jobs["eval_watch"]: "CANCELLED"}
+    summary = (root / "broken run" / "logs" / "summary.txt").read_text()
+    log = root / "broken run" / "logs" / f"prep_tokenize-{jobs['prep_tokenize']}_0.out"
+    assert f"prep_tokenize {jobs['prep_tokenize']}_0 FAILED (exit 1) log: {log}" in summary
+    assert "malformed JSON" in log.read_text()

@@ -1,0 +1,137 @@
+# Sourced by every slurm/*.sbatch script and by submit.sh: load the pipeline + site files, set up the
+# environment, record each stage's outcome. Works the same under sbatch and under plain `bash`.
+#
+# Under sbatch, Slurm runs a copy of the script from its spool directory, so the repository is found through
+# PIPELINE_REPO, which submit.sh exports (sbatch passes the submitting environment on by default).
+
+PIPELINE_REPO="${PIPELINE_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+export PIPELINE_REPO
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# Paths in pipeline and site files are relative to the directory the pipeline is run from.
+abspath() {
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+# load_pipeline FILE: source the pipeline file, then the site file it names (if any), then fill in the
+# single-node defaults every script relies on. Arrays (PREP_INPUT=(...), TRAIN_OVERRIDES=(...),
+# SITE_SBATCH_EXTRA=(...)) survive because the files are sourced, not parsed.
+load_pipeline() {
+    local file="$1"
+    [ -f "$file" ] || die "pipeline file not found: $file"
+    PIPELINE_FILE="$(abspath "$file")"
+    # shellcheck disable=SC1090
+    source "$PIPELINE_FILE" || die "could not read pipeline file $PIPELINE_FILE"
+    if [ -n "${SITE:-}" ]; then
+        SITE="$(abspath "$SITE")"
+        if [ -f "$SITE" ]; then
+            # shellcheck disable=SC1090
+            source "$SITE" || die "could not read site file $SITE"
+        fi
+    fi
+    PREP_SOURCE="${PREP_SOURCE:-local}"
+    PREP_SAMPLE="${PREP_SAMPLE:-10BT}"
+    PREP_TASKS="${PREP_TASKS:-1}"
+    PREP_WORKERS="${PREP_WORKERS:-1}"
+    PREP_SHARD_TOKENS="${PREP_SHARD_TOKENS:-100000000}"
+    PREP_VAL_TOKENS="${PREP_VAL_TOKENS:-10000000}"
+    NODES="${NODES:-1}"
+    GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
+    EVAL_LIMIT="${EVAL_LIMIT:-}"
+    EVAL_POLL="${EVAL_POLL:-60}"
+    local key
+    for key in RAW_DIR DATASET_DIR TRAIN_RECIPE RUN_DIR HELLASWAG; do
+        [ -n "${!key:-}" ] || die "$PIPELINE_FILE does not set $key"
+        printf -v "$key" '%s' "$(abspath "${!key}")"
+    done
+    LOG_DIR="$(abspath "${LOG_DIR:-$RUN_DIR/logs}")"
+}
+
+# The text inputs of the tokenize stage, as a bash array: the raw download dir, or PREP_INPUT.
+tokenize_inputs() {
+    TOKENIZE_INPUTS=()
+    if [ "$PREP_SOURCE" = local ]; then
+        local p
+        for p in "${PREP_INPUT[@]}"; do
+            TOKENIZE_INPUTS+=("$(abspath "$p")")
+        done
+        [ "${#TOKENIZE_INPUTS[@]}" -gt 0 ] || die "PREP_SOURCE=local needs PREP_INPUT (files or directories)"
+    else
+        TOKENIZE_INPUTS=("$RAW_DIR")
+    fi
+}
+
+# The dataset recipe, as flags that every tokenize invocation (array task, check, rerun) must share.
+tokenize_flags() {
+    TOKENIZE_FLAGS=(--shard-tokens "$PREP_SHARD_TOKENS" --val-tokens "$PREP_VAL_TOKENS")
+}
+
+# TRAIN_OVERRIDES as `--set k=v` arguments: a bash array keeps values with spaces; a string splits on spaces.
+train_set_flags() {
+    local overrides=() o
+    if declare -p TRAIN_OVERRIDES 2>/dev/null | grep -q '^declare -a'; then
+        overrides=("${TRAIN_OVERRIDES[@]}")
+    else
+        read -r -a overrides <<< "${TRAIN_OVERRIDES:-}"
+    fi
+    TRAIN_SET_FLAGS=(--set "run_dir=$RUN_DIR" --set "data.dir=$DATASET_DIR")
+    for o in "${overrides[@]}"; do
+        TRAIN_SET_FLAGS+=(--set "$o")
+    done
+}
+
+# The environment the Python stages run in: the site's activation code, else the checkout's .venv.
+setup_env() {
+    if [ -n "${SITE_ENV_SETUP:-}" ]; then
+        eval "$SITE_ENV_SETUP" || die "SITE_ENV_SETUP failed: $SITE_ENV_SETUP"
+    fi
+    if [ -z "${PYTHON:-}" ]; then
+        if [ -x "$PIPELINE_REPO/.venv/bin/python" ]; then
+            PYTHON="$PIPELINE_REPO/.venv/bin/python"
+        else
+            PYTHON=python3
+        fi
+    fi
+    # The stages are packages of the checkout; run them from it whatever the job's directory.
+    export PYTHONPATH="$PIPELINE_REPO${PYTHONPATH:+:$PYTHONPATH}"
+    if [ -n "${SITE_NET_IFNAME:-}" ]; then   # which interface gloo / NCCL use between nodes
+        export GLOO_SOCKET_IFNAME="$SITE_NET_IFNAME" NCCL_SOCKET_IFNAME="$SITE_NET_IFNAME"
+    fi
+    if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$PIPELINE_REPO/../shared/tiktoken" ]; then
+        export TIKTOKEN_CACHE_DIR="$PIPELINE_REPO/../shared/tiktoken"
+    fi
+}
+
+# stage_begin NAME: from here on, the stage's end (ok or failed, with its exit status and log) is appended
+# to LOG_DIR/summary.txt, the one place that says which stage failed and where to look.
+stage_begin() {
+    STAGE="$1"
+    mkdir -p "$LOG_DIR"
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        local id="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+        STAGE_ID="${id:-$SLURM_JOB_ID}"
+        STAGE_LOG="$LOG_DIR/$STAGE-$STAGE_ID.out"
+    else
+        STAGE_ID="local${TASK_INDEX:+-$TASK_INDEX}"
+        STAGE_LOG="${STAGE_LOG:-(this terminal)}"
+    fi
+    echo "== $STAGE ($STAGE_ID) on $(hostname) at $(date -u +%FT%TZ)"
+    trap 'stage_end $?' EXIT
+}
+
+stage_end() {
+    local status="$1" outcome="${STAGE_OUTCOME:-ok}"   # a stage may name its own outcome (train: requeued)
+    if [ "$status" -ne 0 ] && [ -z "${STAGE_OUTCOME:-}" ]; then
+        outcome="FAILED (exit $status)"
+        echo "error: stage $STAGE failed (exit $status); log: $STAGE_LOG" >&2
+    fi
+    printf '%s %s %s %s log: %s\n' "$(date -u +%FT%TZ)" "$STAGE" "$STAGE_ID" "$outcome" "$STAGE_LOG" \
+        >> "$LOG_DIR/summary.txt"
+}

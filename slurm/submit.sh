@@ -1,0 +1,255 @@
+#!/bin/bash
+# Submit the whole pipeline: download -> tokenize (array) -> finalize -> train (multi-node) -> eval watch,
+# chained with --dependency=afterok. Everything is checked before the first sbatch, so a bad input never
+# leaves a half-submitted chain; a prepared dataset with the same recipe is reused (no prep jobs).
+#
+#   slurm/submit.sh PIPELINE.env             submit to Slurm (site settings: the SITE file the pipeline names)
+#   slurm/submit.sh PIPELINE.env --dry-run   print the sbatch lines, submit nothing
+#   slurm/submit.sh PIPELINE.env --local     run the same stages in order on this machine, no Slurm
+#
+# Relative paths in the pipeline and site files are taken from the current directory (the repository root).
+set -euo pipefail
+SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PIPELINE_REPO="${PIPELINE_REPO:-$(dirname "$SLURM_DIR")}"
+source "$SLURM_DIR/common.sh"
+
+usage() {
+    echo "usage: slurm/submit.sh PIPELINE.env [--local] [--dry-run]" >&2
+    exit 2
+}
+
+MODE=slurm
+DRY_RUN=0
+PIPELINE_ARG=""
+for arg in "$@"; do
+    case "$arg" in
+        --local) MODE=local ;;
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) usage ;;
+        -*) echo "error: unknown option $arg" >&2; usage ;;
+        *) [ -z "$PIPELINE_ARG" ] || usage; PIPELINE_ARG="$arg" ;;
+    esac
+done
+[ -n "$PIPELINE_ARG" ] || usage
+load_pipeline "$PIPELINE_ARG"
+setup_env
+
+# --- validation: nothing is submitted or run unless all of it passes -------------------------------------
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+validate() {
+    local key
+    for key in NODES GPUS_PER_NODE PREP_TASKS PREP_WORKERS; do
+        is_count "${!key}" || die "$key must be a positive whole number, got '${!key}'"
+    done
+    if [ "$MODE" = slurm ]; then
+        [ -n "${SITE:-}" ] || die "$PIPELINE_FILE sets no SITE: copy slurm/site.env.example to slurm/site.env, edit it, set SITE=slurm/site.env"
+        [ -f "$SITE" ] || die "site file not found: $SITE (copy slurm/site.env.example and edit it)"
+        for key in SITE_GPUS_PER_NODE SITE_CPUS_PER_NODE SITE_SIGNAL_SECONDS; do
+            [[ "${!key:-}" =~ ^[0-9]+$ ]] || die "$SITE: $key must be a whole number, got '${!key:-}'"
+        done
+        is_count "$SITE_CPUS_PER_NODE" || die "$SITE: SITE_CPUS_PER_NODE must be at least 1"
+        if [ "$SITE_GPUS_PER_NODE" -gt 0 ] && [ "$GPUS_PER_NODE" -gt "$SITE_GPUS_PER_NODE" ]; then
+            die "GPUS_PER_NODE=$GPUS_PER_NODE but the site's nodes have $SITE_GPUS_PER_NODE GPUs"
+        fi
+        [ "$DRY_RUN" = 1 ] || command -v sbatch > /dev/null || die "sbatch not found: is this a Slurm login node? (or use --local)"
+    elif [ "$NODES" -gt 1 ]; then
+        die "--local runs on one machine, but NODES=$NODES"
+    fi
+    [ -f "$TRAIN_RECIPE" ] || die "training recipe not found: $TRAIN_RECIPE"
+    [ -f "$HELLASWAG" ] || die "HellaSwag file not found: $HELLASWAG (write it on a machine with internet: python -m prep eval-data --out $(dirname "$HELLASWAG"))"
+    case "$PREP_SOURCE" in
+        local) tokenize_inputs
+               local p
+               for p in "${TOKENIZE_INPUTS[@]}"; do [ -e "$p" ] || die "PREP_INPUT not found: $p"; done ;;
+        fineweb|fineweb-edu) ;;
+        *) die "PREP_SOURCE must be fineweb-edu, fineweb or local, got '$PREP_SOURCE'" ;;
+    esac
+    check_recipe
+    check_dataset
+}
+
+# A stage's `error: ...` line (C8), or its last line when it died some other way.
+first_error() {
+    local line
+    line="$(grep -m1 '^error: ' <<< "$1" || tail -n 1 <<< "$1")"
+    echo "${line#error: }"
+}
+
+# The recipe, checked by the trainer's own recipe code for the job's world size (keys, model shape, DeepSpeed
+# file, and a batch that divides over NODES x GPUS_PER_NODE processes).
+check_recipe() {
+    train_set_flags
+    local out
+    if ! out="$("$PYTHON" "$SLURM_DIR/check_recipe.py" --config "$TRAIN_RECIPE" "${TRAIN_SET_FLAGS[@]}" \
+            --world-size $((NODES * GPUS_PER_NODE)) 2>&1)"; then
+        die "recipe $TRAIN_RECIPE fails for $NODES node(s) x $GPUS_PER_NODE process(es): $(first_error "$out")"
+    fi
+    echo "$out"
+}
+
+# PREP_NEEDED=0 when DATASET_DIR already holds a finished dataset made with this pipeline's recipe. prep
+# itself decides: a tokenize rerun on a finished dataset does nothing, and refuses a different recipe.
+check_dataset() {
+    PREP_NEEDED=1
+    [ -f "$DATASET_DIR/manifest.json" ] || return 0
+    PREP_NEEDED=0
+    tokenize_inputs
+    local p
+    for p in "${TOKENIZE_INPUTS[@]}"; do
+        if [ ! -e "$p" ]; then
+            echo "note: reusing $DATASET_DIR; its inputs ($p) are gone, so its recipe is not re-checked"
+            return 0
+        fi
+    done
+    tokenize_flags
+    local out
+    out="$("$PYTHON" -m prep tokenize --input "${TOKENIZE_INPUTS[@]}" --out "$DATASET_DIR" \
+        "${TOKENIZE_FLAGS[@]}" 2>&1)" || die "dataset $DATASET_DIR exists but does not match this pipeline: $(first_error "$out")"
+    echo "reusing dataset $DATASET_DIR (same recipe): no prep jobs"
+}
+
+# --- the stages ----------------------------------------------------------------------------------------
+# Each stage: name, script, and (under Slurm) its sbatch resources; dependencies are wired in submit_chain.
+STAGES=()
+plan_stages() {
+    if [ "$PREP_NEEDED" = 1 ]; then
+        [ "$PREP_SOURCE" = local ] || STAGES+=(prep_download)
+        STAGES+=(prep_tokenize prep_finalize)
+    fi
+    STAGES+=(train eval_watch)
+}
+
+# --- local: the same scripts, one after another ----------------------------------------------------------
+run_local() {
+    mkdir -p "$LOG_DIR"
+    local stage log status i
+    for stage in "${STAGES[@]}"; do
+        log="$LOG_DIR/$stage-local.out"
+        : > "$log"
+        if [ "$stage" = prep_tokenize ]; then   # the array's tasks, in turn
+            for ((i = 0; i < PREP_TASKS; i++)); do
+                status=0
+                TASK_INDEX=$i TASK_COUNT=$PREP_TASKS STAGE_LOG="$log" \
+                    bash "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE" 2>&1 | tee -a "$log" || status=$?
+                [ "$status" = 0 ] || break
+            done
+        else
+            status=0
+            STAGE_LOG="$log" bash "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE" 2>&1 | tee -a "$log" || status=$?
+        fi
+        if [ "$status" != 0 ]; then
+            echo "error: stage $stage failed (exit $status); log: $log" >&2
+            local rest=("${STAGES[@]}")
+            rest=("${rest[@]:$(( $(index_of "$stage") + 1 ))}")
+            [ "${#rest[@]}" = 0 ] || echo "not run: ${rest[*]}" >&2
+            exit 1
+        fi
+    done
+    echo "pipeline finished: dataset $DATASET_DIR, run $RUN_DIR"
+    echo "report: $RUN_DIR/eval/report.md"
+}
+
+index_of() {
+    local i
+    for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" != "$1" ] || { echo "$i"; return; }; done
+}
+
+# --- Slurm: one sbatch per stage, each waiting for the one before ------------------------------------------
+site_flags() {
+    SITE_FLAGS=(--parsable --chdir="$PWD" --kill-on-invalid-dep=yes)
+    [ -z "${SITE_PARTITION:-}" ] || SITE_FLAGS+=(--partition="$SITE_PARTITION")
+    [ -z "${SITE_ACCOUNT:-}" ] || SITE_FLAGS+=(--account="$SITE_ACCOUNT")
+    [ -z "${SITE_QOS:-}" ] || SITE_FLAGS+=(--qos="$SITE_QOS")
+    SITE_FLAGS+=("${SITE_SBATCH_EXTRA[@]}")
+}
+
+# stage_flags STAGE: STAGE_FLAGS = its resources, time limit and log file.
+stage_flags() {
+    local stage="$1" gpu="${SITE_GPU_GRES:-gpu}"
+    STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%j.out")
+    case "$stage" in
+        prep_download)
+            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_PREP:-04:00:00}") ;;
+        prep_tokenize)
+            STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%A_%a.out" --array="0-$((PREP_TASKS - 1))"
+                         --nodes=1 --ntasks=1 --cpus-per-task="$PREP_WORKERS" --time="${SITE_TIME_PREP:-04:00:00}") ;;
+        prep_finalize)
+            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_PREP:-04:00:00}") ;;
+        train)
+            STAGE_FLAGS+=(--nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE"
+                          --cpus-per-task=$((SITE_CPUS_PER_NODE / GPUS_PER_NODE > 0 ? SITE_CPUS_PER_NODE / GPUS_PER_NODE : 1))
+                          --time="${SITE_TIME_TRAIN:-48:00:00}" --signal=USR1@"$SITE_SIGNAL_SECONDS"
+                          --requeue --open-mode=append)
+            [ "$SITE_GPUS_PER_NODE" = 0 ] || STAGE_FLAGS+=(--gpus-per-node="$gpu:$GPUS_PER_NODE") ;;
+        eval_watch)
+            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task="${SITE_EVAL_CPUS:-1}" --time="${SITE_TIME_EVAL:-48:00:00}")
+            [ "$SITE_GPUS_PER_NODE" = 0 ] || STAGE_FLAGS+=(--gpus-per-node="$gpu:1") ;;
+    esac
+}
+
+# Print a command with each argument quoted so it can be pasted back into a shell.
+show_cmd() {
+    local out="" a
+    for a in "$@"; do out+="$(printf '%q' "$a") "; done
+    echo "${out% }"
+}
+
+SUBMITTED=()   # job ids so far: cancelled if a later sbatch fails, so no half-submitted chain survives
+submit_chain() {
+    mkdir -p "$LOG_DIR"
+    site_flags
+    declare -A JOB
+    local stage dep waits cmd id
+    local previous=""
+    for stage in "${STAGES[@]}"; do
+        stage_flags "$stage"
+        dep=() waits="nothing"
+        case "$stage" in
+            eval_watch)   # starts once training has started; cancelled with training if prep fails
+                dep=(--dependency="after:${JOB[train]}${JOB[prep_finalize]:+,afterok:${JOB[prep_finalize]}}")
+                waits="train to start${JOB[prep_finalize]:+, prep_finalize to succeed}" ;;
+            *)
+                if [ -n "$previous" ]; then
+                    dep=(--dependency="afterok:${JOB[$previous]}")
+                    waits="$previous to succeed"
+                fi ;;
+        esac
+        local extra_env=()
+        [ "$stage" != eval_watch ] || extra_env=(--export="ALL,TRAIN_JOB_ID=${JOB[train]}")
+        cmd=(sbatch "${SITE_FLAGS[@]}" "${STAGE_FLAGS[@]}" "${dep[@]}" "${extra_env[@]}"
+             "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE")
+        if [ "$DRY_RUN" = 1 ]; then
+            JOB[$stage]="<$stage>"
+            show_cmd "${cmd[@]}"
+        else
+            if ! id="$("${cmd[@]}")"; then
+                [ "${#SUBMITTED[@]}" = 0 ] || scancel "${SUBMITTED[@]}" || true
+                die "sbatch failed for $stage; cancelled the jobs already submitted (${SUBMITTED[*]:-none})"
+            fi
+            id="${id%%;*}"
+            JOB[$stage]="$id"
+            SUBMITTED+=("$id")
+            echo "$stage: job $id (waits for $waits); log $LOG_DIR/$stage-$id.out"
+            printf '%s %s\n' "$stage" "$id" >> "$LOG_DIR/jobs.txt"
+        fi
+        [ "$stage" = eval_watch ] || previous="$stage"
+    done
+    if [ "$DRY_RUN" = 0 ]; then
+        echo "submitted ${#SUBMITTED[@]} jobs; follow with: squeue -j $(IFS=,; echo "${SUBMITTED[*]}")"
+        echo "stage outcomes: $LOG_DIR/summary.txt; report when done: $RUN_DIR/eval/report.md"
+    fi
+}
+
+validate
+plan_stages
+echo "stages: ${STAGES[*]}"
+if [ "$MODE" = local ]; then
+    if [ "$DRY_RUN" = 1 ]; then
+        for stage in "${STAGES[@]}"; do show_cmd bash "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE"; done
+    else
+        run_local
+    fi
+else
+    submit_chain
+fi
