@@ -130,6 +130,7 @@ def test_gpt2_shape_import_export_generate(tmp_path):
     ours = GPT.from_hf(tmp_path / "in").eval()
     assert ours.num_params() == 124_439_808
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "in").eval()
+    assert sum(p.numel() for p in hf.parameters()) == 124_439_808
     idx = tokens(16)
     reference = hf_logits(hf, idx)
     assert max_diff(our_logits(ours, idx), reference) <= TOLERANCE
