@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set batch.micro_batch=8 (repeatable)")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and is what we use.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)

@@ -118,7 +118,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_tag, self.resume_state = resume_point(self.ckpt_dir, recipe, self.place.world_size)
         saved_world = (self.resume_state or {}).get("world_size", self.place.world_size)
-        self.universal = self.resume_tag is not None and saved_world != self.place.world_size
+        # ZeRO partitions optimizer state by rank; without ZeRO it sits whole in the model-states file.
+        self.universal = (self.resume_tag is not None and saved_world != self.place.world_size
+                          and zero_stage(self.ds_config) > 0)
         if self.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         # Built before any collective so a bad recipe or dataset fails on every rank alike, with nothing written.
@@ -138,8 +140,15 @@ class Trainer:
         model = GPT(self.model_config)
         self.n_params = model.num_params()
         o = self.recipe["optim"]
-        self.optimizer = torch.optim.AdamW(param_groups(model, o["weight_decay"]), lr=o["max_lr"],
-                                           betas=tuple(o["betas"]), eps=o["eps"], fused=False)
+        groups = param_groups(model, o["weight_decay"])
+        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload in ("cpu", "nvme"):
+            # DeepSpeed's vectorised CPU AdamW: what ZeRO-Offload expects (torch's AdamW would be refused).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            self.optimizer = DeepSpeedCPUAdam(groups, lr=o["max_lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                              adamw_mode=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=o["max_lr"], betas=tuple(o["betas"]), eps=o["eps"])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.step, self.tokens_seen = 0, 0
         if self.resume_tag is not None:
@@ -290,7 +299,7 @@ class Trainer:
                 preempted = self._any_rank(stop.signal is not None)
                 if last or preempted or (r["checkpoint"]["every"] and self.step % r["checkpoint"]["every"] == 0):
                     self.save()
-                if preempted:
+                if preempted and not last:
                     if self.is_main:
                         print(f"preempted ({stop.signal or 'signal on another rank'}): saved "
                               f"{ckpt.tag_for(self.step)}, exiting with status {PREEMPTED_EXIT}", flush=True)
