@@ -197,7 +197,7 @@ show_cmd() {
 
 SUBMITTED=()   # job ids so far: cancelled if a later sbatch fails, so no half-submitted chain survives
 submit_chain() {
-    mkdir -p "$LOG_DIR"
+    [ "$DRY_RUN" = 1 ] || mkdir -p "$LOG_DIR"
     site_flags
     declare -A JOB
     local stage dep waits cmd id

@@ -1,0 +1,133 @@
+"""slurm/submit.sh without Slurm: --local runs the same sbatch scripts in order with plain bash (what `make demo`
+does), --dry-run shows the chain, and bad input is refused before anything runs. Paths contain spaces."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, SHARED
+from tests.slurm_cluster import split_inputs, write_env_file
+
+SUBMIT = str(REPO / "slurm" / "submit.sh")
+
+
+def submit(pipeline, *flags):
+    return subprocess.run([SUBMIT, str(pipeline), *flags], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=PYTHON))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local") / "demo dir"
+    root.mkdir()
+    split_inputs(REPO, SHARED / "data" / "tinyshakespeare.txt", root / "input docs", files=2)
+    return root
+
+
+def pipeline_file(root, name, **extra):
+    values = {
+        "SITE": "", "PREP_SOURCE": "local", "PREP_INPUT": root / "input docs", "RAW_DIR": root / "input docs",
+        "DATASET_DIR": root / "data set", "PREP_TASKS": 2, "PREP_SHARD_TOKENS": 100000, "PREP_VAL_TOKENS": 20000,
+        "TRAIN_RECIPE": REPO / "configs" / "train" / "tiny-cpu.yaml",
+        "TRAIN_OVERRIDES": ["schedule.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=2",
+                            "eval.every=2", "eval.val_batches=2", "sample.every=0"],
+        "RUN_DIR": root / "tiny run", "NODES": 1, "GPUS_PER_NODE": 1,
+        "HELLASWAG": SHARED / "data" / "hellaswag_val.jsonl", "EVAL_LIMIT": 5, "EVAL_POLL": 1,
+    }
+    values.update(extra)
+    return write_env_file(root / f"{name}.env", values)
+
+
+@pytest.fixture(scope="module")
+def local_run(workdir):
+    done = submit(pipeline_file(workdir, "tiny"), "--local")
+    return workdir, done
+
+
+def test_local_pipeline_goes_from_text_to_report(local_run):
+    root, done = local_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = root / "tiny run"
+    assert "stages: prep_tokenize prep_finalize train eval_watch" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1] == f"report: {run}/eval/report.md"
+    assert (run / "eval" / "report.md").exists()
+    verify = subprocess.run([PYTHON, "-m", "prep", "verify", str(root / "data set")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    scored = sorted(json.loads(line)["tag"] for line in (run / "eval" / "results.jsonl").read_text().splitlines())
+    assert scored == ["global_step2", "global_step4"]
+    summary = (run / "logs" / "summary.txt").read_text().splitlines()
+    assert [line.split()[1:4] for line in summary] == [
+        ["prep_tokenize", "local-0", "ok"], ["prep_tokenize", "local-1", "ok"], ["prep_finalize", "local", "ok"],
+        ["train", "local", "ok"], ["eval_watch", "local", "ok"]]
+    assert "tokenize task 1/2" in (run / "logs" / "prep_tokenize-local.out").read_text()
+
+
+def test_one_checkpoint_script_runs_without_slurm(local_run):
+    root, _ = local_run
+    ckpt = root / "tiny run" / "checkpoints" / "global_step2"
+    done = subprocess.run(["bash", str(REPO / "slurm" / "eval.sbatch"), str(root / "tiny.env"), str(ckpt)],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHON=PYTHON))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((root / "tiny run" / "eval" / "global_step2.json").read_text())["tag"] == "global_step2"
+
+
+def test_dry_run_after_prep_reuses_the_dataset(local_run):
+    root, _ = local_run
+    done = submit(root / "tiny.env", "--local", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "reusing dataset" in done.stdout and "stages: train eval_watch" in done.stdout
+    assert "prep_tokenize.sbatch" not in done.stdout
+
+
+def test_slurm_dry_run_prints_the_chain_and_submits_nothing(workdir):
+    site = write_env_file(workdir / "site.env", {"SITE_PARTITION": "gpu", "SITE_ACCOUNT": "proj1", "SITE_QOS": "",
+                                                 "SITE_GPUS_PER_NODE": 8, "SITE_CPUS_PER_NODE": 64,
+                                                 "SITE_SIGNAL_SECONDS": 300, "SITE_TIME_TRAIN": "12:00:00"})
+    pipeline = pipeline_file(workdir, "multi", SITE=site, NODES=2, GPUS_PER_NODE=2, DATASET_DIR=workdir / "new data",
+                             RUN_DIR=workdir / "multi run",
+                             TRAIN_OVERRIDES=["batch.total_tokens=512"])
+    done = submit(pipeline, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(lines) == 4
+    tokenize, finalize, train, watch = lines
+    assert "--array=0-1" in tokenize and "prep_tokenize.sbatch" in tokenize
+    assert "--dependency=afterok:\\<prep_tokenize\\>" in finalize
+    for flag in ("--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=32", "--gpus-per-node=gpu:2",
+                 "--signal=USR1@300", "--requeue", "--open-mode=append", "--time=12:00:00",
+                 "--partition=gpu", "--account=proj1", "--dependency=afterok:\\<prep_finalize\\>"):
+        assert flag in train.split(), flag
+    assert "after:\\<train\\>" in watch and "TRAIN_JOB_ID=\\<train\\>" in watch
+    assert "demo\\ dir" in train                      # paths are quoted for pasting into a shell
+    assert not (workdir / "multi run").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing site file", "recipe fails validation", "GPUs do not divide batch",
+                                     "missing input"])
+def test_bad_input_is_refused_before_any_stage(workdir, problem):
+    extra = {"missing site file": {"SITE": workdir / "nowhere.env"},
+             "recipe fails validation": {"TRAIN_OVERRIDES": "optim.no_such_key=1"},
+             "GPUs do not divide batch": {"GPUS_PER_NODE": 3},
+             "missing input": {"PREP_INPUT": workdir / "no such dir"}}[problem]
+    flags = [] if problem == "missing site file" else ["--local"]
+    done = submit(pipeline_file(workdir, "bad", RUN_DIR=workdir / "bad run", DATASET_DIR=workdir / "bad data",
+                                **extra), *flags)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (workdir / "bad run").exists() and not (workdir / "bad data").exists()
+
+
+def test_failed_stage_names_itself_and_its_log(workdir):
+    bad = workdir / "broken input"
+    bad.mkdir()
+    (bad / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    done = submit(pipeline_file(workdir, "broken", PREP_INPUT=bad, PREP_TASKS=1, RUN_DIR=workdir / "broken run",
+                                DATASET_DIR=workdir / "broken data"), "--local")
+    assert done.returncode == 1
+    log = workdir / "broken run" / "logs" / "prep_tokenize-local.out"
+    assert f"error: stage prep_tokenize failed (exit 1); log: {log}" in done.stderr
+    assert "not run: prep_finalize train eval_watch" in done.stderr
+    assert "malformed JSON" in log.read_text()
+    assert not (workdir / "broken run" / "checkpoints").exists()
