@@ -159,9 +159,12 @@ def make_runs(out: Path) -> None:
                      "steps_per_print": 10**9}
         if precision == "bf16-fp32acc":
             ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
-        params = list(model.parameters())
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=ds_config)
+        # Two groups as train/ makes them (decayed matrices first), so optimizer order differs from module order.
+        named = list(model.named_parameters())
+        groups = [[(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]]
+        optimizer = torch.optim.AdamW([{"params": [p for _, p in group], "weight_decay": wd}
+                                       for group, wd in zip(groups, (0.1, 0.0))], lr=1e-2)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         for _ in range(STEPS):
             x = torch.randint(0, config.vocab_size, (2, 16))
             _, loss = engine(x, x)
@@ -171,9 +174,9 @@ def make_runs(out: Path) -> None:
         engine.save_checkpoint(str(run / "checkpoints"), tag=f"global_step{STEPS}", client_state={
             "model_config": config.to_dict(), "config": {"model": MODEL}, "step": STEPS,
             "tokens_seen": STEPS * 2 * 16, "loader": {}, "rng": {}})
-        names = [n for n, _ in engine.module.named_parameters()]
         if stage == 0 and precision != "fp32":
             # FP16_UnfusedOptimizer keeps the masters in the order the parameters were handed to it.
+            names = [n for group in groups for n, _ in group]
             masters = [t for group in optimizer.fp32_groups for t in group]
             expected = dict(zip(names, masters))
         elif stage == 0:
