@@ -378,22 +378,22 @@ def format_plan(plan: dict, name: str) -> str:
                   f"{optimizer}, offload {offload}, "
                   f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}"),
         ("batch", f"micro batch {plan['micro_batch']} x seq len {plan['seq_len']}"
-                  + (f", {plan['batch_tokens']:,} tokens/step ({plan['grad_accum_steps']} accumulation steps, "
+                  + (f", {plan['batch_tokens']:,} tokens/step (gradient accumulation {plan['grad_accum_steps']}, "
                      f"{plan['steps']:,} steps)" if "batch_tokens" in plan else "")),
         ("tokens", f"{plan['tokens']:,} ({human(plan['tokens'])}), {budget}"),
         ("Chinchilla tokens", f"{plan['chinchilla_tokens']:,} (20 per parameter)"),
         ("training FLOPs", f"{plan['flops']:.3e} = {plan['flops_formula']} "
                            f"(attention {100 * plan['attention_flops_fraction']:.1f}%)"),
-        ("time", f"{plan['hours']:,.1f} h wall, {plan['gpu_hours']:,.0f} GPU-hours at MFU {plan['mfu']:.0%} of "
+        ("time", f"{plan['hours']:,.2f} h wall, {plan['gpu_hours']:,.1f} GPU-hours at MFU {plan['mfu']:.0%} of "
                  f"{gpu['peak_bf16_flops'] / 1e12:.0f} TFLOP/s"),
-        ("cost", "-" if plan["cost"] is None else f"{plan['cost']:,.0f} at {plan['price_per_gpu_hour']} per GPU-hour"),
+        ("cost", "-" if plan["cost"] is None else f"{plan['cost']:,.2f} at {plan['price_per_gpu_hour']} per GPU-hour"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += ["", "memory per GPU"]
     parts = [
         ("weights (bf16)", mem["weights"]),
-        ("gradients (bf16 + fp32 partition)", mem["gradients"]),
+        ("gradients (bf16 + fp32)", mem["gradients"]),
         ("optimizer (fp32 master + Adam m, v)", mem["optimizer"]),
         (f"activations ({detail['activations_saved'] / GiB:.2f} GiB saved + "
          f"{detail['activations_transient'] / GiB:.2f} GiB backward peak)", mem["activations"]),

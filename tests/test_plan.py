@@ -254,7 +254,7 @@ def test_per_block_activation_formula_when_blocks_dominate(checkpointing):
     config = GPTConfig(n_layer=6, n_head=4, n_embd=256, vocab_size=256, block_size=128)
     measured = saved_for_backward_bytes(config, 4, 128, checkpointing)
     estimate = activation_bytes(config, 4, 128, checkpointing)["saved"]
-    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
+    assert abs(estimate - measured) <= 0.05 * measured, (estimate, measured)  # the tensor list is exact
 
 
 # --- bad input: one line, non-zero exit --------------------------------------------------------------
