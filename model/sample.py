@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import tokenizer
-from .config import PRESETS, ConfigError, GPTConfig
+from .config import PRESETS, GPTConfig
 from .gpt import GPT
 
 
@@ -60,13 +60,17 @@ def prompt_tokens(prompt: str, config: GPTConfig) -> list[int]:
 
 
 def run(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # torch's kinds for a bad or absent device
+        raise SampleError(f"--device {device} is not usable here: {str(exc).splitlines()[0]}") from None
     model, where = load(args)
     config = model.config
     if config.vocab_size > tokenizer.N_VOCAB:
         raise SampleError(f"vocab_size {config.vocab_size} exceeds the GPT-2 BPE's {tokenizer.N_VOCAB} tokens: "
                           "its samples could not be decoded")
     tokens = prompt_tokens(args.prompt, config)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     print(f"model: {where}\nconfig: {config.to_dict()}\nparameters: {model.num_params():,}  device: {device}  "
           f"seed: {args.seed}  top_k: {args.top_k}  temperature: {args.temperature}", file=sys.stderr)

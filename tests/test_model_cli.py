@@ -130,6 +130,11 @@ def test_prompt_longer_than_block_size(capsys):
     assert "prompt is 300 tokens, longer than the model's block_size 256" in one_error_line(err)
 
 
+def test_unusable_device(capsys):
+    code, _, err = cli(capsys, "sample", "--preset", "tiny", "--device", "cuda:99", "--prompt", "hi")
+    assert code == 1 and "--device cuda:99 is not usable here" in one_error_line(err)
+
+
 def test_sample_needs_a_source(capsys):
     code, _, err = cli(capsys, "sample", "--prompt", "hi")
     assert code == 2 and "CKPT_OR_HF_DIR" in one_error_line(err)
