@@ -271,7 +271,7 @@ def resolve_deepspeed(args) -> tuple[int, bool, bool, dict]:
         if not isinstance(ds_config, dict):
             raise PlanError(f"{args.deepspeed} is not a DeepSpeed config (a JSON object)")
     zo = ds_config.get("zero_optimization", {})
-    zero = args.zero if args.zero is not None else int(zo.get("stage", 0 if args.deepspeed else 1))
+    zero = args.zero if args.zero is not None else zo.get("stage", 0 if args.deepspeed else 1)
     if zero not in range(4):
         raise PlanError(f"ZeRO stage must be 0-3, got {zero}")
     offload = args.offload or zo.get("offload_optimizer", {}).get("device") == "cpu"
@@ -282,7 +282,10 @@ def resolve_deepspeed(args) -> tuple[int, bool, bool, dict]:
     if accum == "fp32" and (zero != 1 or offload):
         raise PlanError("fp32 gradient accumulation is modelled for ZeRO-1 without offload only "
                         "(DeepSpeed's BF16_Optimizer)")
-    return zero, offload, offload_params, deepspeed_settings(ds_config, zero, accum == "fp32")
+    try:
+        return zero, offload, offload_params, deepspeed_settings(ds_config, zero, accum == "fp32")
+    except (TypeError, ValueError) as exc:  # e.g. "auto", which only the HF Trainer integration fills in
+        raise PlanError(f"{args.deepspeed}: a bucket size or overlap_comm is not a number ({exc})") from None
 
 
 def resolve_gpu(args) -> GPUSpec:

@@ -295,3 +295,17 @@ def test_bad_input_exit_status_from_the_real_entry_point():
     assert result.stderr.strip() == "error: --gpus must be at least 1, got 0"
 
 
+
+
+@pytest.mark.parametrize("ds_config,fragment", [
+    ('{"zero_optimization": {"stage": 5}}', "ZeRO stage must be 0-3, got 5"),
+    ('{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}', "not a number"),
+    ('[1, 2]', "is not a DeepSpeed config"),
+    ('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}', "offload needs ZeRO"),
+])
+def test_bad_deepspeed_config_is_one_line_error(ds_config, fragment, tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(ds_config)
+    assert main(["plan", "--deepspeed", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
