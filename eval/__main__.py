@@ -73,7 +73,7 @@ def cmd_watch(args) -> int:
     print_table("eval watch", {"run": watcher.run, "poll (s)": args.poll, "until final": args.until_final,
                                "final checkpoint": watcher.final_tag() or "unknown (no schedule.max_steps)",
                                "per-checkpoint command": watcher.command or "none",
-                               "max attempts": args.max_attempts, "scoring": " ".join(scoring_flags(args))})
+                               "max attempts": args.max_attempts, "eval flags": " ".join(scoring_flags(args))})
     return watcher.watch(args.poll, args.until_final, once=args.once)
 
 

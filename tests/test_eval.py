@@ -1,0 +1,193 @@
+"""eval/: offline HellaSwag through lm-eval, agreement with lm-eval's own `hf` backend, export, bad input."""
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, REPO
+
+LIMIT = 200  # docs in the agreement test (the issue asks for >= 200)
+
+
+@pytest.fixture(scope="module")
+def hellaswag_file(shared_dir):
+    return shared_dir / "data" / "hellaswag_val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_run, tmp_path_factory):
+    """A private copy of the trained run: these tests write RUN/eval/ and damage checkpoints."""
+    run = tmp_path_factory.mktemp("eval_run") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "tb"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def latest_tag_dir(eval_run):
+    return eval_run / "checkpoints" / (eval_run / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def exported(eval_run, latest_tag_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "hf"
+    proc = subprocess.run([PYTHON, "-m", "eval", "export", str(latest_tag_dir), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def run_cli(*argv, capsys):
+    from eval.__main__ import main
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+def test_local_task_is_lm_evals_hellaswag(hellaswag_file):
+    """Everything that decides a HellaSwag score is taken from the installed lm-eval's own task."""
+    import lm_eval.tasks.hellaswag.utils as upstream_utils
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from eval import harness
+    ours = harness.hellaswag_config(hellaswag_file)
+    upstream = load_yaml(upstream_utils.__file__.replace("utils.py", "hellaswag.yaml"))
+    for key in ("output_type", "validation_split", "doc_to_text", "doc_to_target", "doc_to_choice",
+                "metric_list", "metadata"):
+        assert ours[key] == upstream[key], key
+    assert ours["process_docs"] is upstream_utils.process_docs
+    assert ours["dataset_path"] == "json"
+    task = harness.load_tasks(["hellaswag"], hellaswag_file)["hellaswag"]
+    docs = list(task.validation_docs())
+    assert len(docs) == 10042
+    assert docs[0]["query"] == "Roof shingle removal: A man is sitting on a roof. he"
+    assert task.doc_to_target(docs[0]) == docs[0]["gold"] == 3
+
+
+def test_export_loads_in_transformers_offline(exported, latest_tag_dir):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from model.checkpoint import load_model
+    hf = GPT2LMHeadModel.from_pretrained(exported, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    ours, _ = load_model(latest_tag_dir)
+    ids = tok("ROMEO: But soft, what light through yonder window breaks?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_agreement_with_lm_eval_hf_backend(exported, latest_tag_dir, hellaswag_file):
+    """Same docs, same requests: lm-eval's `hf` backend on the export and our evaluator on the checkpoint."""
+    from lm_eval import simple_evaluate
+
+    from eval import harness
+    from eval.lm import PipelineLM
+    from model.checkpoint import load_model
+    model, _ = load_model(latest_tag_dir)
+    ours = harness.run_tasks(PipelineLM(model=model, batch_size=16, device="cpu"),
+                             harness.load_tasks(["hellaswag"], hellaswag_file), limit=LIMIT, log_samples=True)
+    reference = simple_evaluate(model="hf", model_args={"pretrained": str(exported), "dtype": "float32"},
+                                device="cpu", batch_size=16, limit=LIMIT, log_samples=True,
+                                tasks=list(harness.load_tasks(["hellaswag"], hellaswag_file).values()))
+    name = "hellaswag_local"
+    for metric in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
+        assert ours["results"][name][metric] == reference["results"][name][metric], metric
+    samples = {s["doc_id"]: s for s in ours["samples"][name]}
+    ref_samples = {s["doc_id"]: s for s in reference["samples"][name]}
+    assert sorted(samples) == sorted(ref_samples) == list(range(LIMIT))
+    worst = 0.0
+    for doc_id, ref in ref_samples.items():
+        assert samples[doc_id]["arguments"] == ref["arguments"]  # identical requests
+        for (ll, greedy), (ref_ll, ref_greedy) in zip((r[0] for r in samples[doc_id]["resps"]),
+                                                      (r[0] for r in ref["resps"]), strict=True):
+            worst = max(worst, abs(ll - ref_ll))
+            assert greedy == ref_greedy
+    assert worst < 1e-4, f"largest per-request log-likelihood difference {worst:.2e}"
+
+
+def test_checkpoint_cli_writes_result(eval_run, latest_tag_dir, hellaswag_file):
+    from model.checkpoint import load_model
+    proc = subprocess.run([PYTHON, "-m", "eval", "checkpoint", str(latest_tag_dir), "--hellaswag-file",
+                           str(hellaswag_file), "--limit", "20", "--batch-size", "8"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = eval_run / "eval" / f"{latest_tag_dir.name}.json"
+    record = json.loads(out.read_text())
+    _, meta = load_model(latest_tag_dir)
+    assert record["tag"] == latest_tag_dir.name
+    assert (record["step"], record["tokens_seen"]) == (meta["step"], meta["tokens_seen"]) and meta["step"] > 0
+    assert record["lm_eval_version"] == "0.4.13"
+    hs = record["tasks"]["hellaswag"]
+    assert hs["n_docs"] == 20 and hs["task_version"] == 1.0
+    for metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+        assert 0.0 <= hs[metric] <= 1.0
+    assert record["wall_time_s"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary files left behind
+
+
+# ---- bad input: one `error:` line, exit status 1, nothing written
+
+def _damaged_copy(tag_dir, tmp_path, damage):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    shutil.copytree(tag_dir, ckpts / tag_dir.name)
+    (ckpts / "latest").write_text(tag_dir.name)
+    damage(ckpts / tag_dir.name)
+    return ckpts / tag_dir.name
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda d: [p.unlink() for p in d.glob("*optim_states.pt")], id="partial"),
+    pytest.param(lambda d: _truncate(next(d.glob("mp_rank_00_model_states.pt"))), id="corrupt"),
+])
+def test_bad_checkpoint_is_a_clear_error(damage, latest_tag_dir, hellaswag_file, tmp_path, capsys):
+    tag_dir = _damaged_copy(latest_tag_dir, tmp_path, damage)
+    rc, cap = run_cli("checkpoint", tag_dir, "--hellaswag-file", hellaswag_file, "--limit", 5, capsys=capsys)
+    assert rc == 1
+    assert cap.err.startswith("error: ") and cap.err.count("\n") == 1, cap.err
+    assert tag_dir.name in cap.err
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_unknown_shape_is_a_clear_error(exported, hellaswag_file, tmp_path, capsys):
+    bad = tmp_path / "hf"
+    shutil.copytree(exported, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["n_embd"] *= 2  # the weights are for the real width
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "result.json"
+    rc, cap = run_cli("checkpoint", bad, "--hellaswag-file", hellaswag_file, "--out", out, capsys=capsys)
+    assert rc == 1
+    assert cap.err.startswith("error: ") and "shape" in cap.err and cap.err.count("\n") == 1, cap.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "not found"),
+    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b"], "label": 0}\n{oops\n',
+     ":2: not valid JSON"),
+    ('{"activity_label": "x", "ctx_a": "a", "endings": ["a", "b"], "label": 0}\n', "missing ctx_b"),
+    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b"], "label": 7}\n', "out of range"),
+], ids=["missing", "not-json", "missing-key", "bad-label"])
+def test_bad_hellaswag_file_is_a_clear_error(content, expected, exported, tmp_path, capsys):
+    data = tmp_path / "hellaswag.jsonl"
+    if content is not None:
+        data.write_text(content)
+    out = tmp_path / "result.json"
+    rc, cap = run_cli("checkpoint", exported, "--hellaswag-file", data, "--out", out, capsys=capsys)
+    assert rc == 1
+    assert cap.err.startswith("error: ") and expected in cap.err and cap.err.count("\n") == 1, cap.err
+    assert not out.exists()
+
+
+def test_unknown_task_is_a_clear_error(exported, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    rc, cap = run_cli("checkpoint", exported, "--tasks", "hellaswag_but_not_really", "--out", out, capsys=capsys)
+    assert rc == 1
+    assert cap.err.startswith("error: ") and "'hellaswag_but_not_really'" in cap.err and cap.err.count("\n") == 1
+    assert not out.exists()
