@@ -307,8 +307,38 @@ def resolve_gpu(args) -> GPUSpec:
     return GPUSpec(base.name, memory, peak)
 
 
+def apply_recipe(args) -> argparse.Namespace:
+    """--recipe fills in what a training recipe (configs/train/*.yaml) fixes: model, DeepSpeed config, micro
+    batch, sequence length, tokens per step and steps. Flags given on the command line win."""
+    values = vars(args).copy()
+    if args.recipe:
+        import yaml
+        try:
+            recipe = yaml.safe_load(Path(args.recipe).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise PlanError(f"cannot read recipe {args.recipe}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(recipe, dict):
+            raise PlanError(f"{args.recipe} is not a training recipe (a YAML mapping)")
+        if recipe.get("precision", "bf16") != "bf16":
+            raise PlanError(f"{args.recipe}: precision {recipe['precision']!r}; plans model bf16 mixed precision")
+        batch, schedule = recipe.get("batch") or {}, recipe.get("schedule") or {}
+        from_recipe = {"model": args.recipe if "model" in recipe else None, "deepspeed": recipe.get("deepspeed"),
+                       "micro_batch": batch.get("micro_batch"), "seq_len": batch.get("seq_len"),
+                       "batch_tokens": batch.get("total_tokens"),
+                       "steps": schedule.get("max_steps") if args.tokens is None else None}
+        for key, value in from_recipe.items():
+            if key not in ("model", "deepspeed") and value is not None and type(value) is not int:
+                raise PlanError(f"{args.recipe}: {key} must be an integer, got {value!r}")
+            if values[key] is None:
+                values[key] = value
+    values["model"] = "gpt2" if values["model"] is None else values["model"]
+    values["micro_batch"] = 1 if values["micro_batch"] is None else values["micro_batch"]
+    return argparse.Namespace(**values)
+
+
 def resolve(args) -> tuple[dict, str]:
     """Check every flag against the others; return (make_plan's keyword arguments, the model's name)."""
+    args = apply_recipe(args)
     config = resolve_model(args)
     zero, offload, offload_params, ds = resolve_deepspeed(args)
     seq_len = config.block_size if args.seq_len is None else args.seq_len
@@ -375,7 +405,8 @@ def format_plan(plan: dict, name: str) -> str:
         f"{plan['chinchilla_ratio']:.2f} x Chinchilla-optimal"
     rows = [
         ("model", f"{name}: n_layer {m['n_layer']}, n_head {m['n_head']}, n_embd {m['n_embd']}, "
-                  f"vocab {m['vocab_size']}, dropout {m['dropout']}"),
+                  f"vocab {m['vocab_size']}" + (f" (padded to {m['padded_vocab_size']})" if m["padded_vocab_size"]
+                                                else "") + f", dropout {m['dropout']}"),
         ("parameters", f"{plan['params']:,}"),
         ("setup", f"{plan['gpus']} x {gpu['name']} ({plan['gpus_per_node']} per node), ZeRO-{plan['zero']}, "
                   f"{optimizer}, offload {offload}, "
@@ -429,13 +460,16 @@ def plan_from_argv(argv: list[str]) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gpt2", help="preset (%(default)s, ...) or a YAML file (model keys, or a "
+    p.add_argument("--recipe", default=None, metavar="RECIPE.yaml",
+                   help="take model, DeepSpeed config, micro batch, seq len, tokens per step and steps from a "
+                        "training recipe (configs/train/*.yaml); flags override it")
+    p.add_argument("--model", default=None, help="preset (default gpt2) or a YAML file (model keys, or a "
                                                    "recipe with a model: section)")
     for flag, kind in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int),
                        ("--vocab-size", int), ("--dropout", float)):
         p.add_argument(flag, type=kind, default=None, help="override the model's shape")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: block_size)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward (default 1)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward (default 1)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs in all")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
     p.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")

@@ -127,6 +127,17 @@ def test_the_repository_deepspeed_configs_are_read(repo_root):
                      str(repo_root / "configs/deepspeed/zero3.json"))["zero"] == 2  # a flag overrides the file
 
 
+def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)  # the recipe names its DeepSpeed config relative to the checkout
+    recipe = str(repo_root / "configs/train/gpt2-124m-edu10B.yaml")
+    plan = plan_json("--recipe", recipe, "--gpus", "8")
+    assert (plan["micro_batch"], plan["seq_len"], plan["grad_accum_steps"], plan["steps"]) == (64, 1024, 1, 19073)
+    assert plan["tokens"] == 19073 * 524288 and plan["zero"] == 1 and plan["deepspeed"]["fp32_grad_accum"]
+    assert plan["params"] == 124_439_808 and plan["params_in_memory"] == 124_439_808 + (50304 - 50257) * 768
+    overridden = plan_json("--recipe", recipe, "--gpus", "8", "--micro-batch", "32", "--tokens", "1B")
+    assert overridden["grad_accum_steps"] == 2 and overridden["tokens"] == 10**9
+
+
 # --- model states against DeepSpeed's own estimators -------------------------------------------------
 
 ESTIMATE_LINE = re.compile(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*?)\s*$")
@@ -275,11 +286,15 @@ BAD = {
     "batch not a multiple": (["--micro-batch", "3", "--batch-tokens", "524288"], "not a positive multiple"),
     "steps without batch": (["--steps", "10"], "--steps needs --batch-tokens"),
     "zero tokens": (["--tokens", "0"], "--tokens must be positive"),
+    "fp32 recipe": (["--recipe", "configs/train/tiny-cpu.yaml"], "plans model bf16 mixed precision"),
+    "recipe batch on too many GPUs": (["--recipe", "configs/train/gpt2-124m-edu10B.yaml", "--gpus", "16"],
+                                      "not a positive multiple"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_line_error(case, capsys):
+def test_bad_input_is_one_line_error(case, capsys, monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)  # recipes name their DeepSpeed config relative to the checkout, as train/ reads it
     argv, fragment = BAD[case]
     assert main(["plan", *argv]) == 2
     captured = capsys.readouterr()
