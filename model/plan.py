@@ -260,16 +260,21 @@ def resolve_model(args) -> GPTConfig:
     return GPTConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config
 
 
+def read_mapping(path: str, what: str) -> dict:
+    """A JSON or YAML file holding one mapping (YAML is a superset of JSON), or a PlanError naming it."""
+    import yaml
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PlanError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise PlanError(f"{path} is not a {what} (a mapping)")
+    return values
+
+
 def resolve_deepspeed(args) -> tuple[int, bool, bool, dict]:
     """(ZeRO stage, offload, offload_params, deepspeed_settings) from --deepspeed FILE, flags overriding it."""
-    ds_config = {}
-    if args.deepspeed:
-        try:
-            ds_config = json.loads(Path(args.deepspeed).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PlanError(f"cannot read DeepSpeed config {args.deepspeed}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(ds_config, dict):
-            raise PlanError(f"{args.deepspeed} is not a DeepSpeed config (a JSON object)")
+    ds_config = read_mapping(args.deepspeed, "DeepSpeed config") if args.deepspeed else {}
     zo = ds_config.get("zero_optimization", {})
     zero = args.zero if args.zero is not None else zo.get("stage", 0 if args.deepspeed else 1)
     if zero not in range(4):
@@ -312,13 +317,7 @@ def apply_recipe(args) -> argparse.Namespace:
     batch, sequence length, tokens per step and steps. Flags given on the command line win."""
     values = vars(args).copy()
     if args.recipe:
-        import yaml
-        try:
-            recipe = yaml.safe_load(Path(args.recipe).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise PlanError(f"cannot read recipe {args.recipe}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(recipe, dict):
-            raise PlanError(f"{args.recipe} is not a training recipe (a YAML mapping)")
+        recipe = read_mapping(args.recipe, "training recipe")
         if recipe.get("precision", "bf16") != "bf16":
             raise PlanError(f"{args.recipe}: precision {recipe['precision']!r}; plans model bf16 mixed precision")
         batch, schedule = recipe.get("batch") or {}, recipe.get("schedule") or {}

@@ -283,6 +283,7 @@ BAD = {
     "offload at stage 0": (["--zero", "0", "--offload"], "offload needs ZeRO stage 1, 2 or 3"),
     "fp32 accumulation at stage 2": (["--zero", "2", "--grad-accum-dtype", "fp32"], "ZeRO-1 without offload"),
     "missing DeepSpeed config": (["--deepspeed", "/nonexistent/ds.json"], "cannot read DeepSpeed config"),
+    "missing recipe": (["--recipe", "/nonexistent/recipe.yaml"], "cannot read training recipe"),
     "batch not a multiple": (["--micro-batch", "3", "--batch-tokens", "524288"], "not a positive multiple"),
     "steps without batch": (["--steps", "10"], "--steps needs --batch-tokens"),
     "zero tokens": (["--tokens", "0"], "--tokens must be positive"),
@@ -316,6 +317,7 @@ def test_bad_input_exit_status_from_the_real_entry_point():
     ('{"zero_optimization": {"stage": 5}}', "ZeRO stage must be 0-3, got 5"),
     ('{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}', "not a number"),
     ('[1, 2]', "is not a DeepSpeed config"),
+    ('{"zero_optimization": ', "cannot read DeepSpeed config"),
     ('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}', "offload needs ZeRO"),
 ])
 def test_bad_deepspeed_config_is_one_line_error(ds_config, fragment, tmp_path, capsys):
