@@ -41,18 +41,21 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def ensure_slurm_installed() -> None:
-    """Debian's slurm-wlm and munge, installed on first use (CI machines are fresh Debian, run as root)."""
-    needed = ("slurmctld", "slurmd", "sbatch", "munged")
-    if all(shutil.which(b) for b in needed):
+    """Debian's slurm-wlm and munge (and iproute2 for the namespaces), installed on first use: CI machines are
+    fresh Debian, run as root."""
+    needed = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge",
+              "ip": "iproute2", "nsenter": "util-linux"}
+    packages = sorted({pkg for binary, pkg in needed.items() if not shutil.which(binary)})
+    if not packages:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     missing = [b for b in needed if not shutil.which(b)]
     if missing:
-        raise ClusterError(f"installed slurm-wlm and munge but {', '.join(missing)} not on PATH")
+        raise ClusterError(f"installed {' '.join(packages)} but {', '.join(missing)} still not on PATH")
 
 
 def _free_port() -> int:

@@ -101,6 +101,21 @@ def test_bad_input_is_refused_before_anything_is_submitted(slurm_cluster, site, 
     assert not (root / "bad run").exists()   # no logs dir, no jobs.txt: nothing was submitted
 
 
+def test_sbatch_failing_mid_chain_cancels_what_was_submitted(slurm_cluster, site):
+    root, site_file = site
+    bad_site = root / "bad time site.env"
+    bad_site.write_text(site_file.read_text() + "SITE_TIME_TRAIN=not-a-time\n")   # only sbatch notices
+    pipeline = make_pipeline(site, "half", "half run", train_overrides(FINAL_STEP, 3), SITE=bad_site,
+                             DATASET_DIR=root / "half data")
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 1
+    assert "error: sbatch failed for train; cancelled the jobs already submitted" in done.stderr, done.stderr
+    jobs = submitted_jobs(done.stdout)
+    assert list(jobs) == ["prep_tokenize", "prep_finalize"]
+    assert slurm_cluster.wait_jobs(jobs.values(), timeout=60) == {j: "CANCELLED" for j in jobs.values()}
+    assert not (root / "half data" / "manifest.json").exists()
+
+
 @pytest.fixture(scope="module")
 def first_pipeline(slurm_cluster, site):
     pipeline = make_pipeline(site, "first", "run one", train_overrides(FINAL_STEP, 3))
