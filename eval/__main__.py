@@ -67,7 +67,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    from .harness import DEFAULT_HELLASWAG, check_hellaswag_file
     from .watch import Watcher
+    if "hellaswag" in args.tasks.split(","):  # a bad file would otherwise fail every checkpoint max-attempts times
+        check_hellaswag_file(args.hellaswag_file or DEFAULT_HELLASWAG)
     watcher = Watcher(args.run, scoring_flags(args), max_attempts=args.max_attempts,
                       log=lambda msg: print(msg, flush=True))
     print_table("eval watch", {"run": watcher.run, "poll (s)": args.poll, "until final": args.until_final,

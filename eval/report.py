@@ -87,7 +87,9 @@ def plot(path: Path, rows: list[dict], val_curve: list[tuple[int, float]], title
     ax_loss.legend()
     scored = [(r["tokens"], r["acc_norm"]) for r in rows if r["tokens"] is not None and r["acc_norm"] is not None]
     if scored:
-        ax_acc.plot(*zip(*scored), marker="o", ms=4, color="tab:orange", label="acc_norm (this run)")
+        docs = sorted({r["n_docs"] for r in rows if r["acc_norm"] is not None})
+        ax_acc.plot(*zip(*scored), marker="o", ms=4, color="tab:orange",
+                    label=f"acc_norm (this run, {'/'.join(map(str, docs))} docs)")
     ax_acc.axhline(GPT2_124M_ACC_NORM, color="gray", linestyle="--", label="GPT-2 124M (OpenAI): 0.3114")
     ax_acc.axhline(0.25, color="lightgray", linestyle=":", label="chance: 0.25")
     ax_acc.set(xlabel="tokens", ylabel="HellaSwag acc_norm", title="HellaSwag 0-shot acc_norm")

@@ -156,3 +156,13 @@ def test_report_table_and_curves(watched_run):
         assert all(cell != "–" for cell in cells), row  # train and val loss found for every checkpoint
     png = (run / "eval" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
+    from eval.__main__ import main
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    rc = main(["watch", str(run), "--once", "--hellaswag-file", str(tmp_path / "missing.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "missing.jsonl not found" in err and err.count("\n") == 1
+    assert not (run / "eval").exists()
