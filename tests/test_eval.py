@@ -191,3 +191,23 @@ def test_unknown_task_is_a_clear_error(exported, tmp_path, capsys):
     assert rc == 1
     assert cap.err.startswith("error: ") and "'hellaswag_but_not_really'" in cap.err and cap.err.count("\n") == 1
     assert not out.exists()
+
+
+def test_rolling_loglikelihood_and_generation_match_hf_backend(exported, latest_tag_dir, shared_dir):
+    """The other two request types, against lm-eval's `hf` backend: a text longer than the context, greedy text."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from eval.lm import PipelineLM
+    from model.checkpoint import load_model
+    model, _ = load_model(latest_tag_dir)
+    ours = PipelineLM(model=model, batch_size=4, device="cpu")
+    reference = get_model("hf").create_from_arg_obj({"pretrained": str(exported), "dtype": "float32"},
+                                                     {"batch_size": 4, "device": "cpu"})
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:3000]  # ~3 windows of 256 tokens
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0), Instance("loglikelihood_rolling", {}, ("Hi",), 1)]
+    for mine, ref in zip(ours.loglikelihood_rolling(rolling), reference.loglikelihood_rolling(rolling), strict=True):
+        assert abs(mine - ref) < 1e-3 and mine < 0, (mine, ref)
+    prompts = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
+               for i, p in enumerate(["ROMEO:", "First Citizen:\nWe are"])]
+    assert ours.generate_until(prompts) == reference.generate_until(prompts)
