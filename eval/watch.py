@@ -58,9 +58,13 @@ def scored_tags(results: Path) -> set[str]:
 
 def append_line(path: Path, record: dict) -> None:
     """One whole line, under an exclusive lock, flushed to disk: concurrent writers never interleave."""
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a writer killed mid-line: keep its fragment off our line
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
