@@ -16,14 +16,19 @@ FAST = ["schedule.max_steps=6", "optim.warmup_steps=3", "batch.seq_len=32", "bat
         "sample.every=3", "sample.max_new_tokens=8", "log.tensorboard=true"]
 
 
-def train_command(run_dir, dataset, *overrides, nproc: int = 1, port: int | None = None) -> list[str]:
-    """`python -m train` alone (nproc 1) or under torchrun with nproc CPU ranks (gloo)."""
+def train_command(run_dir, dataset, *overrides, nproc: int = 1, port: int | None = None,
+                  launcher: str = "torchrun") -> list[str]:
+    """`python -m train` alone (nproc 1), or with nproc CPU ranks (gloo) under torchrun or the deepspeed launcher."""
     sets = [f"run_dir={run_dir}", f"data.dir={dataset}", *FAST, *overrides]
     args = ["-m", "train", "--config", str(REPO / "configs/train/tiny-cpu.yaml")]
     for s in sets:
         args += ["--set", s]
     if nproc == 1:
         return [PYTHON, *args]
+    if launcher == "deepspeed":
+        # On CPU the deepspeed launcher counts "devices" from LOCAL_SIZE; `env` makes the command self-contained.
+        return ["env", f"LOCAL_SIZE={nproc}", str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", str(nproc),
+                "--master_port", str(port or 29500), "--module", *args[1:]]
     return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(port or 29500), *args]
 

@@ -14,6 +14,7 @@ from tests.conftest import REPO
 from tests.fixtures_run import read_metrics, run_train, train_command
 
 STEPS = {0: 4, 1: 6, 2: 4, 3: 4}  # ZeRO-1's run is also the uninterrupted baseline of the exactness test
+LAUNCHER = {0: "deepspeed", 1: "torchrun", 2: "torchrun", 3: "torchrun"}  # both multi-process launchers covered
 
 
 def free_port() -> int:
@@ -26,7 +27,7 @@ def zero_command(run_dir, dataset, stage):
     return train_command(run_dir, dataset, f"deepspeed=configs/deepspeed/zero{stage}.json",
                          f"schedule.max_steps={STEPS[stage]}", "checkpoint.every=2", "eval.every=2",
                          f"sample.every={4 if stage == 3 else 0}", "checkpoint.export_live_fp32=true",
-                         nproc=2, port=free_port())
+                         nproc=2, port=free_port(), launcher=LAUNCHER[stage])
 
 
 @pytest.fixture(scope="module")

@@ -264,6 +264,11 @@ class Trainer:
         return t.item() > 0
 
     def run(self) -> int:
+        done = (self.resume_state or {}).get("step", 0)
+        if done >= self.plan.max_steps:
+            if self.is_main:
+                print(f"run already complete: step {done} of {self.plan.max_steps}", flush=True)
+            return 0
         stop = StopFlag()
         self.build()
         r = self.recipe
@@ -273,10 +278,6 @@ class Trainer:
             print(startup_table(r, self.plan, self.ds_config, self.n_params), flush=True)
             if self.resume_tag:
                 print(f"resuming from {self.ckpt_dir / self.resumed_from} at step {self.step}", flush=True)
-        if self.step >= self.plan.max_steps:
-            if self.is_main:
-                print(f"run already complete: step {self.step} of {self.plan.max_steps}", flush=True)
-            return 0
         log = RunLog(self.run_dir, r["log"]["tensorboard"]) if self.is_main else None
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.is_main, file=sys.stderr)
