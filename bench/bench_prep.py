@@ -68,13 +68,13 @@ def measure_ceiling(path: Path, workers: int = 1) -> dict:
     from model import tokenizer
     tokenizer.get_encoding()
     texts = read_texts(path)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     if workers == 1:
         n = _count_tokens(texts)
     else:
         with mp.get_context("fork").Pool(workers) as pool:
             n = sum(pool.map(_count_tokens, [texts[i::workers] for i in range(workers)]))
-    return {"tokens": n, "seconds": time.perf_counter() - start}
+    return {"tokens": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu_start}
 
 
 def _count_tokens(texts: list[str]) -> int:
@@ -137,15 +137,23 @@ def child(args) -> None:
     import model.tokenizer  # noqa: F401  imports (torch included, via model/__init__) are outside the timing
     import prep.tokenize  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu_before = cpu_seconds()
     if args.child == "ceiling":
         result = measure_ceiling(args.data, args.workers)
     else:
         fn = {"prep": run_prep, "reference": run_reference}[args.child]
         result = fn(args.data, args.out, args.workers, args.shard_tokens)
+    result.setdefault("cpu_seconds", cpu_seconds() - cpu_before)  # the ceiling times its encode loop alone
     result["rss_main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_worker_max_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result["rss_after_imports_mib"] = baseline
     print(json.dumps(result))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (pool workers are joined before it is read)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def spawn(kind: str, data: Path, out: Path, workers: int, shard_tokens: int) -> dict:
@@ -195,13 +203,19 @@ def main() -> None:
     print(f"data: {data} ({data.stat().st_size / 1e6:.0f} MB parquet, {best['ceiling']['tokens']:,} tokens); "
           f"workers {w}; cpus {os.cpu_count()}; best of {args.repeat} interleaved rounds; "
           f"1-min load average during the rounds: {', '.join(f'{x:.1f}' for x in load)}")
-    print("| run | shard tokens | tokens/s | vs ceiling | vs parallel ceiling | vs reference | peak RSS main / worker (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    # Tokens per CPU-second do not depend on how much of the shared machine a run got: they say how much of the
+    # CPU a pipeline spends on anything but encoding, which is what wall-clock rate on W idle cores comes down to.
+    cpu_rate = {k: r["tokens"] / r["cpu_seconds"] for k, r in best.items()}
+    print("| run | shard tokens | tokens/s (wall) | vs ceiling | vs parallel ceiling | vs reference | "
+          "tokens per CPU-s | CPU efficiency vs tiktoken | CPU efficiency vs reference | peak RSS main / worker (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def row(label, key, st="-", main_rss="-", worker_rss="-"):
         r = rate[key] if key else ceiling
+        c = cpu_rate[key or "ceiling"]
         print(f"| {label} | {st} | {r:,.0f} | {r / ceiling:.2f} | {r / rate['parallel']:.2f} | "
-              f"{r / rate['reference']:.2f} | {main_rss} / {worker_rss} |")
+              f"{r / rate['reference']:.2f} | {c:,.0f} | {c / cpu_rate['ceiling']:.2f} | "
+              f"{c / cpu_rate['reference']:.2f} | {main_rss} / {worker_rss} |")
 
     row(f"ceiling: tiktoken 1 process x {w}", None)
     row(f"parallel ceiling: tiktoken in {w} processes at once", "parallel")

@@ -59,7 +59,7 @@ def finalize(out: Path) -> int:
                             f"u{missing[0].index:06d} = {missing[0].describe()}); run the remaining array tasks, "
                             f"or `python -m prep tokenize` without --task-index/--task-count")
     markers = [atomic.read_json(unit_paths(out, u.index)["done"]) for u in units]
-    indexes = [np.load(unit_paths(out, u.index)["index"]) for u in units]
+    indexes = [np.load(unit_paths(out, u.index)["index"], mmap_mode="r") for u in units]  # 16 bytes a document
     for u, m, idx in zip(units, markers, indexes):
         if idx.dtype != INDEX_DTYPE or len(idx) != m["documents"] or int(idx["tokens"].sum()) != m["tokens"]:
             raise FinalizeError(f"{unit_paths(out, u.index)['index']}: does not match its done marker; "
@@ -77,7 +77,7 @@ def finalize(out: Path) -> int:
         with progress.bar(total=total_tokens, desc="finalize", unit="tok", unit_scale=True) as bar:
             for u, m, idx, val in zip(units, markers, indexes, val_sets):
                 tokens = open_shard(unit_paths(out, u.index)["tokens"])
-                if len(tokens) != m["tokens"] or hashlib.sha256(tokens.tobytes()).hexdigest() != m["tokens_sha256"]:
+                if len(tokens) != m["tokens"] or hashlib.sha256(tokens.data).hexdigest() != m["tokens_sha256"]:
                     raise FinalizeError(f"{unit_paths(out, u.index)['tokens']}: does not match its done marker "
                                         f"(damaged on disk?); delete {unit_paths(out, u.index)['done']} and rerun "
                                         f"tokenize to redo the unit")

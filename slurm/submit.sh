@@ -241,8 +241,19 @@ submit_chain() {
     fi
 }
 
+show_config() {
+    local mode="$MODE"
+    [ "$DRY_RUN" = 0 ] || mode+=" (dry run)"
+    printf '%-14s %s\n' "pipeline" "$PIPELINE_FILE" "mode" "$mode" "site" "${SITE:-none}" \
+        "source" "$PREP_SOURCE${PREP_SOURCE:+ }$( [ "$PREP_SOURCE" = local ] && echo "${PREP_INPUT[*]}" || echo "$PREP_SAMPLE -> $RAW_DIR")" \
+        "dataset" "$DATASET_DIR" "prep tasks" "$PREP_TASKS x $PREP_WORKERS worker(s)" "recipe" "$TRAIN_RECIPE" \
+        "overrides" "${TRAIN_SET_FLAGS[*]:4}" "run" "$RUN_DIR" "processes" "$NODES node(s) x $GPUS_PER_NODE" \
+        "hellaswag" "$HELLASWAG${EVAL_LIMIT:+ (first $EVAL_LIMIT docs)}" "logs" "$LOG_DIR"
+}
+
 validate
 plan_stages
+show_config
 echo "stages: ${STAGES[*]}"
 if [ "$MODE" = local ]; then
     if [ "$DRY_RUN" = 1 ]; then

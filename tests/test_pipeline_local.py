@@ -131,3 +131,22 @@ def test_failed_stage_names_itself_and_its_log(workdir):
     assert "not run: prep_finalize train eval_watch" in done.stderr
     assert "malformed JSON" in log.read_text()
     assert not (workdir / "broken run" / "checkpoints").exists()
+
+
+def test_shipped_pipeline_and_site_example_pass_validation(tmp_path):
+    """configs/pipelines/gpt2-124m-edu10B.env with slurm/site.env.example as its site: a valid 2 x 8 GPU chain."""
+    site = tmp_path / "site.env"
+    site.write_text((REPO / "slurm" / "site.env.example").read_text())
+    text = (REPO / "configs" / "pipelines" / "gpt2-124m-edu10B.env").read_text()
+    lines = [f"SITE={site}" if line.startswith("SITE=") else
+             f"HELLASWAG={SHARED / 'data' / 'hellaswag_val.jsonl'}" if line.startswith("HELLASWAG=") else line
+             for line in text.splitlines()]
+    pipeline = tmp_path / "p.env"
+    pipeline.write_text("\n".join(lines) + "\n")
+    done = submit(pipeline, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "16 processes x micro_batch 32" in done.stdout
+    sbatch = {name: next(line.split() for line in done.stdout.splitlines() if f"{name}.sbatch" in line)
+              for name in ("prep_tokenize", "train")}
+    assert "--array=0-15" in sbatch["prep_tokenize"]
+    assert {"--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=gpu:8"} <= set(sbatch["train"])

@@ -134,8 +134,10 @@ def test_pipeline_runs_every_stage_to_completion(slurm_cluster, first_pipeline):
     assert states == {j: "COMPLETED" for j in jobs.values()}, logs
     assert "waits for prep_tokenize to succeed" in done.stdout
     # the tokenize array ran 2 tasks, both recorded by the controller's job completion log
-    tasks = [r for r in slurm_cluster.completion_records() if r["Name"] == "prep_tokenize"]
-    assert [r["JobState"] for r in tasks] == ["COMPLETED", "COMPLETED"]
+    tasks = slurm_cluster.job_records(jobs["prep_tokenize"])
+    assert sorted(r["ArrayTaskId"] for r in tasks) == ["0", "1"]
+    task_ids = {r["JobId"] for r in tasks}
+    assert [r["JobState"] for r in slurm_cluster.completion_records() if r["JobId"] in task_ids] == ["COMPLETED"] * 2
     assert len(list((run / "logs").glob(f"prep_tokenize-{jobs['prep_tokenize']}_*.out"))) == 2
     # training ran as 2 ranks, one per node, rendezvous on the first node over the node interface
     train_log = (run / "logs" / f"train-{jobs['train']}.out").read_text()
@@ -208,3 +210,18 @@ def test_failed_stage_cancels_its_dependents(slurm_cluster, site):
     log = root / "broken run" / "logs" / f"prep_tokenize-{jobs['prep_tokenize']}_0.out"
     assert f"prep_tokenize {jobs['prep_tokenize']}_0 FAILED (exit 1) log: {log}" in summary
     assert "malformed JSON" in log.read_text()
+
+
+def test_eval_watcher_stops_when_training_fails(slurm_cluster, site, first_pipeline):
+    # passes the recipe check, but the trainer refuses it at startup: the dataset's vocabulary is larger
+    overrides = train_overrides(FINAL_STEP, 3) + ["model.vocab_size=1000"]
+    pipeline = make_pipeline(site, "doomed", "doomed run", overrides)
+    done = run_submit(slurm_cluster, pipeline)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = submitted_jobs(done.stdout)
+    assert slurm_cluster.wait_jobs(jobs.values(), timeout=180) == {jobs["train"]: "FAILED",
+                                                                   jobs["eval_watch"]: "FAILED"}
+    watch_log = (site[0] / "doomed run" / "logs" / f"eval_watch-{jobs['eval_watch']}.out").read_text()
+    assert f"error: training job {jobs['train']} ended FAILED" in watch_log
+    summary = (site[0] / "doomed run" / "logs" / "summary.txt").read_text()
+    assert f"train {jobs['train']} FAILED" in summary and f"eval_watch {jobs['eval_watch']} FAILED" in summary
