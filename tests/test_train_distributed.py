@@ -116,3 +116,24 @@ def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(ze
     # The 1-rank continuation starts from the 2-rank weights: val loss keeps falling from where it was.
     assert val[0]["val_loss"] < source_val[-1]["val_loss"]
     assert (run_dir / "checkpoints/latest").read_text().strip() == "global_step6"
+
+
+def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero2.json", "schedule.max_steps=12",
+                        "checkpoint.every=100", "eval.every=0", "sample.every=0", nproc=2, port=free_port())
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "RANK" in p.environ()}
+    ranks[1].send_signal(signal.SIGUSR1)  # only rank 1 hears it, as when one node is preempted first
+    output, _ = proc.communicate(timeout=240)
+    assert "preempted (signal on another rank)" in output, output[-3000:]  # rank 0 learnt it through the all-reduce
+    saved = read_metrics(run_dir)[0][-1]["step"] + 1
+    assert saved < 12 and (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
+    # torchrun SIGTERMs the other rank as soon as the first exits, so it reports at least one 99 (both ranks had
+    # already passed the save's barriers; `latest` above shows the checkpoint complete).
+    assert "exitcode: 99" in output or "exitcode  : 99" in output, output[-3000:]
