@@ -150,3 +150,18 @@ def test_launch_maps_slurm_variables():
     alone = resolve_env({})
     assert (alone["RANK"], alone["WORLD_SIZE"], alone["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert math.isfinite(int(alone["MASTER_PORT"]))
+
+
+def test_mfu_uses_the_shared_flops_formula_and_peak_table():
+    from model import GPTConfig
+    from model.hardware import flops_per_token
+    from train.metrics import mfu, peak_flops
+    config = GPTConfig.preset("gpt2")
+    assert peak_flops({"gpu": "auto", "peak_tflops": None}, "cpu") is None
+    assert peak_flops({"gpu": "h100", "peak_tflops": None}, "cpu") == 989e12
+    assert peak_flops({"gpu": "auto", "peak_tflops": 100}, "cpu") == 100e12
+    # 8 GPUs at 1.75M tokens/s (llm.c's 124M on 8xA100): per-GPU FLOP/s over the A100 peak.
+    expected = 1.75e6 * flops_per_token(config, 1024) / 8 / 312e12
+    assert mfu(1.75e6, config, 1024, 8, 312e12) == pytest.approx(expected)
+    assert 0.3 < expected < 0.6
+    assert mfu(1.0, config, 1024, 1, None) is None

@@ -21,11 +21,9 @@ def peak_flops(mfu_section: dict, device: str) -> float | None:
         if not device.startswith("cuda"):
             return None
         device_name = torch.cuda.get_device_name(device).lower()
-        for key in ("h200", "h100", "a100"):
-            if key in device_name:
-                name = "a100-80gb" if key == "a100" and "80" in device_name else ("a100-40gb" if key == "a100" else key)
-                break
-        else:
+        known = [("h200", "h200"), ("h100", "h100"), ("a100", "a100-80gb" if "80" in device_name else "a100-40gb")]
+        name = next((spec for key, spec in known if key in device_name), None)
+        if name is None:
             return None
     return gpu_spec(name).peak_bf16_flops
 
