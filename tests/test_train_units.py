@@ -165,3 +165,13 @@ def test_mfu_uses_the_shared_flops_formula_and_peak_table():
     assert mfu(1.75e6, config, 1024, 8, 312e12) == pytest.approx(expected)
     assert 0.3 < expected < 0.6
     assert mfu(1.0, config, 1024, 1, None) is None
+
+
+def test_rotation_keeps_the_newest_and_every_mth_and_never_an_unfinished_tag(tmp_path):
+    from train.checkpoint import complete_steps, rotate
+    for step in range(1, 11):
+        (tmp_path / f"global_step{step}").mkdir()
+    (tmp_path / "latest").write_text("global_step9")  # global_step10 is still being written
+    assert complete_steps(tmp_path) == list(range(1, 10))
+    assert rotate(tmp_path, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
+    assert sorted(int(p.name[11:]) for p in tmp_path.glob("global_step*")) == [4, 8, 9, 10]
