@@ -89,7 +89,7 @@ def check_inputs(recipe: dict, dataset: Dataset) -> None:
         raise TrainError(f"dataset {dataset.path} has no train shards")
 
 
-def resume_point(ckpt_dir: Path, recipe: dict, world_size: int) -> tuple[str | None, dict | None]:
+def resume_point(ckpt_dir: Path, recipe: dict) -> tuple[str | None, dict | None]:
     """The newest complete tag and its client_state; refuses a checkpoint of another model shape."""
     tag = ckpt.latest_tag(ckpt_dir)
     if tag is None:
@@ -116,7 +116,7 @@ class Trainer:
         self.ds_config = deepspeed_config(recipe, self.plan)
         self.run_dir = Path(recipe["run_dir"])
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.resume_tag, self.resume_state = resume_point(self.ckpt_dir, recipe, self.place.world_size)
+        self.resume_tag, self.resume_state = resume_point(self.ckpt_dir, recipe)
         saved_world = (self.resume_state or {}).get("world_size", self.place.world_size)
         # ZeRO partitions optimizer state by rank; without ZeRO it sits whole in the model-states file.
         self.universal = (self.resume_tag is not None and saved_world != self.place.world_size
