@@ -76,8 +76,10 @@ def setup(env=None) -> Placement:
     os.environ.update(resolved)
     rank, local_rank, world = int(resolved["RANK"]), int(resolved["LOCAL_RANK"]), int(resolved["WORLD_SIZE"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return Placement(rank, local_rank, world, f"cuda:{local_rank}", "nccl")
+        # `srun --gpus-per-task 1` leaves each task one visible GPU (index 0) whatever its local rank.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return Placement(rank, local_rank, world, f"cuda:{index}", "nccl")
     # DeepSpeed picks its CPU accelerator on its own when torch has no CUDA; say so explicitly for clarity.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Placement(rank, local_rank, world, "cpu", "gloo")
