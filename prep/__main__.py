@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import UsageError, download, evaldata, finalize, tokenize, verify
@@ -11,7 +12,8 @@ def _add_tokenize(sub) -> None:
     p = sub.add_parser("tokenize", help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or directories (recursive)")
     p.add_argument("--out", required=True, help="dataset directory")
-    p.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes on this node (default: the CPUs this process may use, e.g. Slurm's allocation)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--val-tokens", type=int, default=10_000_000, help="validation holdout size in tokens (default 10M)")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the validation hash (default 0)")
