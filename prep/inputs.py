@@ -249,7 +249,7 @@ def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats
     columns = [text_column] + (["id"] if "id" in pf.schema_arrow.names else [])
     for rg in unit.row_groups:
         try:
-            table = pf.read_row_group(rg, columns=columns)
+            table = pf.read_row_group(rg, columns=columns, use_threads=False)  # the workers are the parallelism
         except Exception as exc:  # corrupt page / truncated file
             raise InputError(f"{unit.path} row group {rg}: cannot read ({exc})") from None
         text_col = table.column(text_column)

@@ -87,12 +87,12 @@ def tokenize_unit(job: UnitJob, report=None) -> dict:
             stats.documents += len(pieces) // 2
             if not pieces:
                 continue
-            chunk = to_uint16(np.concatenate(pieces), job.unit.describe()).tobytes()
-            f.write(chunk)
-            digest.update(chunk)
-            n_tokens += len(chunk) // 2
+            chunk = to_uint16(np.concatenate(pieces), job.unit.describe())  # little-endian uint16, contiguous
+            f.write(chunk.data)
+            digest.update(chunk.data)
+            n_tokens += len(chunk)
             if report:
-                report((len(pieces) // 2, len(chunk) // 2))
+                report((len(pieces) // 2, len(chunk)))
         f.seek(0)
         f.write(make_header(n_tokens))
     index = np.array(list(zip(hashes, lengths)), dtype=INDEX_DTYPE)
