@@ -197,7 +197,14 @@ show_cmd() {
 
 SUBMITTED=()   # job ids so far: cancelled if a later sbatch fails, so no half-submitted chain survives
 submit_chain() {
-    [ "$DRY_RUN" = 1 ] || mkdir -p "$LOG_DIR"
+    # Jobs read the pipeline file when they start, hours later perhaps: give them a copy of it as submitted,
+    # so editing the file for the next run cannot change a chain already in the queue.
+    local job_pipeline="$PIPELINE_FILE"
+    if [ "$DRY_RUN" = 0 ]; then
+        mkdir -p "$LOG_DIR"
+        job_pipeline="$LOG_DIR/pipeline-$(date -u +%Y%m%dT%H%M%SZ).env"
+        cp "$PIPELINE_FILE" "$job_pipeline"
+    fi
     site_flags
     declare -A JOB
     local stage dep waits cmd id
@@ -218,7 +225,7 @@ submit_chain() {
         local extra_env=()
         [ "$stage" != eval_watch ] || extra_env=(--export="ALL,TRAIN_JOB_ID=${JOB[train]}")
         cmd=(sbatch "${SITE_FLAGS[@]}" "${STAGE_FLAGS[@]}" "${dep[@]}" "${extra_env[@]}"
-             "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE")
+             "$SLURM_DIR/$stage.sbatch" "$job_pipeline")
         if [ "$DRY_RUN" = 1 ]; then
             JOB[$stage]="<$stage>"
             show_cmd "${cmd[@]}"

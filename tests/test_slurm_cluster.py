@@ -133,6 +133,7 @@ def test_pipeline_runs_every_stage_to_completion(slurm_cluster, first_pipeline):
     assert list(jobs) == ["prep_tokenize", "prep_finalize", "train", "eval_watch"], done.stdout
     assert states == {j: "COMPLETED" for j in jobs.values()}, logs
     assert "waits for prep_tokenize to succeed" in done.stdout
+    assert len(list((run / "logs").glob("pipeline-*.env"))) == 1   # the jobs read the pipeline as submitted
     # the tokenize array ran 2 tasks, both recorded by the controller's job completion log
     tasks = slurm_cluster.job_records(jobs["prep_tokenize"])
     assert sorted(r["ArrayTaskId"] for r in tasks) == ["0", "1"]
