@@ -74,7 +74,7 @@ def cmd_watch(args) -> int:
     watcher = Watcher(args.run, scoring_flags(args), max_attempts=args.max_attempts,
                       log=lambda msg: print(msg, flush=True))
     print_table("eval watch", {"run": watcher.run, "poll (s)": args.poll, "until final": args.until_final,
-                               "final checkpoint": watcher.final_tag() or "unknown (no schedule.max_steps)",
+                               "final checkpoint": watcher.final_tag() or "unknown (no schedule in config.yaml)",
                                "per-checkpoint command": watcher.command or "none",
                                "max attempts": args.max_attempts, "eval flags": " ".join(scoring_flags(args))})
     return watcher.watch(args.poll, args.until_final, once=args.once)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
     p.add_argument("--until-final", action="store_true",
-                   help="exit once the checkpoint at schedule.max_steps (RUN/config.yaml) is scored")
+                   help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")
     p.add_argument("--once", action="store_true", help="score what is complete now, then exit")
     p.add_argument("--max-attempts", type=positive_int, default=3, help="tries per checkpoint before giving up")
     add_scoring_flags(p)

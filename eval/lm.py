@@ -23,7 +23,8 @@ MODEL_NAME = "gpt2-pipeline"
 
 @register_model(MODEL_NAME)
 class PipelineLM(TemplateLM):
-    """Wraps a model.GPT. From lm-eval's CLI: `--model gpt2-pipeline --model_args checkpoint=PATH`."""
+    """Wraps a model.GPT; through lm-eval's registry (once eval.lm is imported):
+    `get_model("gpt2-pipeline").create_from_arg_obj({"checkpoint": PATH}, {"batch_size": 32})`."""
 
     def __init__(self, model: GPT | None = None, checkpoint: str | None = None, batch_size: int = 32,
                  device: str | None = None, **_ignored):

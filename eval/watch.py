@@ -80,6 +80,16 @@ def read_recipe(run: Path) -> dict:
     return recipe if isinstance(recipe, dict) else {}
 
 
+def final_step(recipe: dict) -> int | None:
+    """The step of the run's last checkpoint: schedule.max_steps, or max_tokens rounded up to whole steps."""
+    schedule, batch = recipe.get("schedule") or {}, recipe.get("batch") or {}
+    if schedule.get("max_steps"):
+        return int(schedule["max_steps"])
+    if schedule.get("max_tokens") and batch.get("total_tokens"):
+        return -(-int(schedule["max_tokens"]) // int(batch["total_tokens"]))
+    return None
+
+
 @contextlib.contextmanager
 def try_lock(path: Path):
     """Yields True while holding an exclusive lock on `path`, False if another process holds it."""
@@ -113,7 +123,7 @@ class Watcher:
         self.python = python
         self.log = log
         recipe = read_recipe(self.run)
-        self.max_steps = (recipe.get("schedule") or {}).get("max_steps")
+        self.max_steps = final_step(recipe)
         self.command = (recipe.get("eval") or {}).get("command")
         self.seen: set[str] = set()      # tags seen complete by this watcher
         self.finished: dict[str, str] = {}  # tag -> "scored" | "rotated" | "failed"
@@ -194,7 +204,8 @@ class Watcher:
     def watch(self, poll: float, until_final: bool, once: bool = False) -> int:
         final = self.final_tag()
         if until_final and final is None:
-            raise EvalError(f"--until-final needs schedule.max_steps in {self.run / 'config.yaml'}")
+            raise EvalError(f"--until-final needs schedule.max_steps or schedule.max_tokens and batch.total_tokens "
+                            f"in {self.run / 'config.yaml'}")
         while True:
             self.poll_once()
             if once:

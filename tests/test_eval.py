@@ -199,9 +199,9 @@ def test_rolling_loglikelihood_and_generation_match_hf_backend(exported, latest_
     from lm_eval.api.registry import get_model
 
     from eval.lm import PipelineLM
-    from model.checkpoint import load_model
-    model, _ = load_model(latest_tag_dir)
-    ours = PipelineLM(model=model, batch_size=4, device="cpu")
+    ours = get_model("gpt2-pipeline").create_from_arg_obj({"checkpoint": str(latest_tag_dir)},
+                                                          {"batch_size": 4, "device": "cpu"})
+    assert isinstance(ours, PipelineLM)
     reference = get_model("hf").create_from_arg_obj({"pretrained": str(exported), "dtype": "float32"},
                                                      {"batch_size": 4, "device": "cpu"})
     text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:3000]  # ~3 windows of 256 tokens

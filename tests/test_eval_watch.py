@@ -166,3 +166,11 @@ def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and "missing.jsonl not found" in err and err.count("\n") == 1
     assert not (run / "eval").exists()
+
+
+def test_final_step_from_either_schedule_form():
+    from eval.watch import final_step
+    assert final_step({"schedule": {"max_steps": 200, "max_tokens": None}}) == 200
+    assert final_step({"schedule": {"max_steps": None, "max_tokens": 1000}, "batch": {"total_tokens": 512}}) == 2
+    assert final_step({"schedule": {"max_steps": None, "max_tokens": 1024}, "batch": {"total_tokens": 512}}) == 2
+    assert final_step({}) is None
