@@ -12,7 +12,7 @@ import hashlib
 import os
 import socket
 import sys
-import urllib.error
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -89,12 +89,16 @@ def file_status(path: Path, size: int, sha256: str | None) -> str:
         return "ok"
     stamp = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     cache = path.with_name(f".{path.name}.verified")
-    if cache.exists() and atomic.read_json(cache) == stamp:
-        return "ok"
+    if cache.exists():
+        cached = atomic.read_json(cache)
+        # Trust it only if the file was last written well before it was hashed: file timestamps are coarse, so a
+        # change made within the same tick as the hash would keep size and mtime (git's "racily clean" rule).
+        if {k: cached.get(k) for k in stamp} == stamp and cached.get("verified_at_ns", 0) - st.st_mtime_ns > 2e9:
+            return "ok"
     actual = sha256_file(path)
     if actual != sha256:
         return f"sha256 {actual[:12]}... != {sha256[:12]}..."
-    atomic.write_json(cache, stamp)
+    atomic.write_json(cache, {**stamp, "verified_at_ns": time.time_ns()})
     return "ok"
 
 
