@@ -32,11 +32,6 @@ def _at_or_before(series: dict[int, float], step: int):
     return series[max(steps)] if steps else None
 
 
-def _before(series: dict[int, float], step: int):
-    """Train lines number a step by its 0-based index; checkpoints and val lines by steps completed."""
-    return _at_or_before(series, step - 1)
-
-
 def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
     """(table rows sorted by step, [(tokens, val_loss)]); val lines carry no tokens: taken from train lines."""
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -49,12 +44,12 @@ def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
         step = r.get("step")
         hs = r.get("tasks", {}).get("hellaswag", {})
         rows[step] = {
-            "step": step, "tokens": r.get("tokens_seen") or (_before(tokens, step) if step is not None else None),
-            "train_loss": _before(train, step) if step is not None else None,
+            "step": step, "tokens": r.get("tokens_seen") or (_at_or_before(tokens, step) if step is not None else None),
+            "train_loss": _at_or_before(train, step) if step is not None else None,
             "val_loss": _at_or_before(val, step) if step is not None else None,
             "acc": hs.get("acc"), "acc_norm": hs.get("acc_norm"), "n_docs": hs.get("n_docs"),
         }
-    val_curve = [(_before(tokens, s) or 0, v) for s, v in sorted(val.items())]
+    val_curve = [(_at_or_before(tokens, s) or 0, v) for s, v in sorted(val.items())]
     return sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0)), val_curve
 
 

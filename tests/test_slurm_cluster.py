@@ -154,7 +154,7 @@ def test_pipeline_outputs_dataset_checkpoints_eval_and_report(first_pipeline):
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{FINAL_STEP}"
-    assert train_steps(run)[-1] == FINAL_STEP - 1             # metrics count steps from 0
+    assert train_steps(run)[-1] == FINAL_STEP                 # metrics count steps completed
     scored = [json.loads(line)["tag"] for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
     assert sorted(scored) == ["global_step3", f"global_step{FINAL_STEP}"]
     for tag in scored:
@@ -189,7 +189,7 @@ def test_second_submit_reuses_dataset_and_training_survives_preemption(slurm_clu
     assert "requeueing job" in train_log and "restart 1" in train_log
     assert re.search(r"resuming from .*global_step\d+ at step \d+", train_log), train_log[-4000:]
     # one log across both attempts, every step exactly once, ending where an uninterrupted run ends
-    assert train_steps(run) == list(range(PREEMPT_FINAL_STEP))
+    assert train_steps(run) == list(range(1, PREEMPT_FINAL_STEP + 1))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{PREEMPT_FINAL_STEP}"
     assert (run / "eval" / "report.md").exists()
 

@@ -49,7 +49,7 @@ def test_zero_stage_trains_and_its_checkpoint_consolidates_to_the_live_weights(z
     run_dir = zero_runs(stage)
     steps = STEPS[stage]
     train, val = read_metrics(run_dir)
-    assert [r["step"] for r in train] == list(range(steps))
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
     assert train[-1]["loss"] < train[0]["loss"] and val[-1]["val_loss"] < val[0]["val_loss"]
     assert train[-1]["tokens"] == steps * 128
 
@@ -80,7 +80,7 @@ def test_sigkill_and_resume_log_bitwise_identical_losses(zero_runs, tiny_dataset
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 2, "loss"' in metrics.read_text():
+        if metrics.exists() and '"step": 3, "loss"' in metrics.read_text():
             break
         time.sleep(0.05)
     # torchrun puts each rank in its own session: SIGKILL the ranks themselves, then torchrun; no chance to save.
@@ -95,8 +95,8 @@ def test_sigkill_and_resume_log_bitwise_identical_losses(zero_runs, tiny_dataset
     run_train(cmd)
     lines = read_metrics(run_dir)[0]
     replayed = [r["step"] for r in lines].count(k)
-    assert replayed >= 1 and max(r["step"] for r in lines) == STEPS[1] - 1
-    after_k = [r for r in lines if r["step"] >= k]
+    assert replayed >= 1 and max(r["step"] for r in lines) == STEPS[1]
+    after_k = [r for r in lines if r["step"] > k]
     assert len(after_k) >= STEPS[1] - k
     for r in lines:  # killed run's lines and resumed run's lines alike
         assert r["loss"] == baseline[r["step"]], (r["step"], r["loss"], baseline[r["step"]])
@@ -111,7 +111,7 @@ def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(ze
     assert "resuming from" in out.stdout and "global_step4_universal at step 4" in out.stdout
     assert (run_dir / "checkpoints/global_step4_universal").is_dir()
     train, val = read_metrics(run_dir)
-    assert [r["step"] for r in train] == [4, 5]
+    assert [r["step"] for r in train] == [5, 6]
     source_train, source_val = read_metrics(source)
     # The 1-rank continuation starts from the 2-rank weights: val loss keeps falling from where it was.
     assert val[0]["val_loss"] < source_val[-1]["val_loss"]
@@ -132,7 +132,7 @@ def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_dataset, tm
     ranks[1].send_signal(signal.SIGUSR1)  # only rank 1 hears it, as when one node is preempted first
     output, _ = proc.communicate(timeout=240)
     assert "preempted (signal on another rank)" in output, output[-3000:]  # rank 0 learnt it through the all-reduce
-    saved = read_metrics(run_dir)[0][-1]["step"] + 1
+    saved = read_metrics(run_dir)[0][-1]["step"]
     assert saved < 12 and (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
     # torchrun SIGTERMs the other rank as soon as the first exits, so it reports at least one 99 (both ranks had
     # already passed the save's barriers; `latest` above shows the checkpoint complete).

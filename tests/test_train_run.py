@@ -19,7 +19,7 @@ TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mf
 
 def test_metrics_lines_carry_the_contract_fields(tiny_run):
     train, val = read_metrics(tiny_run)
-    assert [r["step"] for r in train] == list(range(6))
+    assert [r["step"] for r in train] == list(range(1, 7))  # steps completed, as checkpoints count
     for r in train:
         assert TRAIN_FIELDS <= set(r), r
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
@@ -91,14 +91,14 @@ def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_datase
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 99, stderr[-3000:]
     train, _ = read_metrics(run_dir)
-    saved = train[-1]["step"] + 1
+    saved = train[-1]["step"]
     assert 1 <= saved < 8 and f"saved global_step{saved}, exiting with status 99" in stdout
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
 
     again = run_train(cmd)
     assert f"resuming from {run_dir / 'checkpoints' / f'global_step{saved}'} at step {saved}" in again.stdout
     steps = [r["step"] for r in read_metrics(run_dir)[0]]
-    assert steps == list(range(8))
+    assert steps == list(range(1, 9))
     assert (run_dir / "checkpoints/latest").read_text().strip() == "global_step8"
 
 

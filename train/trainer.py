@@ -204,7 +204,7 @@ class Trainer:
         self.tokens_seen += self.plan.total_tokens
         grad_norm = self.engine.get_global_grad_norm()
         tokens_per_s = self.plan.total_tokens / step_time
-        return {"step": self.step - 1, "loss": mean_loss, "lr": self.engine.get_lr()[0],
+        return {"step": self.step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": self.tokens_seen,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_time,
                 "mfu": mfu(tokens_per_s, self.model_config, self.plan.seq_len, self.place.world_size, self.peak),
