@@ -227,7 +227,7 @@ def main() -> None:
         row(f"prep tokenize --workers {w}", f"prep{st}", f"{st:,}", f"{r['rss_main_mib']:.0f}",
             f"{r['rss_worker_max_mib']:.0f}")
     print(f"(peak RSS right after imports, before any work: {best[f'prep{args.shard_tokens[0]}']['rss_after_imports_mib']:.0f}"
-          f" MiB, mostly torch, which `from model import tokenizer` imports; forked workers share those pages)")
+          f" MiB: Python, numpy, pyarrow and tiktoken's BPE; forked workers share those pages)")
 
 
 if __name__ == "__main__":
