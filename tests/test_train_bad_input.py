@@ -55,13 +55,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                                      "checkpoint.every=1", "eval.every=0", "sample.every=0"), check_rc=None)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: loss is ") and "stopped before the update" in last, last
-    bad_step = int(last.split(" at step ")[1].split(";")[0])
+    assert last.startswith("error: loss is ") and "stopped before it" in last, last
+    bad_step = int(last.split(" (after step ")[1].split(")")[0])  # the last good step
     assert bad_step >= 1
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"global_step{bad_step}"
     assert read_client_state(ckpts / f"global_step{bad_step}")["step"] == bad_step
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(bad_step))
+    assert [r["step"] for r in lines] == list(range(1, bad_step + 1))
     optim = torch.load(next((ckpts / f"global_step{bad_step}").glob("*optim_states.pt")), weights_only=False)
     assert optim["optimizer_state_dict"]["base_optimizer_state"]["state"]  # the saved optimizer state is there

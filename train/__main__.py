@@ -39,6 +39,16 @@ def main(argv=None) -> int:
     except (TrainError, DatasetError, ShardError, CheckpointError, LaunchError, TokenizerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    # Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while joinable, and the rank
+    # dies with SIGABRT ("terminate called without an active exception") after finishing its work.
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

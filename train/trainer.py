@@ -194,7 +194,7 @@ class Trainer:
             if micro == self.plan.grad_accum - 1:
                 mean_loss = self._all_mean(loss_sum / self.plan.grad_accum)
                 if not math.isfinite(mean_loss):
-                    raise TrainError(f"loss is {mean_loss} at step {self.step}; stopped before the update "
+                    raise TrainError(f"loss is {mean_loss} in update {self.step + 1} (after step {self.step}); stopped before it "
                                      f"(last good checkpoint: {ckpt.latest_tag(self.ckpt_dir) or 'none'})")
             self.engine.step()
         if self.place.device.startswith("cuda"):
