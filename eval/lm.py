@@ -63,14 +63,6 @@ class PipelineLM(TemplateLM):
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """GPT.forward without its LM head, so the head runs only where a score is needed (eval mode: no dropout)."""
-        t = self.model.transformer
-        x = t.wte(idx) + t.wpe(torch.arange(idx.size(1), device=idx.device))
-        for block in t.h:
-            x = block(x)
-        return t.ln_f(x)
-
     @torch.no_grad()
     def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(context tokens, continuation tokens) pairs -> (sum of continuation log-probs, all greedy)."""
@@ -93,9 +85,9 @@ class PipelineLM(TemplateLM):
         targets = torch.tensor([tok for _, cont in batch for tok in cont], dtype=torch.long)
         idx, rows, cols, targets = (t.to(self.device) for t in (idx, rows, cols, targets))
         with self._autocast():
-            hidden = self._hidden_states(idx)[rows, cols]
-            logits = self.model.lm_head(hidden)
-        logits = logits[:, : self.model.config.vocab_size].float()
+            # The LM head runs only on continuation positions: the 50257-wide matmul is most of a small model's cost.
+            logits = self.model.head(self.model.features(idx)[rows, cols])
+        logits = logits.float()
         token_logprobs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = logits.argmax(dim=-1) == targets
         out, start = [], 0
