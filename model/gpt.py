@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 
@@ -19,13 +20,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Dispatches to flash / memory-efficient kernels on GPU.
+        # Plain causal attention dispatches to flash kernels on GPU; an explicit mask (True = may attend) is for
+        # packed sequences, e.g. several continuations of one shared context.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -50,8 +53,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -69,6 +72,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        # A training-time choice, not part of the shape: recompute each block in backward instead of keeping its
+        # activations (train sets it from the recipe; checkpoints and exports do not record it).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 scales residual projections so the residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
@@ -91,15 +97,26 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) -> final-layernormed hidden states (B, T, n_embd)."""
+    def features(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final-layernormed hidden states (B, T, n_embd).
+
+        By default position t is t and attention is causal. A packed batch gives both: positions (B, T) and a
+        boolean attn_mask (B, 1, T, T), True where a query may attend to a key.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)
+        elif int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} exceeds block_size {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
-            x = block(x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
         return self.transformer.ln_f(x)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,48 @@ def test_causal():
     assert not torch.allclose(a[0, 12:], b[0, 12:])
 
 
+def test_packed_sequence_matches_separate_ones():
+    """Two continuations packed after one shared context see exactly what they would see alone."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    context, first, second = torch.randint(0, 300, (3,)), torch.randint(0, 300, (4,)), torch.randint(0, 300, (6,))
+    packed = torch.cat([context, first, second])[None]
+    segment = torch.tensor([0] * 3 + [1] * 4 + [2] * 6)
+    positions = torch.cat([torch.arange(3), torch.arange(3, 7), torch.arange(3, 9)])[None]
+    causal = torch.ones(13, 13, dtype=torch.bool).tril()
+    mask = causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    with torch.no_grad():
+        out = model.features(packed, positions, mask[None, None])[0]
+        alone_first = model.features(torch.cat([context, first])[None])[0]
+        alone_second = model.features(torch.cat([context, second])[None])[0]
+    torch.testing.assert_close(out[:7], alone_first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[7:], alone_second[3:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="position 32 exceeds block_size 32"):
+        model.features(packed, positions + 24, mask[None, None])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        count = [0]
+
+        def keep(tensor, count=count):
+            count[0] += 1
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, f"tensors kept for backward: {saved[0]} plain, {saved[1]} checkpointed"
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)
+
+
 def test_padding_never_leaks():
     torch.manual_seed(0)
     padded = GPT(GPTConfig(**SMALL, padded_vocab_size=320))
