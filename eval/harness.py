@@ -92,8 +92,13 @@ def load_tasks(names: list[str], hellaswag_file: Path | None = None) -> dict:
 def run_tasks(lm, tasks: dict, limit: int | None = None, log_samples: bool = False) -> dict:
     """Evaluate `lm` (an lm-eval LM) 0-shot on `tasks` ({name: Task}); lm-eval's raw output dict."""
     from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples)
+    # The tasks are already loaded; without a manager of our own, simple_evaluate would index every built-in
+    # task YAML again (about 15 s per call, paid per checkpoint by `eval watch`).
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples,
+                           task_manager=manager)
 
 
 def summarize(raw: dict, tasks: dict) -> dict:

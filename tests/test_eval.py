@@ -105,6 +105,32 @@ def test_agreement_with_lm_eval_hf_backend(exported, latest_tag_dir, hellaswag_f
     assert worst < 1e-4, f"largest per-request log-likelihood difference {worst:.2e}"
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_packed_scoring_matches_one_request_per_sequence(batch_size):
+    """Shared contexts packed into rows, rows split when too long, left truncation: each request's score is what
+    a plain forward pass over that request alone gives."""
+    from eval.lm import PipelineLM
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)).eval()
+    tokens = lambda n: torch.randint(0, 50257, (n,)).tolist()  # noqa: E731
+    short, long_ = tokens(5), tokens(20)
+    pairs = ([(short, tokens(n)) for n in (1, 4, 7, 3)]     # one row: 5 + 0 + 3 + 6 + 2 = 16 tokens
+             + [(long_, tokens(n)) for n in (3, 4, 2, 5)]   # over 24 packed: split across rows; 5 -> truncated
+             + [(tokens(30), tokens(6)), (tokens(2), tokens(24))])  # truncated context; longest continuation
+    requests = [(None, context, continuation) for context, continuation in pairs]
+    lm = PipelineLM(model=model, batch_size=batch_size, device="cpu")
+    assert len(lm._rows(pairs)) < len(pairs)
+    got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
+        inp = (context + continuation)[-25:]
+        with torch.no_grad():
+            logits = model(torch.tensor([inp[:-1]]))[0][0, -len(continuation):]
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(continuation)), torch.tensor(continuation)]
+        assert logprob == pytest.approx(expected.sum().item(), abs=1e-5)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(continuation)).all())
+
+
 def test_checkpoint_cli_writes_result(eval_run, latest_tag_dir, hellaswag_file):
     from model.checkpoint import load_model
     proc = subprocess.run([PYTHON, "-m", "eval", "checkpoint", str(latest_tag_dir), "--hellaswag-file",
