@@ -29,8 +29,13 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The demo's inputs: any UTF-8 text (blank-line-separated blocks become documents) and the HellaSwag jsonl
+# that configs/pipelines/tiny-local.env names (write one with `python -m prep eval-data`).
+DEMO_TEXT ?= ../shared/data/tinyshakespeare.txt
+
 demo: $(VENV)/.installed
-	$(PY) slurm/split_text.py ../shared/data/tinyshakespeare.txt demo/input --files 2
+	@test -f "$(DEMO_TEXT)" || { echo "error: demo text $(DEMO_TEXT) not found; run make demo DEMO_TEXT=any.txt" >&2; exit 1; }
+	$(PY) slurm/split_text.py "$(DEMO_TEXT)" demo/input --files 2
 	PYTHON="$(abspath $(PY))" slurm/submit.sh configs/pipelines/tiny-local.env --local
 
 clean:
