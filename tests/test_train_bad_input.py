@@ -65,3 +65,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert [r["step"] for r in lines] == list(range(1, bad_step + 1))
     optim = torch.load(next((ckpts / f"global_step{bad_step}").glob("*optim_states.pt")), weights_only=False)
     assert optim["optimizer_state_dict"]["base_optimizer_state"]["state"]  # the saved optimizer state is there
+
+
+def test_compile_with_zero3_is_refused_before_anything_is_written(tmp_path, tiny_dataset):
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "compile=true",
+                                     "deepspeed=configs/deepspeed/zero3.json"), check_rc=None)
+    assert_one_line_error(result, 2, "compile: true with ZeRO stage 3", "zero3.json")
+    result = run_train(train_command(tmp_path / "run", tiny_dataset, "activation_checkpointing=sometimes"),
+                       check_rc=None)
+    assert_one_line_error(result, 2, "activation_checkpointing must be true or false, got 'sometimes'")
+    assert not (tmp_path / "run").exists()

@@ -59,6 +59,21 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load_recipe(bad)
 
 
+def test_compile_and_activation_checkpointing_are_booleans_off_by_default():
+    r = load_recipe(TINY)
+    assert r["compile"] is False and r["activation_checkpointing"] is False
+    r = load_recipe(TINY, ["compile=true", "activation_checkpointing=true"])
+    assert r["compile"] is True and r["activation_checkpointing"] is True
+    deepspeed_config(r, batch_plan(r, 1))  # ZeRO-1 (the recipe's): compile allowed
+    with pytest.raises(RecipeError, match="compile must be true or false, got 1"):
+        load_recipe(TINY, ["compile=1"])
+    r = load_recipe(TINY, ["compile=true", "deepspeed=configs/deepspeed/zero3-offload.json"])
+    with pytest.raises(RecipeError, match=r"compile: true with ZeRO stage 3 \(configs/deepspeed/zero3-offload.json\)"):
+        deepspeed_config(r, batch_plan(r, 1))
+    r = load_recipe(TINY, ["activation_checkpointing=true", "deepspeed=configs/deepspeed/zero3.json"])
+    assert deepspeed_config(r, batch_plan(r, 1))["zero_optimization"]["stage"] == 3  # checkpointing: any stage
+
+
 def test_overrides_parse_yaml_values():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null", "e=text"]) == {"a": {"b": 3, "c": [1, 2]}, "d": None,
                                                                             "e": "text"}

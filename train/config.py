@@ -45,6 +45,11 @@ DEFAULTS: dict = {
     "deepspeed": REQUIRED,
     # bf16 on GPUs (the DeepSpeed files enable it); fp32 for CPU runs, where bf16 matmuls are ~10x slower.
     "precision": "bf16",
+    # Speed/memory switches of the training forward; neither changes the weights, the checkpoints or their keys.
+    # compile: torch.compile the module in place (DeepSpeed's engine.compile); not with ZeRO-3.
+    # activation_checkpointing: recompute each block in backward instead of keeping its activations.
+    "compile": False,
+    "activation_checkpointing": False,
     "batch": {"total_tokens": REQUIRED, "micro_batch": REQUIRED, "seq_len": REQUIRED},
     "optim": {"max_lr": 6.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
               "betas": [0.9, 0.95], "eps": 1.0e-8, "grad_clip": 1.0},
@@ -153,6 +158,9 @@ def _check(recipe: dict) -> None:
     for key in ("optim.warmup_steps", "eval.every", "checkpoint.every", "checkpoint.keep_last",
                 "checkpoint.keep_every", "sample.every", "sample.num", "sample.max_new_tokens", "seed"):
         _positive_int(recipe, key, allow_zero=True)
+    for key in ("compile", "activation_checkpointing"):
+        if not isinstance(recipe[key], bool):
+            raise RecipeError(f"{key} must be true or false, got {recipe[key]!r}")
     if recipe["precision"] not in ("bf16", "fp32"):
         raise RecipeError(f"precision must be bf16 or fp32, got {recipe['precision']!r}")
     optim = recipe["optim"]
@@ -250,6 +258,11 @@ def deepspeed_config(recipe: dict, plan: BatchPlan) -> dict:
         ds.setdefault("bf16", {})["enabled"] = True
     if ds.get("fp16", {}).get("enabled"):
         raise RecipeError(f"deepspeed config {path} enables fp16; this trainer uses bf16 or fp32 (recipe precision)")
+    if recipe["compile"] and zero_stage(ds) == 3:
+        # Measured (2 CPU ranks): it trains, but dynamo traces into ZeRO-3's per-module parameter gather/release
+        # hooks, hits its recompile limit and falls back to eager there, so compiling buys nothing and costs a
+        # minute. DeepSpeed's route for ZeRO-3 is its DeepCompile backend, not wired in here.
+        raise RecipeError(f"compile: true with ZeRO stage 3 ({path}) is not supported; use ZeRO 0-2 or compile: false")
     ds.setdefault("steps_per_print", 10 ** 9)  # our own metrics replace DeepSpeed's periodic prints
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -259,7 +272,9 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def startup_table(recipe: dict, plan: BatchPlan, ds_config: dict, n_params: int) -> str:
+def startup_table(recipe: dict, plan: BatchPlan, ds_config: dict, n_params: int, compiled: bool = False,
+                  checkpointing: bool = False) -> str:
+    """The resolved recipe, then derived numbers; compiled / checkpointing are read back from the built engine."""
     rows = [("recipe key", "value")]
 
     def walk(node, where=""):
@@ -279,6 +294,8 @@ def startup_table(recipe: dict, plan: BatchPlan, ds_config: dict, n_params: int)
         ("tokens total", f"{plan.max_steps * plan.total_tokens:,}"),
         ("zero stage", str(zero_stage(ds_config))),
         ("bf16", str(ds_config.get("bf16", {}).get("enabled", False))),
+        ("engine compiled", str(compiled)),
+        ("module activation checkpointing", str(checkpointing)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -138,6 +138,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=self.place.backend)
         torch.manual_seed(self.recipe["seed"])  # identical initial weights on every rank
         model = GPT(self.model_config)
+        model.activation_checkpointing = self.recipe["activation_checkpointing"]
         self.n_params = model.num_params()
         o = self.recipe["optim"]
         groups = param_groups(model, o["weight_decay"])
@@ -150,6 +151,12 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=o["max_lr"], betas=tuple(o["betas"]), eps=o["eps"])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        if self.recipe["compile"]:
+            # nn.Module.compile in place (what engine.compile calls): the module stays a GPT with its own
+            # parameter names, so checkpoints keep their keys. Compilation itself happens in the first forward;
+            # validation (eval, no grad) gets a second graph; generate() calls GPT.features, not the module, so
+            # sampling runs uncompiled and its growing prompt lengths cause no recompiles.
+            self.engine.compile()
         self.step, self.tokens_seen = 0, 0
         if self.resume_tag is not None:
             self._load()
@@ -275,7 +282,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(r, sort_keys=False))
-            print(startup_table(r, self.plan, self.ds_config, self.n_params), flush=True)
+            print(startup_table(r, self.plan, self.ds_config, self.n_params, compiled=self.engine.is_compiled,
+                                checkpointing=self.engine.module.activation_checkpointing), flush=True)
             if self.resume_tag:
                 print(f"resuming from {self.ckpt_dir / self.resumed_from} at step {self.step}", flush=True)
         log = RunLog(self.run_dir, r["log"]["tensorboard"]) if self.is_main else None
