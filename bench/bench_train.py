@@ -1,14 +1,18 @@
 """Training throughput: the DeepSpeed trainer (`python -m train`) vs a plain PyTorch loop, side by side.
 
     TIKTOKEN_CACHE_DIR=../shared/tiktoken .venv/bin/python bench/bench_train.py --dataset DS \
-        [--preset tiny] [--micro-batch 4] [--seq-len 64] [--grad-accum 2] [--steps 20] [--precision bf16|fp32]
+        [--preset tiny] [--padded-vocab-size N] [--micro-batch 4] [--seq-len 64] [--grad-accum 2] [--steps 20] \
+        [--precision bf16|fp32] [--compile] [--activation-checkpointing]
 
 Both sides train the same model shape from the same seed on the same windows of DS with the same optimizer
-(AdamW, decay on 2-D parameters, clipping 1.0, lr set per step) and the same batch. The plain loop uses bf16 autocast
-when --precision bf16 (fp32 master weights); the trainer runs DeepSpeed ZeRO-1 with the recipe's precision
-(bf16 module weights with fp32 master weights and fp32 gradient accumulation, or fp32). tokens/s is the median over
-the steps after --skip warm-up steps; the trainer's figure is read from its metrics.jsonl (DeepSpeed start-up and
-checkpoint writing are excluded on both sides). The two alternate --rounds times to even out a shared machine.
+(AdamW, decay on 2-D parameters, clipping 1.0, lr set per step) and the same batch, on the first GPU when there is
+one, else on the CPU. The plain loop uses bf16 autocast when --precision bf16 (fp32 master weights); the trainer
+runs DeepSpeed ZeRO-1 with the recipe's precision (bf16 module weights with fp32 master weights and fp32 gradient
+accumulation, or fp32). --compile and --activation-checkpointing set the recipe keys of the same names for the
+trainer and do the same to the plain loop's model (nn.Module.compile in place; GPT.activation_checkpointing), so the
+ratio stays like for like. tokens/s is the median over the steps after --skip warm-up steps (compilation happens in
+the first); the trainer's figure and its MFU are read from its metrics.jsonl (DeepSpeed start-up and checkpoint
+writing are excluded on both sides). The two alternate --rounds times to even out a shared machine.
 """
 from __future__ import annotations
 
@@ -33,49 +37,76 @@ import torch  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
 from train.data import TrainLoader  # noqa: E402
+from train.metrics import mfu, peak_flops  # noqa: E402
 from train.trainer import param_groups  # noqa: E402
 
 
-def plain_loop(args) -> list[float]:
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
+
+
+def model_config(args) -> GPTConfig:
+    return GPTConfig.preset(args.preset, padded_vocab_size=args.padded_vocab_size)
+
+
+def plain_loop(args) -> list[dict]:
     torch.manual_seed(args.seed)
-    model = GPT(GPTConfig.preset(args.preset))
+    model = GPT(model_config(args)).to(DEVICE)
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        model.compile()
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
     loader = TrainLoader(Dataset(args.dataset), args.micro_batch, args.seq_len, 0, 1, args.seed)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    rates = []
+    autocast = (torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
+                else nullcontext())
+    peak = peak_flops({"gpu": "auto", "peak_tflops": None}, DEVICE)
+    records = []
     for _ in range(args.steps):
         start = time.perf_counter()
         for _ in range(args.grad_accum):
             x, y = loader.next()
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x.to(DEVICE), y.to(DEVICE))
             (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        rates.append(args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start))
-    return rates
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
+        rate = args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start)
+        records.append({"tokens_per_s": rate, "mfu": mfu(rate, model_config(args), args.seq_len, 1, peak)})
+    # Give the GPU back to the trainer's process: drop compiled graphs that pin this model, empty the cache.
+    del model, optimizer
+    torch._dynamo.reset()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return records
 
 
-def deepspeed_trainer(args) -> list[float]:
+def deepspeed_trainer(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"run_dir={tmp}/run", f"data.dir={args.dataset}", f"model={{preset: {args.preset}}}",
+        model = f"{{preset: {args.preset}, padded_vocab_size: {args.padded_vocab_size or 'null'}}}"
+        sets = [f"run_dir={tmp}/run", f"data.dir={args.dataset}", f"model={model}",
                 f"precision={args.precision}", f"batch.micro_batch={args.micro_batch}",
                 f"batch.seq_len={args.seq_len}", f"batch.total_tokens={args.micro_batch * args.seq_len * args.grad_accum}",
                 f"schedule.max_steps={args.steps}", "eval.every=0", "sample.every=0", "checkpoint.every=0",
-                "log.tensorboard=false", f"seed={args.seed}", "deepspeed=configs/deepspeed/zero1.json"]
+                "log.tensorboard=false", f"seed={args.seed}", "deepspeed=configs/deepspeed/zero1.json",
+                f"compile={str(args.compile).lower()}",
+                f"activation_checkpointing={str(args.activation_checkpointing).lower()}"]
         cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml"]
         for s in sets:
             cmd += ["--set", s]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            sys.exit(f"python -m train exited {result.returncode}:\n{result.stderr[-3000:]}")
         lines = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-        return [r["tokens_per_s"] for r in lines if "loss" in r]
+        return [r for r in lines if "loss" in r]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="a finished prep dataset dir")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--padded-vocab-size", type=int, default=None, help="e.g. 50304, as the GPU recipes")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--grad-accum", type=int, default=2)
@@ -84,21 +115,36 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides (recipe key compile)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute blocks in backward on both sides (recipe key activation_checkpointing)")
     args = p.parse_args()
+    if args.steps <= args.skip:
+        p.error(f"--steps {args.steps} leaves nothing after --skip {args.skip}")
     results = {"plain": [], "deepspeed": []}
+    mfus = {"plain": [], "deepspeed": []}
     for _ in range(args.rounds):
         for name, fn in (("plain", plain_loop), ("deepspeed", deepspeed_trainer)):
-            rates = fn(args)[args.skip:]
-            results[name].append(statistics.median(rates))
-            print(f"{name:9s} median {results[name][-1]:10.1f} tok/s over {len(rates)} steps", flush=True)
+            records = fn(args)[args.skip:]
+            results[name].append(statistics.median(r["tokens_per_s"] for r in records))
+            if records[0]["mfu"] is not None:
+                mfus[name].append(statistics.median(r["mfu"] for r in records))
+            print(f"{name:9s} median {results[name][-1]:10.1f} tok/s over {len(records)} steps"
+                  + (f", MFU {mfus[name][-1]:.3f}" if mfus[name] else ""), flush=True)
     plain, ds = statistics.median(results["plain"]), statistics.median(results["deepspeed"])
-    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+    where = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {where}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"preset {args.preset}, micro_batch {args.micro_batch} x seq_len {args.seq_len} x grad_accum "
-          f"{args.grad_accum}, {args.precision}, {args.steps} steps (first {args.skip} skipped), {args.rounds} rounds")
+    print(f"preset {args.preset} (embedding rows {model_config(args).embedding_rows}), micro_batch {args.micro_batch} "
+          f"x seq_len {args.seq_len} x grad_accum {args.grad_accum}, {args.precision}, compile {args.compile}, "
+          f"activation checkpointing {args.activation_checkpointing}, {args.steps} steps (first {args.skip} skipped), "
+          f"{args.rounds} rounds")
     print(f"plain PyTorch loop     {plain:10.1f} tok/s")
     print(f"DeepSpeed trainer      {ds:10.1f} tok/s")
     print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}")
+    for name, label in (("plain", "plain PyTorch loop"), ("deepspeed", "DeepSpeed trainer")):
+        if mfus[name]:
+            print(f"MFU {label:18s} {statistics.median(mfus[name]):10.3f}  (docs/train.md, MFU)")
     return 0
 
 
