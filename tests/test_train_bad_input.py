@@ -1,5 +1,6 @@
 """Bad input to `python -m train`: one `error:` line, non-zero exit, nothing in the run dir written or overwritten."""
 import json
+import os
 import shutil
 
 import torch
@@ -75,3 +76,18 @@ def test_compile_with_zero3_is_refused_before_anything_is_written(tmp_path, tiny
                        check_rc=None)
     assert_one_line_error(result, 2, "activation_checkpointing must be true or false, got 'sometimes'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_compiler_stops_with_one_line_before_any_update(tmp_path, tiny_dataset):
+    # A fresh inductor cache, so kernels must really be built, and a broken `g++` first on PATH: inductor's
+    # compiler. (Not CXX: DeepSpeed's CPU comm op would rebuild with it, in the shared torch_extensions cache.)
+    fake = tmp_path / "bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    run_dir = tmp_path / "run"
+    result = run_train(train_command(run_dir, tiny_dataset, "compile=true"), check_rc=None, env=env)
+    assert_one_line_error(result, 1, "torch.compile failed in update 1", "C++ compiler", "set compile: false")
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").read_text()

@@ -186,6 +186,18 @@ class Trainer:
         dist.all_reduce(value)
         return value.item() / self.place.world_size
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.engine(x.to(self.engine.device), y.to(self.engine.device))[1]
+        except RuntimeError as exc:
+            # With compile on, the first forward of each mode compiles: a missing C++ compiler (CPU) or Triton
+            # (GPU) shows up here, not at start-up.
+            from torch._dynamo.exc import BackendCompilerFailed
+            if not isinstance(exc, BackendCompilerFailed):
+                raise
+            raise TrainError(f"torch.compile failed in update {self.step + 1} "
+                             f"({str(exc).strip().splitlines()[0]}); fix that or set compile: false") from None
+
     def train_step(self) -> dict:
         lr = learning_rate(self.step, self.recipe["optim"]["max_lr"], self.recipe["optim"]["min_lr_ratio"],
                            self.recipe["optim"]["warmup_steps"], self.plan.max_steps)
@@ -194,8 +206,7 @@ class Trainer:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.engine.device)
         for micro in range(self.plan.grad_accum):
-            x, y = self.loader.next()
-            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
+            loss = self._forward(*self.loader.next())
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro == self.plan.grad_accum - 1:
@@ -222,8 +233,7 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros((), device=self.engine.device)
         for x, y in self.val:
-            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
-            total += loss.float()
+            total += self._forward(x, y).float()
         self.engine.train()
         return self._all_mean(total / len(self.val))
 
