@@ -17,6 +17,7 @@ from tests.slurm_cluster import NODE_IFNAME, cluster_fixture, split_inputs, writ
 SUBMIT = str(REPO / "slurm" / "submit.sh")
 FINAL_STEP = 6
 PREEMPT_FINAL_STEP = 12
+EXTERNAL_FINAL_STEP = 24     # long enough that each signal lands mid-run, even when steps are fast
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,17 @@ def make_pipeline(site, name: str, run: str, overrides: list[str], **extra):
 
 
 def train_steps(run_dir) -> list[int]:
+    if not (run_dir / "metrics.jsonl").exists():
+        return []
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [rec["step"] for rec in lines if "loss" in rec]
+
+
+def wait_until(ready, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
@@ -166,21 +176,22 @@ def test_pipeline_outputs_dataset_checkpoints_eval_and_report(first_pipeline):
     assert summary.count(" ok ") == 5 and "FAILED" not in summary, summary
 
 
-def test_second_submit_reuses_dataset_and_training_survives_preemption(slurm_cluster, site, first_pipeline):
-    root = site[0]
-    run = root / "run two"
-    pipeline = make_pipeline(site, "second", "run two", train_overrides(PREEMPT_FINAL_STEP, PREEMPT_FINAL_STEP),
-                             EVAL_LIMIT=8)
-    done = run_submit(slurm_cluster, pipeline)
+def start_training(cluster, site, name: str, max_steps: int):
+    """Submit a run on the dataset the first pipeline made; return once training has logged a step."""
+    run = site[0] / f"{name} run"
+    pipeline = make_pipeline(site, name, run.name, train_overrides(max_steps, max_steps), EVAL_LIMIT=8)
+    done = run_submit(cluster, pipeline)
     assert done.returncode == 0, done.stdout + done.stderr
     jobs = submitted_jobs(done.stdout)
+    wait_until(lambda: train_steps(run), "the first training step")
+    return run, jobs, done
+
+
+def test_second_submit_reuses_dataset_and_training_survives_preemption(slurm_cluster, site, first_pipeline):
+    run, jobs, done = start_training(slurm_cluster, site, "second", PREEMPT_FINAL_STEP)
     assert list(jobs) == ["train", "eval_watch"], done.stdout      # the dataset is reused: no prep jobs
     assert "reusing dataset" in done.stdout
-    # mid-run: once training has logged a step, send it the time-limit signal, as Slurm would
-    deadline = time.monotonic() + 300
-    while not ((run / "metrics.jsonl").exists() and train_steps(run)):
-        assert time.monotonic() < deadline, slurm_cluster.job_state(jobs["train"])
-        time.sleep(0.2)
+    # mid-run, training has logged a step: send it the time-limit signal, as Slurm would
     subprocess.run(["scancel", "--signal=USR1", jobs["train"]], env=slurm_cluster.env, check=True)
     states = slurm_cluster.wait_jobs(jobs.values(), timeout=400)
     train_log = (run / "logs" / f"train-{jobs['train']}.out").read_text()
@@ -192,6 +203,62 @@ def test_second_submit_reuses_dataset_and_training_survives_preemption(slurm_clu
     assert train_steps(run) == list(range(1, PREEMPT_FINAL_STEP + 1))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{PREEMPT_FINAL_STEP}"
     assert (run / "eval" / "report.md").exists()
+
+
+def test_training_survives_sigterm_and_an_external_requeue(slurm_cluster, site, first_pipeline):
+    """The two other ways a running training job is stopped: SIGTERM to its steps only (`scancel --signal=TERM`,
+    or a preemption's first notice), which the job script turns into a requeue as for USR1; and a requeue from
+    outside (`scontrol requeue`, as an admin or a preempting job's requeue does), where Slurm sends SIGTERM to the
+    batch script and the steps, SIGKILL after KillWait, and requeues the job itself."""
+    run, jobs, _ = start_training(slurm_cluster, site, "third", EXTERNAL_FINAL_STEP)
+    train_job = jobs["train"]
+    train_log = run / "logs" / f"train-{train_job}.out"
+    subprocess.run(["scancel", "--signal=TERM", train_job], env=slurm_cluster.env, check=True)
+    # the second attempt has started once its script prints `restart 1`: the first one's steps are all logged
+    wait_until(lambda: train_log.exists() and "restart 1" in train_log.read_text(), "the job's first restart")
+    first_attempt = len(train_steps(run))
+    wait_until(lambda: len(train_steps(run)) > first_attempt, "a step of the second attempt")
+    assert slurm_cluster.job_state(train_job) == "RUNNING"
+    subprocess.run(["scontrol", "requeue", train_job], env=slurm_cluster.env, check=True)
+
+    states = slurm_cluster.wait_jobs(jobs.values(), timeout=400)
+    log = train_log.read_text()
+    assert states == {j: "COMPLETED" for j in jobs.values()}, log[-4000:]
+    # two restarts, no more: the job script requeued after SIGTERM, Slurm alone after its own requeue
+    assert slurm_cluster.job_records(train_job)[0]["Restarts"] == "2", log[-4000:]
+    assert [r["JobState"] for r in slurm_cluster.completion_records() if r["JobId"] == train_job] == \
+        ["PENDING", "PENDING", "COMPLETED"]     # jobcomp logs a requeued run as PENDING
+    assert log.count("requeueing job") == 1 and "restart 2" in log, log[-4000:]
+    assert "pending execution" not in log, log[-4000:]          # no second `scontrol requeue` of a requeued job
+    # both stops saved the step in progress: each attempt resumed where the last one ended, no step lost or redone
+    assert len(re.findall(r"resuming from .*global_step\d+ at step \d+", log)) == 2, log[-4000:]
+    assert train_steps(run) == list(range(1, EXTERNAL_FINAL_STEP + 1))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{EXTERNAL_FINAL_STEP}"
+    assert (run / "eval" / "report.md").exists()
+    summary = (run / "logs" / "summary.txt").read_text()
+    train_lines = [line for line in summary.splitlines() if f" train {train_job} " in line]
+    outcomes = [line.split(f" train {train_job} ")[1].split(" log: ")[0] for line in train_lines]
+    assert outcomes == ["requeued (exit 99)", "requeued by Slurm (exit 99)", "ok"], summary
+    assert "FAILED" not in summary and f"eval_watch {jobs['eval_watch']} ok" in summary, summary
+
+
+def test_cancelled_training_saves_and_is_not_requeued(slurm_cluster, site, first_pipeline):
+    """`scancel JOB`: Slurm sends SIGTERM to the script and the tasks and ends the job. The trainer still saves
+    the step in progress, and the script, which now outlives the signal, must not requeue a cancelled job."""
+    run, jobs, _ = start_training(slurm_cluster, site, "cancelled", EXTERNAL_FINAL_STEP)
+    train_job = jobs["train"]
+    subprocess.run(["scancel", train_job], env=slurm_cluster.env, check=True)
+    states = slurm_cluster.wait_jobs(jobs.values(), timeout=120)
+    log = (run / "logs" / f"train-{train_job}.out").read_text()
+    assert states == {train_job: "CANCELLED", jobs["eval_watch"]: "FAILED"}, log[-4000:]
+    assert slurm_cluster.job_records(train_job)[0]["Restarts"] == "0"
+    assert [r["JobState"] for r in slurm_cluster.completion_records() if r["JobId"] == train_job] == ["CANCELLED"]
+    last = train_steps(run)[-1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{last}"
+    summary = (run / "logs" / "summary.txt").read_text()
+    assert f"train {train_job} stopped by Slurm (exit 99)" in summary, summary
+    assert f"error: training job {train_job} ended CANCELLED" in \
+        (run / "logs" / f"eval_watch-{jobs['eval_watch']}.out").read_text()
 
 
 def test_failed_stage_cancels_its_dependents(slurm_cluster, site):
