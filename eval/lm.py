@@ -63,6 +63,9 @@ class PipelineLM(TemplateLM):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # bf16 where the hardware is built for it; on CPU, fp32 matches the `hf` backend's float32 exactly.
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        # LM-head positions per slice: on CPU small enough that a slice's logits (128 x 50257 fp32, 26 MB) stay in
+        # cache for log_softmax and argmax (about 20% faster than one big slice there); on GPU, few large launches.
+        self.head_chunk = 8192 if self.device.type == "cuda" else 128
 
     # ---- what TemplateLM needs to split requests exactly as lm-eval's hf backend does
     @property
@@ -117,17 +120,22 @@ class PipelineLM(TemplateLM):
         idx = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         segments = torch.full((len(rows), width), -1, dtype=torch.long)
-        gather_rows, gather_cols, targets, owners = [], [], [], []
+        # Positions whose logits are needed (the prefix's last one once per row: it predicts every continuation's
+        # first token), and for each target token the index of the position that predicts it.
+        scored_rows, scored_cols, source, targets, owners = [], [], [], [], []
         for r, row in enumerate(rows):
             tokens, pos, seg = list(row.prefix), list(range(len(row.prefix))), [0] * len(row.prefix)
+            prefix_last = len(scored_cols)
+            scored_rows.append(r)
+            scored_cols.append(len(row.prefix) - 1)
             for s, (i, continuation) in enumerate(row.continuations, start=1):
-                start = len(tokens)
+                start, own = len(tokens), len(scored_cols)
                 tokens += continuation[:-1]
                 pos += range(len(row.prefix), len(row.prefix) + len(continuation) - 1)
                 seg += [s] * (len(continuation) - 1)
-                # The first continuation token is predicted from the prefix's last position, the rest from its own.
-                gather_cols += [len(row.prefix) - 1, *range(start, start + len(continuation) - 1)]
-                gather_rows += [r] * len(continuation)
+                scored_rows += [r] * (len(continuation) - 1)
+                scored_cols += range(start, start + len(continuation) - 1)
+                source += [prefix_last, *range(own, own + len(continuation) - 1)]
                 targets += continuation
                 owners.append((i, len(continuation)))
             idx[r, : len(tokens)] = torch.tensor(tokens)
@@ -140,20 +148,42 @@ class PipelineLM(TemplateLM):
             mask = (causal & ((segments[:, None, :] == 0) | same))[:, None]
         idx, positions = idx.to(self.device), positions.to(self.device)
         mask = mask.to(self.device) if mask is not None else None
-        gather_rows, gather_cols, targets = (torch.tensor(t, dtype=torch.long, device=self.device)
-                                             for t in (gather_rows, gather_cols, targets))
+        scored_rows, scored_cols, source, targets = (torch.tensor(t, dtype=torch.long, device=self.device)
+                                                     for t in (scored_rows, scored_cols, source, targets))
         with self._autocast():
             features = self.model.features(idx, positions if mask is not None else None, mask)
-            # The LM head runs only on scored positions: the 50257-wide matmul is most of a small model's cost.
-            logits = self.model.head(features[gather_rows, gather_cols])
-        logits = logits.float()
-        token_logprobs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        greedy = logits.argmax(dim=-1) == targets
+        token_logprobs, greedy = self._target_logprobs(features[scored_rows, scored_cols], source, targets)
         out, start = {}, 0
         for i, n in owners:
             out[i] = (token_logprobs[start:start + n].sum().item(), bool(greedy[start:start + n].all()))
             start += n
         return out
+
+    def _target_logprobs(self, hidden: torch.Tensor, source: torch.Tensor, targets: torch.Tensor):
+        """log p(targets[k]) and whether it is the argmax, where hidden[source[k]] predicts targets[k].
+
+        The 50257-wide LM head is most of a small model's cost: it runs only on the positions given, a slice of
+        head_chunk positions at a time, so log_softmax and argmax read each slice's logits while still in cache.
+        """
+        logprobs = torch.empty(len(targets), device=hidden.device)
+        greedy = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+        order = torch.argsort(source, stable=True)
+        starts = torch.arange(0, len(hidden) + self.head_chunk, self.head_chunk, device=hidden.device)
+        bounds = torch.searchsorted(source[order], starts).tolist()
+        for k, start in enumerate(range(0, len(hidden), self.head_chunk)):
+            with self._autocast():
+                logits = self.model.head(hidden[start:start + self.head_chunk])
+            logits = logits.float()
+            which = order[bounds[k]:bounds[k + 1]]  # the targets this slice predicts
+            local, wanted = source[which] - start, targets[which]
+            logprobs[which] = F.log_softmax(logits, dim=-1)[local, wanted]
+            # Greedy means argmax == target. amax is several times faster than argmax on CPU; argmax's tie rule (the
+            # first maximum wins) is then applied to the few targets that reach the maximum.
+            hit = logits[local, wanted] == logits.amax(dim=-1)[local]
+            at_max = hit.nonzero().squeeze(1)
+            hit[at_max] = logits[local[at_max]].argmax(dim=-1) == wanted[at_max]
+            greedy[which] = hit
+        return logprobs, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]

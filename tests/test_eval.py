@@ -105,10 +105,10 @@ def test_agreement_with_lm_eval_hf_backend(exported, latest_tag_dir, hellaswag_f
     assert worst < 1e-4, f"largest per-request log-likelihood difference {worst:.2e}"
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_packed_scoring_matches_one_request_per_sequence(batch_size):
-    """Shared contexts packed into rows, rows split when too long, left truncation: each request's score is what
-    a plain forward pass over that request alone gives."""
+@pytest.mark.parametrize("batch_size, head_chunk", [(1, 128), (3, 2)])
+def test_packed_scoring_matches_one_request_per_sequence(batch_size, head_chunk):
+    """Shared contexts packed into rows, rows split when too long, left truncation, the LM head in slices: each
+    request's score is what a plain forward pass over that request alone gives."""
     from eval.lm import PipelineLM
     from model import GPT, GPTConfig
     torch.manual_seed(0)
@@ -120,6 +120,7 @@ def test_packed_scoring_matches_one_request_per_sequence(batch_size):
              + [(tokens(30), tokens(6)), (tokens(2), tokens(24))])  # truncated context; longest continuation
     requests = [(None, context, continuation) for context, continuation in pairs]
     lm = PipelineLM(model=model, batch_size=batch_size, device="cpu")
+    lm.head_chunk = head_chunk
     assert len(lm._rows(pairs)) < len(pairs)
     got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
@@ -129,6 +130,21 @@ def test_packed_scoring_matches_one_request_per_sequence(batch_size):
         expected = torch.log_softmax(logits, -1)[torch.arange(len(continuation)), torch.tensor(continuation)]
         assert logprob == pytest.approx(expected.sum().item(), abs=1e-5)
         assert greedy == bool((logits.argmax(-1) == torch.tensor(continuation)).all())
+
+
+def test_greedy_follows_argmax_on_ties():
+    """Two tokens with identical head rows tie for the maximum: only the first counts as greedy, as with argmax."""
+    from eval.lm import PipelineLM
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[7] = model.lm_head.weight[3]
+    hidden = 50 * model.lm_head.weight[3].detach()[None].repeat(2, 1)  # tokens 3 and 7 score highest, equally
+    lm = PipelineLM(model=model, device="cpu")
+    logprobs, greedy = lm._target_logprobs(hidden, torch.tensor([0, 1, 1]), torch.tensor([3, 7, 0]))
+    assert greedy.tolist() == [True, False, False]
+    assert logprobs[0] == logprobs[1] > logprobs[2]
 
 
 def test_checkpoint_cli_writes_result(eval_run, latest_tag_dir, hellaswag_file):
