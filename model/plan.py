@@ -314,7 +314,8 @@ def resolve_gpu(args) -> GPUSpec:
 
 def apply_recipe(args) -> argparse.Namespace:
     """--recipe fills in what a training recipe (configs/train/*.yaml) fixes: model, DeepSpeed config, micro
-    batch, sequence length, tokens per step and steps. Flags given on the command line win."""
+    batch, sequence length, tokens per step, steps and activation checkpointing. Flags given on the command line
+    win."""
     values = vars(args).copy()
     if args.recipe:
         recipe = read_mapping(args.recipe, "training recipe")
@@ -330,6 +331,9 @@ def apply_recipe(args) -> argparse.Namespace:
                 raise PlanError(f"{args.recipe}: {key} must be an integer, got {value!r}")
             if values[key] is None:
                 values[key] = value
+        # A flag can only turn recomputation on: plan what the recipe will actually run.
+        values["activation_checkpointing"] = (args.activation_checkpointing
+                                              or recipe.get("activation_checkpointing") is True)
     values["model"] = "gpt2" if values["model"] is None else values["model"]
     values["micro_batch"] = 1 if values["micro_batch"] is None else values["micro_batch"]
     return argparse.Namespace(**values)

@@ -136,6 +136,9 @@ def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeyp
     assert plan["params"] == 124_439_808 and plan["params_in_memory"] == 124_439_808 + (50304 - 50257) * 768
     overridden = plan_json("--recipe", recipe, "--gpus", "8", "--micro-batch", "32", "--tokens", "1B")
     assert overridden["grad_accum_steps"] == 2 and overridden["tokens"] == 10**9
+    assert not plan["activation_checkpointing"]
+    recomputing = plan_json("--recipe", str(repo_root / "configs/train/gpt2-350m.yaml"), "--gpus", "8")
+    assert recomputing["activation_checkpointing"] and recomputing["fits"]  # the recipe's own setting is planned
 
 
 # --- model states against DeepSpeed's own estimators -------------------------------------------------
@@ -218,23 +221,11 @@ def test_largest_layer_and_total_as_deepspeed_counts_them(shape):
 
 # --- activations against what the real model saves for backward --------------------------------------
 
-class Checkpointed(torch.nn.Module):
-    """One block under reentrant activation checkpointing: only its input is saved for backward."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True)
-
-
 def saved_for_backward_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpointing: bool) -> int:
     """Bytes of the distinct storages autograd keeps during one forward of the bf16 model (weights aside)."""
     torch.manual_seed(0)
     model = GPT(config).to(torch.bfloat16).train()
-    if checkpointing:
-        model.transformer.h = torch.nn.ModuleList(Checkpointed(b) for b in model.transformer.h)
+    model.activation_checkpointing = checkpointing  # what train sets from the recipe
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
