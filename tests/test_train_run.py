@@ -81,21 +81,36 @@ def test_model_sample_reads_a_training_checkpoint(tiny_run):
     assert "--- sample 0 ---" in out.stdout and "ROMEO:" in out.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_dataset, sig):
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process pid has a handler installed for sig (its SigCgt mask in /proc)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "after a step"), (signal.SIGUSR1, "during start-up")])
+def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_dataset, sig, when):
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, tiny_dataset, "schedule.max_steps=8", "checkpoint.every=100", "sample.every=0")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    if when == "during start-up":  # as soon as the handler is in, long before torch and DeepSpeed have loaded
+        while proc.poll() is None and not catches(proc.pid, sig) and time.time() < deadline:
+            time.sleep(0.01)
+        assert not metrics.exists()
+    else:
+        while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 99, stderr[-3000:]
     train, _ = read_metrics(run_dir)
     saved = train[-1]["step"]
     assert 1 <= saved < 8 and f"saved global_step{saved}, exiting with status 99" in stdout
+    if when == "during start-up":
+        assert saved == 1  # the first step, then the save
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
 
     again = run_train(cmd)

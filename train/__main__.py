@@ -15,9 +15,11 @@ from prep.shard import ShardError
 from .checkpoint import CheckpointError
 from .config import RecipeError, load_recipe
 from .launch import LaunchError
+from .stop import StopFlag
 
 
 def main(argv=None) -> int:
+    stop = StopFlag()  # before torch and DeepSpeed load: a preemption signal during start-up is not a crash
     parser = argparse.ArgumentParser(prog="python -m train", description="GPT-2 pretraining with DeepSpeed")
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
         return 2
     from .trainer import TrainError, Trainer
     try:
-        return Trainer(recipe).run()
+        return Trainer(recipe).run(stop)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,24 +28,13 @@ from .config import batch_plan, deepspeed_config, model_config, startup_table, z
 from .data import TrainLoader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .schedule import learning_rate
+from .stop import StopFlag
 
 PREEMPTED_EXIT = 99  # Slurm scripts requeue the job on this status (contract C3)
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why."""
-
-
-class StopFlag:
-    """Set by SIGUSR1 / SIGTERM; the loop finishes its step before acting on it."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -280,13 +268,13 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item() > 0
 
-    def run(self) -> int:
+    def run(self, stop: StopFlag | None = None) -> int:
         done = (self.resume_state or {}).get("step", 0)
         if done >= self.plan.max_steps:
             if self.is_main:
                 print(f"run already complete: step {done} of {self.plan.max_steps}", flush=True)
             return 0
-        stop = StopFlag()
+        stop = stop or StopFlag()
         self.build()
         r = self.recipe
         if self.is_main:
