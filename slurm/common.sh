@@ -12,6 +12,12 @@ die() {
     exit 1
 }
 
+# job_field JOB FIELD: FIELD of JOB as the controller sees it now (e.g. JobState, Restarts), or nothing once
+# the controller has forgotten the job or does not answer.
+job_field() {
+    scontrol show job -o "$1" 2>/dev/null | grep -o " $2=[^ ]*" | head -n 1 | cut -d= -f2 || true
+}
+
 # Paths in pipeline and site files are relative to the directory the pipeline is run from.
 abspath() {
     case "$1" in
