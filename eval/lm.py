@@ -153,6 +153,7 @@ class PipelineLM(TemplateLM):
         with self._autocast():
             features = self.model.features(idx, positions if mask is not None else None, mask)
         token_logprobs, greedy = self._target_logprobs(features[scored_rows, scored_cols], source, targets)
+        token_logprobs, greedy = token_logprobs.cpu(), greedy.cpu()  # one device sync, not two per request
         out, start = {}, 0
         for i, n in owners:
             out[i] = (token_logprobs[start:start + n].sum().item(), bool(greedy[start:start + n].all()))
@@ -163,7 +164,8 @@ class PipelineLM(TemplateLM):
         """log p(targets[k]) and whether it is the argmax, where hidden[source[k]] predicts targets[k].
 
         The 50257-wide LM head is most of a small model's cost: it runs only on the positions given, a slice of
-        head_chunk positions at a time, so log_softmax and argmax read each slice's logits while still in cache.
+        head_chunk positions at a time, so log_softmax and the greedy check read each slice's logits while still
+        in cache.
         """
         logprobs = torch.empty(len(targets), device=hidden.device)
         greedy = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)

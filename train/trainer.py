@@ -268,13 +268,12 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item() > 0
 
-    def run(self, stop: StopFlag | None = None) -> int:
+    def run(self, stop: StopFlag) -> int:
         done = (self.resume_state or {}).get("step", 0)
         if done >= self.plan.max_steps:
             if self.is_main:
                 print(f"run already complete: step {done} of {self.plan.max_steps}", flush=True)
             return 0
-        stop = stop or StopFlag()
         self.build()
         r = self.recipe
         if self.is_main:
