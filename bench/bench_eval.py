@@ -46,8 +46,9 @@ def main() -> None:
     from lm_eval.api.registry import get_model
 
     from eval.lm import PipelineLM
-    from model import GPT, GPTConfig
     from model.checkpoint import load_model
+    from model.config import GPTConfig
+    from model.gpt import GPT
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
         label = args.checkpoint

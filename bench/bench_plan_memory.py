@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
+from model.config import GPTConfig
+from model.gpt import GPT
 from model.plan import plan_from_argv
 
 

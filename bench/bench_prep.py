@@ -65,7 +65,8 @@ def read_texts(path: Path) -> list[str]:
 def measure_ceiling(path: Path, workers: int = 1) -> dict:
     """encode_ordinary over every document: in this process (workers=1), or split over `workers` forked processes."""
     import multiprocessing as mp
-    from model import tokenizer
+
+    from common import tokenizer
     tokenizer.get_encoding()
     texts = read_texts(path)
     start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -78,7 +79,7 @@ def measure_ceiling(path: Path, workers: int = 1) -> dict:
 
 
 def _count_tokens(texts: list[str]) -> int:
-    from model import tokenizer
+    from common import tokenizer
     enc = tokenizer.get_encoding()
     return sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
 
@@ -87,7 +88,7 @@ def _count_tokens(texts: list[str]) -> int:
 
 def _ref_init():
     global _enc
-    from model import tokenizer
+    from common import tokenizer
     _enc = tokenizer.get_encoding()
 
 
@@ -134,7 +135,7 @@ def run_prep(path: Path, out: Path, workers: int, shard_tokens: int) -> dict:
 
 def child(args) -> None:
     """One measured run in this fresh process; prints a JSON line with timings and peak RSS (MiB)."""
-    import model.tokenizer  # noqa: F401  imports (torch included, via model/__init__) are outside the timing
+    import common.tokenizer  # noqa: F401  imports are outside the timing
     import prep.tokenize  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cpu_before = cpu_seconds()

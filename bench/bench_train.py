@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model import GPT, GPTConfig  # noqa: E402
+from model.config import GPTConfig  # noqa: E402
+from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
 from train.data import TrainLoader  # noqa: E402
 from train.metrics import mfu, peak_flops  # noqa: E402
 from train.trainer import param_groups  # noqa: E402
-
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
 

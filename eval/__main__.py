@@ -5,12 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from common import cli
+from common.cli import positive_int
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
@@ -88,19 +84,19 @@ def cmd_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    parser = cli.Parser(prog="python -m eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("checkpoint", help="score one checkpoint (DeepSpeed tag/run dir or HF dir)")
     p.add_argument("ckpt", help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory")
     add_scoring_flags(p)
     p.add_argument("--out", type=Path, default=None, help="result JSON (default RUN/eval/<tag>.json)")
-    p.set_defaults(handler=cmd_checkpoint)
+    p.set_defaults(run=cmd_checkpoint)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT2LMHeadModel directory")
     p.add_argument("ckpt")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("watch", help="score every complete checkpoint of a run, once each")
     p.add_argument("run", type=Path)
@@ -110,19 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--once", action="store_true", help="score what is complete now, then exit")
     p.add_argument("--max-attempts", type=positive_int, default=3, help="tries per checkpoint before giving up")
     add_scoring_flags(p)
-    p.set_defaults(handler=cmd_watch)
+    p.set_defaults(run=cmd_watch)
 
     p = sub.add_parser("report", help="RUN/eval/report.md and RUN/eval/curves.png")
     p.add_argument("run", type=Path)
-    p.set_defaults(handler=cmd_report)
+    p.set_defaults(run=cmd_report)
 
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args) or 0
-    # EvalError and the model package's errors (CheckpointError, ConfigError) all derive from these (C8).
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, argv)
 
 
 if __name__ == "__main__":

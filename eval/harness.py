@@ -5,6 +5,8 @@ import json
 import logging
 from pathlib import Path
 
+from common.errors import PipelineError
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELLASWAG_YAML = TASKS_DIR / "hellaswag_local.yaml"
 # What the pipeline reads when no --hellaswag-file is given (written there by `python -m prep eval-data`).
@@ -12,7 +14,7 @@ DEFAULT_HELLASWAG = Path("data/eval/hellaswag_val.jsonl")
 HELLASWAG_KEYS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 
 
-class EvalError(RuntimeError):
+class EvalError(PipelineError):
     """Bad input to an evaluation (task, data file, checkpoint); the message names the problem."""
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lm_eval.models  # noqa: F401  (fills the registry first: lm-eval only does so when it is empty,
-import torch           # so registering ours before it would hide `hf` and every other built-in model)
+import torch  # so registering ours before it would hide `hf` and every other built-in model)
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from model import GPT
-from model import tokenizer as bpe
+from common import tokenizer as bpe
+from model.gpt import GPT
 
 MODEL_NAME = "gpt2-pipeline"
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import PipelineError
+
 from .config import ConfigError, GPTConfig
 from .gpt import GPT
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError):
     """A path that does not hold a loadable model; the message says what is wrong and where."""
 
 

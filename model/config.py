@@ -5,8 +5,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError):
     """A model shape that cannot be built; the message names the problem."""
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from common.tokenizer import EOT_TOKEN, gpt2_bpe_files
+
 from .config import ConfigError, GPTConfig
-from .tokenizer import EOT_TOKEN, gpt2_bpe_files
 
 # HF's GPT-2 stores these as Conv1D (in, out); torch Linear wants (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

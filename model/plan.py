@@ -14,8 +14,12 @@ import re
 import sys
 from pathlib import Path
 
+from common.errors import PipelineError
+from common.errors import UsageError
+from common.hardware import GPUS, GPUSpec, gpu_spec
+
 from .config import ConfigError, GPTConfig
-from .hardware import GPUS, GPUSpec, attention_flops_per_token, flops_per_token, gpu_spec, matmul_params
+from .flops import attention_flops_per_token, flops_per_token, matmul_params
 from .info import parameter_table
 
 GiB = 1024 ** 3
@@ -29,7 +33,7 @@ DS_CPU_BUFFER_FACTOR = 1.5                # DeepSpeed estimators' additional_buf
 MAX_MICRO_BATCH = 1 << 16                 # search ceiling for the largest micro batch that fits
 
 
-class PlanError(ValueError):
+class PlanError(PipelineError):
     """Inputs that describe no possible run; the message names the problem."""
 
 
@@ -297,7 +301,7 @@ def resolve_gpu(args) -> GPUSpec:
     custom = args.gpu_memory_gb is not None or args.gpu_tflops is not None
     try:
         base = gpu_spec(args.gpu)
-    except ValueError:
+    except UsageError:
         if not (args.gpu_memory_gb is not None and args.gpu_tflops is not None):
             raise PlanError(f"unknown GPU kind {args.gpu!r}; known: {', '.join(GPUS)} "
                             "(or give both --gpu-memory-gb and --gpu-tflops)") from None

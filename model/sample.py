@@ -11,12 +11,14 @@ import sys
 
 import torch
 
-from . import tokenizer
+from common import tokenizer
+from common.errors import PipelineError
+
 from .config import PRESETS, GPTConfig
 from .gpt import GPT
 
 
-class SampleError(ValueError):
+class SampleError(PipelineError):
     pass
 
 

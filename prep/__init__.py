@@ -1,5 +1,4 @@
-"""prep: download FineWeb, shard-tokenize it into GPT-2 uint16 shards (contract 1)."""
+"""prep: download FineWeb, shard-tokenize it into GPT-2 uint16 shards (the dataset directory)."""
+from common.errors import UsageError
 
-
-class UsageError(ValueError):
-    """A flag value that cannot work (the CLI exits 2, as argparse does for malformed flags)."""
+__all__ = ["UsageError"]

@@ -1,11 +1,12 @@
 """`python -m prep {download,eval-data,tokenize,finalize,verify,info}`: FineWeb -> GPT-2 uint16 token shards."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from . import UsageError, download, evaldata, finalize, tokenize, verify
+from common import cli
+
+from . import download, evaldata, finalize, tokenize, verify
 
 
 def _add_tokenize(sub) -> None:
@@ -64,26 +65,11 @@ def _add_eval_data(sub) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prep", description=__doc__)
+    parser = cli.Parser(prog="python -m prep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_download, _add_eval_data, _add_tokenize, _add_finalize, _add_verify_info):
         add(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except OSError as exc:  # disk full, permissions, ...: name the file and the reason, not a traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError) as exc:  # every prep error derives from ValueError (+ TokenizerUnavailable)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, argv)
 
 
 if __name__ == "__main__":

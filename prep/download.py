@@ -17,7 +17,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from . import UsageError, atomic, progress
+from common import progress
+from common.errors import PipelineError
+
+from . import UsageError, atomic
 
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 SAMPLES = ("10BT", "100BT", "350BT")
@@ -26,7 +29,7 @@ CHUNK = 8 << 20
 CONNECT_TIMEOUT_S = 10
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError):
     pass
 
 

@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from common.errors import PipelineError
+
 from . import atomic
 from .download import DownloadError, check_online
 
@@ -18,7 +20,7 @@ FILENAME = "hellaswag_val.jsonl"
 REQUIRED = ("activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(PipelineError):
     pass
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model import tokenizer
-from . import atomic, progress
+from common import progress, tokenizer
+from common.errors import PipelineError
+
+from . import atomic
 from .inputs import ReadStats, Unit
 from .reader import MANIFEST
 from .recipe import refuse_if_different
@@ -26,7 +28,7 @@ SPLITS = ("train", "val")
 WRITE_CHUNK = 1 << 24  # tokens per write: bounds finalize's memory whatever the shard size
 
 
-class FinalizeError(ValueError):
+class FinalizeError(PipelineError):
     pass
 
 

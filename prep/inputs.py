@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import PipelineError
+
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
 # With --unit-bytes 0 (auto), parquet row groups are packed into units of about total/TARGET_UNITS uncompressed
 # bytes, within these bounds: enough units to keep many workers busy to the end, few enough files under .work/.
@@ -21,7 +23,7 @@ MIN_UNIT_BYTES, MAX_UNIT_BYTES = 1 << 20, 256 << 20
 READ_BATCH_ROWS = 1024
 
 
-class InputError(ValueError):
+class InputError(PipelineError):
     """Bad or missing input; the message names the file (and line or row group)."""
 
 

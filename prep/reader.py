@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .shard import open_shard, ShardError
+from common.errors import PipelineError
+
+from .shard import ShardError, open_shard
 
 MANIFEST = "manifest.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError):
     """A directory that is not a usable dataset; the message says why."""
 
 

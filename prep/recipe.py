@@ -8,9 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from model import tokenizer
+from common import tokenizer
+from common.errors import PipelineError
+
 from . import UsageError, atomic
-from .inputs import auto_unit_bytes, discover, file_fingerprint, plan_units, InputError
+from .inputs import InputError, auto_unit_bytes, discover, file_fingerprint, plan_units
 
 FORMAT_VERSION = 1
 VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed by the seed) of their id, "
@@ -18,7 +20,7 @@ VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed
             "validation.tokens; written in input order. All other documents are train.")
 
 
-class RecipeMismatch(ValueError):
+class RecipeMismatch(PipelineError):
     pass
 
 

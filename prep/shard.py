@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import PipelineError
+
 from .atomic import atomic_file
 
 MAGIC = 20240520
@@ -17,7 +19,7 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 
 
-class ShardError(ValueError):
+class ShardError(PipelineError):
     """A shard whose header, size or contents do not match the format; the message names the file."""
 
 
@@ -65,7 +67,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
         f.write(tokens.tobytes())
 
 
-class TokenRangeError(ValueError):
+class TokenRangeError(PipelineError):
     """A token id that does not fit the uint16 shard format."""
 
 

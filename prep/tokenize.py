@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model import tokenizer
-from . import atomic, progress, recipe as recipes
+from common import progress, tokenizer
+
+from . import atomic
+from . import recipe as recipes
 from .inputs import ReadStats, Unit, read_documents, stable_hash
 from .shard import make_header, to_uint16
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import progress
+from common import progress
+
 from .reader import Dataset
 from .shard import HEADER_BYTES, ShardError, read_header
 

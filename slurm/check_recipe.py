@@ -6,29 +6,29 @@ over micro_batch x seq_len x (nodes x GPUs per node).
 
     python slurm/check_recipe.py --config configs/train/tiny-cpu.yaml --world-size 2 [--set key=value ...]
 """
-import argparse
 import sys
 
+from common import cli
 from train.config import batch_plan, deepspeed_config, load_recipe, model_config
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="configs/train/NAME.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for train")
-    p.add_argument("--world-size", type=int, required=True, help="nodes x GPUs (processes) per node")
-    args = p.parse_args(argv)
-    try:
-        recipe = load_recipe(args.config, args.set)
-        model_config(recipe)
-        plan = batch_plan(recipe, args.world_size)
-        deepspeed_config(recipe, plan)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def check(args) -> int:
+    recipe = load_recipe(args.config, args.set)
+    model_config(recipe)
+    plan = batch_plan(recipe, args.world_size)
+    deepspeed_config(recipe, plan)
     print(f"recipe ok: {plan.world_size} processes x micro_batch {plan.micro_batch} x seq_len {plan.seq_len} "
           f"x grad_accum {plan.grad_accum} = {plan.total_tokens} tokens/step, {plan.max_steps} steps")
     return 0
+
+
+def main(argv=None) -> int:
+    p = cli.Parser(prog="slurm/check_recipe.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="configs/train/NAME.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for train")
+    p.add_argument("--world-size", type=cli.positive_int, required=True, help="nodes x GPUs (processes) per node")
+    p.set_defaults(run=check)
+    return cli.run(p, argv)
 
 
 if __name__ == "__main__":

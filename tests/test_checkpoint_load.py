@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import GPT, GPTConfig
 from model.checkpoint import CheckpointError, load_model
+from model.config import GPTConfig
+from model.gpt import GPT
 
 # (ZeRO stage, precision); "bf16-fp32acc" is bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer).
 VARIANTS = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (1, "bf16-fp32acc"),
@@ -79,7 +80,7 @@ def test_hf_directory(tmp_path):
 
 def test_sample_from_a_training_run(ds_runs, capsys):
     """`python -m model sample RUN` goes through load_model; greedy output is the loaded model's own."""
-    from model import tokenizer
+    from common import tokenizer
     from model.__main__ import main
     run = ds_runs / variant_name(2, "bf16")
     prompt = "a b c"  # ids 64, 275, 269: inside this test model's 512-token vocabulary

@@ -110,7 +110,8 @@ def test_packed_scoring_matches_one_request_per_sequence(batch_size, head_chunk)
     """Shared contexts packed into rows, rows split when too long, left truncation, the LM head in slices: each
     request's score is what a plain forward pass over that request alone gives."""
     from eval.lm import PipelineLM
-    from model import GPT, GPTConfig
+    from model.config import GPTConfig
+    from model.gpt import GPT
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)).eval()
     tokens = lambda n: torch.randint(0, 50257, (n,)).tolist()  # noqa: E731
@@ -135,7 +136,8 @@ def test_packed_scoring_matches_one_request_per_sequence(batch_size, head_chunk)
 def test_greedy_follows_argmax_on_ties():
     """Two tokens with identical head rows tie for the maximum: only the first counts as greedy, as with argmax."""
     from eval.lm import PipelineLM
-    from model import GPT, GPTConfig
+    from model.config import GPTConfig
+    from model.gpt import GPT
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257)).eval()
     with torch.no_grad():

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from model import GPT, GPTConfig
-from model import tokenizer
+from common import tokenizer
+from model.config import GPTConfig
+from model.gpt import GPT
 from model.hf import HFFormatError
 
 TOLERANCE = 1e-4  # max abs logits difference, fp32

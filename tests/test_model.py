@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig
-from model.config import ConfigError
+from model.config import ConfigError, GPTConfig
+from model.gpt import GPT
 from model.info import parameter_table
 
 SMALL = dict(block_size=32, vocab_size=300, n_layer=3, n_head=4, n_embd=32)

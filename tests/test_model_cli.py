@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import GPT, GPTConfig, tokenizer
+from common import tokenizer
 from model.__main__ import main
+from model.config import GPTConfig
+from model.gpt import GPT
 
 TOTALS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 PROMPT = "Hello, I'm a language model,"

@@ -10,11 +10,18 @@ import sys
 import pytest
 import torch
 
-from model import GPT, GPTConfig
 from model.__main__ import main
-from model.hardware import flops_per_token
-from model.plan import (GiB, activation_bytes, count_params, cpu_bytes_per_node, largest_layer_params,
-                        make_plan, model_state_bytes)
+from model.config import GPTConfig
+from model.flops import flops_per_token
+from model.gpt import GPT
+from model.plan import (
+    GiB,
+    activation_bytes,
+    count_params,
+    cpu_bytes_per_node,
+    largest_layer_params,
+    model_state_bytes,
+)
 
 EXACT_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                 "gpt2-xl": 1_557_611_200}
@@ -170,8 +177,10 @@ CASES = [("gpt2", 1, 1), ("gpt2-xl", 8, 1), ("gpt2-large", 32, 4)]  # (preset, G
 
 @pytest.mark.parametrize("preset,gpus,nodes", CASES)
 def test_zero2_model_states_match_deepspeed(preset, gpus, nodes):
-    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                      estimate_zero2_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
     n = EXACT_PARAMS[preset]
     per_node = gpus // nodes
     rows = deepspeed_table(estimate_zero2_model_states_mem_needs_all_cold, total_params=n,
@@ -191,8 +200,10 @@ def test_zero2_model_states_match_deepspeed(preset, gpus, nodes):
 
 @pytest.mark.parametrize("preset,gpus,nodes", CASES)
 def test_zero3_model_states_match_deepspeed(preset, gpus, nodes):
-    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                               estimate_zero3_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
     n, largest = EXACT_PARAMS[preset], largest_layer_params(GPTConfig.preset(preset))
     per_node = gpus // nodes
     rows = deepspeed_table(estimate_zero3_model_states_mem_needs_all_cold, total_params=n,

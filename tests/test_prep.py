@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 
-from model import tokenizer
+from common import tokenizer
 from prep.__main__ import main as prep_main
 from prep.inputs import stable_hash
 from prep.reader import Dataset

@@ -13,8 +13,7 @@ from prep.__main__ import main as prep_main
 from prep.reader import Dataset
 from prep.shard import TokenRangeError, to_uint16
 from tests.conftest import PYTHON, REPO
-from tests.fixtures_data import write_fineweb_parquet, write_jsonl
-from tests.fixtures_data import tree_bytes
+from tests.fixtures_data import tree_bytes, write_fineweb_parquet, write_jsonl
 from tests.test_prep_inputs import tokenize
 
 
@@ -77,7 +76,7 @@ def test_invalid_utf8_replaced_and_counted_empty_docs_skipped(tmp_path, capsys):
     ds = Dataset(tmp_path / "ds")
     assert ds.manifest["input_stats"] == {"documents": 5, "empty_skipped": 3, "bad_skipped": 0,
                                           "invalid_utf8_replaced": 2}
-    from model import tokenizer
+    from common import tokenizer
     tokens = np.concatenate(ds.arrays("train"))
     assert tokenizer.decode(tokens) == ("<|endoftext|>fine<|endoftext|>bad \ufffd\ufffd bytes<|endoftext|>also fine"
                                         "<|endoftext|>ok<|endoftext|>bad \ufffd here")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from prep.__main__ import main as prep_main
 from prep import UsageError
+from prep.__main__ import main as prep_main
 from prep.download import DownloadError, fetch, file_status, parse_files
 
 

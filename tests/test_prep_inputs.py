@@ -1,7 +1,7 @@
 """prep tokenize on every input format, and output bytes that depend on neither workers nor array tasks."""
 import numpy as np
 
-from model import tokenizer
+from common import tokenizer
 from prep.__main__ import main as prep_main
 from prep.reader import Dataset
 from tests.fixtures_data import REFERENCE_RECIPE, tree_bytes, write_fineweb_parquet, write_jsonl

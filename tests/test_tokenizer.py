@@ -6,7 +6,7 @@ from pathlib import Path
 
 import tiktoken
 
-from model import tokenizer
+from common import tokenizer
 
 SAMPLES = ["Hello, I'm a language model,", "", "  leading spaces\n\n\ttabs", "naïve café 東京 🙂",
            "a<|endoftext|>b", "1234567890 3.14159 -x"]

@@ -2,7 +2,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 
 from prep.reader import Dataset
@@ -168,8 +167,8 @@ def test_launch_maps_slurm_variables():
 
 
 def test_mfu_uses_the_shared_flops_formula_and_peak_table():
-    from model import GPTConfig
-    from model.hardware import flops_per_token
+    from model.config import GPTConfig
+    from model.flops import flops_per_token
     from train.metrics import mfu, peak_flops
     config = GPTConfig.preset("gpt2")
     assert peak_flops({"gpu": "auto", "peak_tflops": None}, "cpu") is None

@@ -1,6 +1,6 @@
 """python -m train --config configs/train/NAME.yaml [--set key=value ...]
 
-Alone, or under torchrun / deepspeed / srun. Exit status: 0 done, 1 failure, 2 bad recipe or usage,
+Alone, or under torchrun / deepspeed / srun. Exit status (common.cli): 0 done, 1 failure, 2 bad recipe or usage,
 99 preempted by SIGUSR1/SIGTERM after saving a checkpoint (requeue and run the same command to continue).
 """
 from __future__ import annotations
@@ -8,41 +8,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.tokenizer import TokenizerUnavailable
-from prep.reader import DatasetError
-from prep.shard import ShardError
+from common import cli
 
-from .checkpoint import CheckpointError
-from .config import RecipeError, load_recipe
-from .launch import LaunchError
 from .stop import StopFlag
 
 
-def main(argv=None) -> int:
-    stop = StopFlag()  # before torch and DeepSpeed load: a preemption signal during start-up is not a crash
-    parser = argparse.ArgumentParser(prog="python -m train", description="GPT-2 pretraining with DeepSpeed")
+def build_parser(stop: StopFlag) -> cli.Parser:
+    parser = cli.Parser(prog="python -m train", description="GPT-2 pretraining with DeepSpeed")
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set batch.micro_batch=8 (repeatable)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and is what we use.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from .trainer import TrainError, Trainer
+    parser.set_defaults(run=lambda args: train(args, stop))
+    return parser
+
+
+def train(args, stop: StopFlag) -> int:
+    from .config import load_recipe
+    recipe = load_recipe(args.config, args.overrides)
+    from .trainer import Trainer
     try:
         return Trainer(recipe).run(stop)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError, ShardError, CheckpointError, LaunchError, TokenizerUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         close_process_group()
+
+
+def main(argv=None) -> int:
+    stop = StopFlag()  # before torch and DeepSpeed load: a preemption signal during start-up is not a crash
+    return cli.run(build_parser(stop), argv)
 
 
 def close_process_group() -> None:

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import PipelineError
+
 TAG_RE = re.compile(r"^global_step(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipelineError):
     pass
 
 

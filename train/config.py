@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from model import ConfigError as ModelConfigError
-from model import GPTConfig
+from common.errors import UsageError
+from model.config import ConfigError as ModelConfigError
+from model.config import GPTConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -32,8 +33,8 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key and the problem."""
+class RecipeError(UsageError):
+    """A recipe that cannot run; the message names the key and the problem (exit 2, like a bad flag)."""
 
 
 REQUIRED = "<required>"

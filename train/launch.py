@@ -11,8 +11,10 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from common.errors import PipelineError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(PipelineError):
     pass
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from model.hardware import flops_per_token, gpu_spec
+from common.hardware import gpu_spec
+from model.flops import flops_per_token
 
 
 def peak_flops(mfu_section: dict, device: str) -> float | None:

@@ -19,7 +19,9 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from model import GPT, tokenizer
+from common import tokenizer
+from common.errors import PipelineError
+from model.gpt import GPT
 from prep.reader import Dataset
 
 from . import checkpoint as ckpt
@@ -33,7 +35,7 @@ from .stop import StopFlag
 PREEMPTED_EXIT = 99  # Slurm scripts requeue the job on this status (contract C3)
 
 
-class TrainError(RuntimeError):
+class TrainError(PipelineError):
     """A run that cannot start or continue; the message says why."""
 
 

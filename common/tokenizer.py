@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import PipelineError
+
 EOT_TOKEN = 50256
 N_VOCAB = 50257
 ENCODING_NAME = "gpt2"
@@ -17,7 +19,7 @@ _BPE_URLS = {
 }
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(PipelineError):
     pass
 
 

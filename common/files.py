@@ -1,0 +1,227 @@
+"""File safety for every file the pipeline writes: atomic files and directories, whole-line appends, locks.
+
+Readers (and a rerun after SIGKILL) see either the old content or the complete new one, never a prefix:
+- atomic_file / write_*: a temporary sibling in the same directory, fsync of the file, rename over the target,
+  fsync of the directory (so the rename survives a power cut); on any failure the temporary is removed.
+- atomic_dir: the same for a directory built in a temporary sibling.
+- append_line: one whole line under an exclusive lock; a partial last line left by a killed writer is cut off
+  first, so a fragment never merges into the next record.
+- lock: an advisory exclusive lock (fcntl.flock) on a lock file that records who holds it.
+Files and directories get the permissions the umask gives (0644 / 0755 under umask 022), unlike mkstemp and
+mkdtemp, which make them owner-only.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .errors import PipelineError
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_sibling(path: Path) -> Path:
+    """A hidden temporary name beside `path`; host and pid keep concurrent writers on a shared filesystem apart."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems (and /proc-like mounts) refuse fsync on a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb"):
+    """Yield a file object on a temporary sibling of `path`; on success it replaces `path`, on failure it is gone."""
+    path = Path(path)
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, mode) as f:  # open(), not mkstemp: the umask decides the permissions
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path, obj, indent: int | None = 1) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory` (before it is renamed into place)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+@contextlib.contextmanager
+def atomic_dir(path, replace: bool = False):
+    """Yield a temporary sibling directory; on success it becomes `path`, on failure it is removed.
+
+    An existing `path` is replaced only with replace=True (the caller has checked it is its own earlier output);
+    otherwise an existing `path` is an error and nothing is touched.
+    """
+    path = Path(path)
+    if path.exists() and not replace:
+        raise PipelineError(f"{path} already exists")
+    tmp = tmp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # our own name: a leftover of this host+pid only
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_line(path, line: str) -> None:
+    """Append `line` (no newline inside) as one whole line, under an exclusive lock, flushed to disk.
+
+    A last line without its newline is a fragment of a writer killed mid-write: it is cut off, not completed,
+    because its record is incomplete. Concurrent appenders never interleave.
+    """
+    if "\n" in line:
+        raise ValueError("append_line: the line contains a newline")
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            repair_last_line(f)
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_json_line(path, record) -> None:
+    append_line(path, json.dumps(record))
+
+
+def repair_last_line(f) -> int:
+    """Truncate an open (binary, read+write) file after its last newline; returns the bytes cut."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return 0
+    pos, chunk = end, 4096
+    while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        block = f.read(pos - start)
+        if start + len(block) == end and block.endswith(b"\n"):
+            return 0
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            f.truncate(keep)
+            f.seek(keep)
+            return end - keep
+        pos = start
+    f.truncate(0)
+    f.seek(0)
+    return end
+
+
+class Locked(PipelineError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def lock(path, what: str, wait: bool = False):
+    """Hold an exclusive advisory lock on the lock file `path` for the block; `what` names the thing locked.
+
+    Without wait, a lock held elsewhere raises Locked naming the holder (host, pid, since when) and touches
+    nothing else. The lock file stays (removing it would let a third process lock a different inode).
+    """
+    path = Path(path)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise Locked(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or pass --wait") \
+                from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()} pid {os.getpid()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the flock
+
+
+@contextlib.contextmanager
+def try_lock(path):
+    """Yield True while holding an exclusive lock on `path`, False (at once) if another process holds it."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def remove_stale_tmp(directory) -> list[Path]:
+    """Remove temporaries left by killed writers in `directory`; only call while holding its lock."""
+    removed = []
+    for p in Path(directory).glob(f".*{TMP_MARK}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

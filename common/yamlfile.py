@@ -1,0 +1,44 @@
+"""The one YAML rule for recipes, model files and --set values.
+
+YAML 1.1 (PyYAML) reads `1e-3` and `3e30` as strings; people writing recipes mean numbers, as YAML 1.2 does.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import PipelineError
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse(text: str):
+    """YAML text -> Python values (safe: plain types only), with exponent floats read as numbers."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def load(path) -> object:
+    """A YAML file; unreadable or malformed files are a PipelineError naming the file (and line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+    try:
+        return parse(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise PipelineError(f"{path}{line}: not valid YAML ({str(exc).splitlines()[0]})") from None
