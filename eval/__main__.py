@@ -67,7 +67,7 @@ def cmd_watch(args) -> int:
     from .watch import Watcher
     if "hellaswag" in args.tasks.split(","):  # a bad file would otherwise fail every checkpoint max-attempts times
         check_hellaswag_file(args.hellaswag_file or DEFAULT_HELLASWAG)
-    watcher = Watcher(args.run, scoring_flags(args), max_attempts=args.max_attempts,
+    watcher = Watcher(args.run_dir, scoring_flags(args), max_attempts=args.max_attempts,
                       log=lambda msg: print(msg, flush=True))
     print_table("eval watch", {"run": watcher.run, "poll (s)": args.poll, "until final": args.until_final,
                                "final checkpoint": watcher.final_tag() or "unknown (no schedule in config.yaml)",
@@ -78,7 +78,7 @@ def cmd_watch(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-    report, curves = write_report(args.run)
+    report, curves = write_report(args.run_dir)
     print(f"wrote {report} and {curves}")
     return 0
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("watch", help="score every complete checkpoint of a run, once each")
-    p.add_argument("run", type=Path)
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
     p.add_argument("--until-final", action="store_true",
                    help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_watch)
 
     p = sub.add_parser("report", help="RUN/eval/report.md and RUN/eval/curves.png")
-    p.add_argument("run", type=Path)
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
     p.set_defaults(run=cmd_report)
 
     return cli.run(parser, argv)
