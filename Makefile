@@ -9,12 +9,14 @@ TORCH_INDEX ?=
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 PYTEST_ARGS ?=
 
-# Offline machines (CI, compute nodes): tiktoken's GPT-2 BPE cache beside the checkout, if it is there.
-ifneq ($(wildcard ../shared/tiktoken),)
-export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
+# Test inputs beside the checkout (CI, developer machines, offline machines): tiktoken's GPT-2 BPE cache, Tiny
+# Shakespeare, HellaSwag. Where they are missing, the demo fetches its own (see below).
+SHARED ?= ../shared
+ifneq ($(wildcard $(SHARED)/tiktoken),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED)/tiktoken)
 endif
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,14 +31,24 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The demo's inputs: any UTF-8 text (blank-line-separated blocks become documents) and the HellaSwag jsonl
-# that configs/pipelines/tiny-local.env names (write one with `python -m prep eval-data`).
-DEMO_TEXT ?= ../shared/data/tinyshakespeare.txt
+# The demo: documents -> tokenize -> tiny-cpu training -> HellaSwag -> report, all under demo/.
+# Its inputs, each kept for the next run: documents in demo/input (DEMO_TEXT split into documents; by default Tiny
+# Shakespeare from $(SHARED), and without $(SHARED) the first DEMO_DOCS documents of a FineWeb-Edu parquet file read
+# from the Hub), HellaSwag in demo/eval (`prep eval-data`: copied from $(SHARED), else downloaded) and the GPT-2 BPE
+# (tiktoken's cache: $(SHARED)/tiktoken, else demo/cache/tiktoken, filled on first use).
+DEMO_TEXT ?= $(wildcard $(SHARED)/data/tinyshakespeare.txt)
+DEMO_HELLASWAG ?= $(wildcard $(SHARED)/data/hellaswag_val.jsonl)
+DEMO_DOCS ?= 2000
 
+demo: export TIKTOKEN_CACHE_DIR ?= $(abspath demo/cache/tiktoken)
 demo: $(VENV)/.installed
-	@test -f "$(DEMO_TEXT)" || { echo "error: demo text $(DEMO_TEXT) not found; run make demo DEMO_TEXT=any.txt" >&2; exit 1; }
-	$(PY) slurm/split_text.py "$(DEMO_TEXT)" demo/input --files 2
+	$(PY) slurm/demo_data.py demo/input --files 2 $(if $(DEMO_TEXT),--text "$(DEMO_TEXT)",--docs $(DEMO_DOCS))
+	test -f demo/eval/hellaswag_val.jsonl || \
+		$(PY) -m prep eval-data --out demo/eval $(if $(DEMO_HELLASWAG),--from "$(DEMO_HELLASWAG)")
 	PYTHON="$(abspath $(PY))" slurm/submit.sh configs/pipelines/tiny-local.env --local
+
+clean-demo:
+	rm -rf demo
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -44,6 +44,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def run(parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse argv and call args.run(args); map expected failures to one line and an exit status."""
     args = parser.parse_args(argv)

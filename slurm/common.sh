@@ -36,11 +36,12 @@ load_pipeline() {
     # shellcheck disable=SC1090
     source "$PIPELINE_FILE" || die "could not read pipeline file $PIPELINE_FILE"
     if [ -n "${SITE:-}" ]; then
+        # A job starts hours after submit.sh read the site file: if it has gone since, the job must not run
+        # without its partition, environment setup and network settings.
         SITE="$(abspath "$SITE")"
-        if [ -f "$SITE" ]; then
-            # shellcheck disable=SC1090
-            source "$SITE" || die "could not read site file $SITE"
-        fi
+        [ -f "$SITE" ] || die "site file not found: $SITE (named by SITE= in $PIPELINE_FILE; copy slurm/site.env.example there and edit it)"
+        # shellcheck disable=SC1090
+        source "$SITE" || die "could not read site file $SITE"
     fi
     PREP_SOURCE="${PREP_SOURCE:-local}"
     PREP_SAMPLE="${PREP_SAMPLE:-10BT}"
@@ -52,10 +53,13 @@ load_pipeline() {
     GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
     EVAL_LIMIT="${EVAL_LIMIT:-}"
     EVAL_POLL="${EVAL_POLL:-60}"
-    local key
+    local key required=(DATASET_DIR TRAIN_RECIPE RUN_DIR HELLASWAG)
+    [ "$PREP_SOURCE" = local ] || required+=(RAW_DIR)   # where a Hub source is downloaded to
+    for key in "${required[@]}"; do
+        [ -n "${!key:-}" ] || die "$PIPELINE_FILE does not set $key (needed with PREP_SOURCE=$PREP_SOURCE)"
+    done
     for key in RAW_DIR DATASET_DIR TRAIN_RECIPE RUN_DIR HELLASWAG; do
-        [ -n "${!key:-}" ] || die "$PIPELINE_FILE does not set $key"
-        printf -v "$key" '%s' "$(abspath "${!key}")"
+        [ -z "${!key:-}" ] || printf -v "$key" '%s' "$(abspath "${!key}")"
     done
     LOG_DIR="$(abspath "${LOG_DIR:-$RUN_DIR/logs}")"
 }
@@ -65,7 +69,7 @@ tokenize_inputs() {
     TOKENIZE_INPUTS=()
     if [ "$PREP_SOURCE" = local ]; then
         local p
-        for p in "${PREP_INPUT[@]}"; do
+        for p in ${PREP_INPUT[@]+"${PREP_INPUT[@]}"}; do
             TOKENIZE_INPUTS+=("$(abspath "$p")")
         done
         [ "${#TOKENIZE_INPUTS[@]}" -gt 0 ] || die "PREP_SOURCE=local needs PREP_INPUT (files or directories)"

@@ -43,8 +43,8 @@ validate() {
         is_count "${!key}" || die "$key must be a positive whole number, got '${!key}'"
     done
     if [ "$MODE" = slurm ]; then
+        # (a SITE that names a missing file is refused by load_pipeline, for jobs and --local alike)
         [ -n "${SITE:-}" ] || die "$PIPELINE_FILE sets no SITE: copy slurm/site.env.example to slurm/site.env, edit it, set SITE=slurm/site.env"
-        [ -f "$SITE" ] || die "site file not found: $SITE (copy slurm/site.env.example and edit it)"
         for key in SITE_GPUS_PER_NODE SITE_CPUS_PER_NODE SITE_SIGNAL_SECONDS; do
             [[ "${!key:-}" =~ ^[0-9]+$ ]] || die "$SITE: $key must be a whole number, got '${!key:-}'"
         done
@@ -69,7 +69,8 @@ validate() {
     check_dataset
 }
 
-# A stage's `error: ...` line (C8), or its last line when it died some other way.
+# A stage's one-line `error: ...` message (every Python entry point prints one), or its last line when it died
+# some other way.
 first_error() {
     local line
     line="$(grep -m1 '^error: ' <<< "$1" || tail -n 1 <<< "$1")"

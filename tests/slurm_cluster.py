@@ -306,6 +306,6 @@ def write_env_file(path: Path, values: dict) -> Path:
 
 def split_inputs(repo: Path, text: Path, out_dir: Path, files: int = 2) -> Path:
     """Tiny Shakespeare as jsonl documents in `files` files (one tokenize unit, so one array task, each)."""
-    subprocess.run([sys.executable, str(repo / "slurm" / "split_text.py"), str(text), str(out_dir),
+    subprocess.run([sys.executable, str(repo / "slurm" / "demo_data.py"), str(out_dir), "--text", str(text),
                     "--files", str(files)], check=True, capture_output=True)
     return out_dir

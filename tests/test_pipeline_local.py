@@ -36,7 +36,7 @@ def pipeline_file(root, name, **extra):
         "HELLASWAG": SHARED / "data" / "hellaswag_val.jsonl", "EVAL_LIMIT": 5, "EVAL_POLL": 1,
     }
     values.update(extra)
-    return write_env_file(root / f"{name}.env", values)
+    return write_env_file(root / f"{name}.env", {k: v for k, v in values.items() if v is not None})  # None: unset
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,39 @@ def test_shipped_pipeline_and_site_example_pass_validation(tmp_path):
               for name in ("prep_tokenize", "train")}
     assert "--array=0-15" in sbatch["prep_tokenize"]
     assert {"--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=gpu:8"} <= set(sbatch["train"])
+
+
+@pytest.mark.parametrize("script", ["prep_download", "prep_tokenize", "prep_finalize", "train", "eval_watch", "eval"])
+def test_a_job_whose_site_file_is_gone_fails_naming_it(workdir, script):
+    """submit.sh checked the site file, but it was removed before the job started: each stage script stops with
+    the path named instead of running without the partition, environment setup and network settings."""
+    site = workdir / "site gone.env"
+    site.write_text("SITE_ENV_SETUP='echo site setup ran'\n")
+    pipeline = pipeline_file(workdir, f"gone-{script}", SITE=site, PREP_SOURCE="fineweb-edu",
+                             RAW_DIR=workdir / f"gone raw {script}", DATASET_DIR=workdir / f"gone data {script}",
+                             RUN_DIR=workdir / f"gone run {script}")
+    site.unlink()
+    done = subprocess.run(["bash", str(REPO / "slurm" / f"{script}.sbatch"), str(pipeline)], cwd=REPO,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHON=PYTHON))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [f"error: site file not found: {site} (named by SITE= in {pipeline}; "
+                                        "copy slurm/site.env.example there and edit it)"]
+    assert not any((workdir / f"gone {what} {script}").exists() for what in ("raw", "data", "run"))
+
+
+def test_a_local_source_needs_no_raw_dir_and_a_hub_source_does(workdir):
+    local = pipeline_file(workdir, "no-raw", RAW_DIR=None, DATASET_DIR=workdir / "no-raw data",
+                          RUN_DIR=workdir / "no-raw run")
+    done = submit(local, "--local", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "stages: prep_tokenize prep_finalize train eval_watch" in done.stdout
+    hub = pipeline_file(workdir, "hub-no-raw", RAW_DIR=None, PREP_SOURCE="fineweb-edu", PREP_INPUT=None,
+                        DATASET_DIR=workdir / "hub data", RUN_DIR=workdir / "hub run")
+    done = submit(hub, "--local", "--dry-run")
+    assert done.returncode == 1
+    assert done.stderr == f"error: {hub} does not set RAW_DIR (needed with PREP_SOURCE=fineweb-edu)\n"
+    no_input = pipeline_file(workdir, "no-input", RAW_DIR=None, PREP_INPUT=None, DATASET_DIR=workdir / "ni data",
+                             RUN_DIR=workdir / "ni run")
+    done = submit(no_input, "--local", "--dry-run")
+    assert done.returncode == 1
+    assert done.stderr == "error: PREP_SOURCE=local needs PREP_INPUT (files or directories)\n"
