@@ -7,14 +7,16 @@ import sys
 from common import cli
 
 # Each command module exposes register(subparsers), which adds its parser and sets `run=<function(args)>`.
-COMMANDS = ("info", "plan", "sample")
+# The planner lives in train/ because it plans training runs (it reads a recipe with train's own loader), and is
+# offered here because sizing a model for given GPUs is where a user looks for it.
+COMMANDS = {"info": "model.info", "plan": "train.plan", "sample": "model.sample"}
 
 
 def main(argv=None) -> int:
     parser = cli.Parser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
-        importlib.import_module(f"model.{name}").register(sub)
+        importlib.import_module(COMMANDS[name]).register(sub)
     return cli.run(parser, argv)
 
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import yamlfile
 from common.errors import PipelineError
 
 
@@ -72,11 +73,10 @@ class GPTConfig:
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"unknown model {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a YAML file")
-        import yaml
         try:
-            values = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read model file {path}: {str(exc).splitlines()[0]}") from None
+            values = yamlfile.load(path)  # the one YAML rule: `dropout: 1e-1` is a number, as train reads it
+        except PipelineError as exc:
+            raise ConfigError(f"model file: {exc}") from None
         if isinstance(values, dict) and isinstance(values.get("model"), dict):
             values = values["model"]
         if not isinstance(values, dict):

@@ -1,6 +1,6 @@
 """Check a training recipe for a job's world size without training: what submit.sh runs before submitting.
 
-Uses the trainer's own recipe code (train.config), so a recipe passes here exactly when `python -m train` would
+Uses the trainer's own recipe code (train.recipe), so a recipe passes here exactly when `python -m train` would
 accept it: known keys, a valid model shape, a DeepSpeed file that exists, and a total batch that divides evenly
 over micro_batch x seq_len x (nodes x GPUs per node).
 
@@ -9,12 +9,11 @@ over micro_batch x seq_len x (nodes x GPUs per node).
 import sys
 
 from common import cli
-from train.config import batch_plan, deepspeed_config, load_recipe, model_config
+from train.recipe import batch_plan, deepspeed_config, load
 
 
 def check(args) -> int:
-    recipe = load_recipe(args.config, args.set)
-    model_config(recipe)
+    recipe = load(args.config, args.set)
     plan = batch_plan(recipe, args.world_size)
     deepspeed_config(recipe, plan)
     print(f"recipe ok: {plan.world_size} processes x micro_batch {plan.micro_batch} x seq_len {plan.seq_len} "

@@ -14,7 +14,7 @@ from model.__main__ import main
 from model.config import GPTConfig
 from model.flops import flops_per_token
 from model.gpt import GPT
-from model.plan import (
+from train.plan import (
     GiB,
     activation_bytes,
     count_params,
@@ -142,7 +142,9 @@ def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeyp
     assert plan["tokens"] == 19073 * 524288 and plan["zero"] == 1 and plan["deepspeed"]["fp32_grad_accum"]
     assert plan["params"] == 124_439_808 and plan["params_in_memory"] == 124_439_808 + (50304 - 50257) * 768
     overridden = plan_json("--recipe", recipe, "--gpus", "8", "--micro-batch", "32", "--tokens", "1B")
-    assert overridden["grad_accum_steps"] == 2 and overridden["tokens"] == 10**9
+    # --tokens with a recipe is its schedule.max_tokens, which train rounds up to whole steps of 524,288 tokens.
+    assert overridden["grad_accum_steps"] == 2 and overridden["steps"] == 1908
+    assert overridden["tokens"] == 1908 * 524288 >= 10**9
     assert not plan["activation_checkpointing"]
     recomputing = plan_json("--recipe", str(repo_root / "configs/train/gpt2-350m.yaml"), "--gpus", "8")
     assert recomputing["activation_checkpointing"] and recomputing["fits"]  # the recipe's own setting is planned
@@ -285,13 +287,16 @@ BAD = {
     "offload at stage 0": (["--zero", "0", "--offload"], "offload needs ZeRO stage 1, 2 or 3"),
     "fp32 accumulation at stage 2": (["--zero", "2", "--grad-accum-dtype", "fp32"], "ZeRO-1 without offload"),
     "missing DeepSpeed config": (["--deepspeed", "/nonexistent/ds.json"], "cannot read DeepSpeed config"),
-    "missing recipe": (["--recipe", "/nonexistent/recipe.yaml"], "cannot read training recipe"),
+    "missing recipe": (["--recipe", "/nonexistent/recipe.yaml"], "training recipe: cannot read /nonexistent"),
     "batch not a multiple": (["--micro-batch", "3", "--batch-tokens", "524288"], "not a positive multiple"),
     "steps without batch": (["--steps", "10"], "--steps needs --batch-tokens"),
     "zero tokens": (["--tokens", "0"], "--tokens must be positive"),
-    "fp32 recipe": (["--recipe", "configs/train/tiny-cpu.yaml"], "plans model bf16 mixed precision"),
+    "recipe key unknown": (["--recipe", "configs/train/tiny-cpu.yaml", "--set", "optim.lr=1"],
+                           "unknown recipe key 'optim.lr'"),
+    "--set without a recipe": (["--set", "batch.micro_batch=2"], "--set changes a recipe key: it needs --recipe"),
     "recipe batch on too many GPUs": (["--recipe", "configs/train/gpt2-124m-edu10B.yaml", "--gpus", "16"],
-                                      "not a positive multiple"),
+                                      "batch.total_tokens 524288 is not a multiple of micro_batch 64 x seq_len 1024 "
+                                      "x world_size 16"),  # train's own message: the same check
 }
 
 

@@ -2,8 +2,11 @@
 
 Memory is modelled the way DeepSpeed lays out bf16 mixed-precision training with Adam (the same byte
 counts as its own ZeRO estimators), activations are the tensors this repository's model/gpt.py saves for
-backward, and compute is model/hardware.py's FLOPs per token (the formula train's MFU uses).
+backward, and compute is model/flops.py's FLOPs per token (the formula train's MFU uses).
 See docs/plan.md for every formula and its source.
+
+It lives in train/ because it plans training runs: `--recipe` goes through train.recipe, so steps, tokens, batch
+arithmetic and the DeepSpeed config are the ones `python -m train` computes. `python -m model plan` is its command.
 """
 from __future__ import annotations
 
@@ -11,20 +14,24 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
-from common.errors import PipelineError
+from common import cli
 from common.errors import UsageError
 from common.hardware import GPUS, GPUSpec, gpu_spec
 
-from .config import ConfigError, GPTConfig
-from .flops import attention_flops_per_token, flops_per_token, matmul_params
-from .info import parameter_table
+from model.config import ConfigError, GPTConfig
+from model.flops import attention_flops_per_token, flops_per_token, matmul_params
+from model.info import parameter_table
+
+from .recipe import batch_plan, deepspeed_config
+from .recipe import load as load_recipe
 
 GiB = 1024 ** 3
 CHINCHILLA_TOKENS_PER_PARAM = 20          # Hoffmann et al. 2022: compute-optimal D ~ 20 N
 ACT_BYTES = 2                             # bf16 activations (DeepSpeed's bf16 mode casts the module)
+# Bytes of a weight, gradient and activation as the module holds them, by the recipe's precision.
+VALUE_BYTES = {"bf16": ACT_BYTES, "fp32": 4}
 CUDA_RUNTIME_BYTES = 1 * GiB              # CUDA context, cuBLAS workspace, NCCL buffers: outside torch's allocator
 FRAGMENTATION = 0.10                      # caching-allocator slack on top of what tensors occupy
 DS_REDUCE_BUCKET = 500_000_000            # DeepSpeed's default reduce_bucket_size (elements)
@@ -33,15 +40,16 @@ DS_CPU_BUFFER_FACTOR = 1.5                # DeepSpeed estimators' additional_buf
 MAX_MICRO_BATCH = 1 << 16                 # search ceiling for the largest micro batch that fits
 
 
-class PlanError(PipelineError):
-    """Inputs that describe no possible run; the message names the problem."""
+class PlanError(UsageError):
+    """Flags (or a recipe) that describe no possible run: a usage error, exit 2; the message names the flag."""
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model states: bf16 weights, gradients, fp32 master weights and Adam moments, partitioned by ZeRO.
 
 def model_state_bytes(n_params: int, largest_layer: int, zero: int, gpus: int,
-                      offload: bool = False, offload_params: bool = False, fp32_grad_accum: bool = False) -> dict:
+                      offload: bool = False, offload_params: bool = False, fp32_grad_accum: bool = False,
+                      precision: str = "bf16") -> dict:
     """Bytes of model states per GPU and per rank on the CPU, as DeepSpeed's ZeRO allocates them.
 
     Per parameter: bf16 weight 2, bf16 gradient 2, fp32 gradient 4 (DeepSpeed converts the reduced
@@ -54,16 +62,24 @@ def model_state_bytes(n_params: int, largest_layer: int, zero: int, gpus: int,
     lands there directly); offload_params (ZeRO-3) also keeps the bf16 weight partition there.
     fp32_grad_accum at ZeRO-1 is DeepSpeed's BF16_Optimizer (data_types.grad_accum_dtype fp32): it keeps
     bf16 gradients until backward ends and then accumulates them into a full, unpartitioned fp32 buffer.
+    precision fp32 (DeepSpeed with bf16 off, as CPU recipes run): weights and gradients take 4 bytes; ZeRO 1-3
+    still keep their fp32 partition of the weights (a copy) and of the gradient; at ZeRO-0 torch's AdamW
+    updates the weights in place, so there is only m and v (8 bytes). Not checked against DeepSpeed's own
+    estimators, which model mixed precision only.
     """
     N, G = n_params, gpus
+    W = VALUE_BYTES[precision]
 
     def shard(nbytes: int, from_stage: int) -> float:
         return nbytes * N / G if zero >= from_stage else nbytes * N
-    gathered = 2 * largest_layer if zero == 3 else 0
+    gathered = W * largest_layer if zero == 3 else 0
     # DeepSpeed's ZeRO-3 estimator counts no bf16 gradient partition (18 bytes/param/GPU); we keep its count.
-    bf16_grads = (shard(2, 2) if zero < 3 else 0) + gathered
-    fp32_grads = 4 * N if fp32_grad_accum else shard(4, 1)
-    gpu = {"weights": shard(2, 3) + gathered, "gradients": bf16_grads + fp32_grads, "optimizer": shard(12, 1)}
+    bf16_grads = (shard(W, 2) if zero < 3 else 0) + gathered
+    if precision == "fp32" and zero == 0:
+        fp32_grads, optimizer = 0.0, 8.0 * N
+    else:
+        fp32_grads, optimizer = (4 * N if fp32_grad_accum else shard(4, 1)), shard(12, 1)
+    gpu = {"weights": shard(W, 3) + gathered, "gradients": bf16_grads + fp32_grads, "optimizer": optimizer}
     cpu = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
     if offload:
         cpu["optimizer"] = 12 * N / G                     # fp32 master + Adam m, v
@@ -72,7 +88,7 @@ def model_state_bytes(n_params: int, largest_layer: int, zero: int, gpus: int,
         # ZeRO-2/3 stream each reduced bucket straight to the CPU; ZeRO-1 still accumulates in param.grad.
         gpu["gradients"] = gathered if zero >= 2 else bf16_grads
     if offload_params:
-        cpu["weights"] = 2 * N / G
+        cpu["weights"] = W * N / G
         gpu["weights"] = gathered
     return {"gpu": {k: int(v) for k, v in gpu.items()}, "cpu_per_rank": {k: int(v) for k, v in cpu.items()}}
 
@@ -98,7 +114,7 @@ def largest_layer_params(config: GPTConfig) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Activations: what model/gpt.py saves for backward, per token, on a GPU with fused SDPA attention.
 
-def block_activation_bytes_per_token(config: GPTConfig) -> float:
+def block_activation_bytes_per_token(config: GPTConfig, act_bytes: int = ACT_BYTES) -> float:
     """One transformer block, bf16, flash / memory-efficient SDPA (no T x T matrix is kept).
 
     Saved tensors, in n_embd (C) units: ln_1 input 1, ln_1 output 1 (c_attn's input), q/k/v 3 (views of
@@ -110,18 +126,19 @@ def block_activation_bytes_per_token(config: GPTConfig) -> float:
     """
     C, H = config.n_embd, config.n_head
     masks = 2 * C if config.dropout > 0 else 0
-    return 16 * C * ACT_BYTES + 2 * 2 * 4 + 4 * H + masks
+    return 16 * C * act_bytes + 2 * 2 * 4 + 4 * H + masks
 
 
-def head_activation_bytes_per_token(config: GPTConfig) -> float:
+def head_activation_bytes_per_token(config: GPTConfig, act_bytes: int = ACT_BYTES) -> float:
     """Embeddings, final layernorm and loss: token ids 8, embedding dropout mask C (if dropout), ln_f input
     and output 2 C x 2 bytes + 8 of stats, targets 8, and the fp32 log-softmax that cross-entropy keeps of
     the upcast logits (gpt.py calls .float() on the logits): 4 bytes x vocab_size."""
     C, V = config.n_embd, config.vocab_size
-    return 8 + (C if config.dropout > 0 else 0) + 2 * C * ACT_BYTES + 8 + 8 + 4 * V
+    return 8 + (C if config.dropout > 0 else 0) + 2 * C * act_bytes + 8 + 8 + 4 * V
 
 
-def activation_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
+def activation_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpointing: bool,
+                     act_bytes: int = ACT_BYTES) -> dict:
     """Saved-for-backward bytes and the transient peak on top of them at the start of backward.
 
     Transient: the bf16 logits GPT.forward returns (2 bytes x padded vocab per token; a training loop
@@ -129,13 +146,15 @@ def activation_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpoi
     gradients at once (of the log-softmax output and of its input), 8 bytes x vocab per token.
     With activation checkpointing (one checkpoint per block, as Megatron's full recompute) only each
     block's input is kept (C x 2 bytes) and backward recomputes one block at a time, which then needs the
-    larger of the loss gradients and one block's saved tensors.
+    larger of the loss gradients and one block's saved tensors. act_bytes 4 (fp32 runs) doubles the 2-byte
+    tensors; the fp32 ones stay as they are.
     """
     tokens = micro_batch * seq_len
-    block = block_activation_bytes_per_token(config)
-    kept_per_block = config.n_embd * ACT_BYTES if checkpointing else block
-    saved = tokens * (config.n_layer * kept_per_block + head_activation_bytes_per_token(config)) + 8 * seq_len
-    logits = tokens * ACT_BYTES * config.embedding_rows
+    block = block_activation_bytes_per_token(config, act_bytes)
+    kept_per_block = config.n_embd * act_bytes if checkpointing else block
+    saved = tokens * (config.n_layer * kept_per_block + head_activation_bytes_per_token(config, act_bytes)) \
+        + 8 * seq_len
+    logits = tokens * act_bytes * config.embedding_rows
     loss_grads = tokens * 8 * config.vocab_size
     transient = logits + (max(loss_grads, tokens * block) if checkpointing else loss_grads)
     return {"saved": int(saved), "transient": int(transient), "total": int(saved + transient)}
@@ -153,20 +172,21 @@ def deepspeed_settings(ds_config: dict, zero: int, fp32_grad_accum: bool = False
             "prefetch_bucket_size": int(zo.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))}
 
 
-def deepspeed_bucket_bytes(zero: int, n_params: int, ds: dict) -> int:
+def deepspeed_bucket_bytes(zero: int, n_params: int, ds: dict, value_bytes: int = ACT_BYTES) -> int:
     """Gradient-reduction staging buffers. ZeRO 1-2 allocate a bf16 buffer of reduce_bucket_size elements
     up front, two with overlap_comm; ZeRO-3 one, plus up to stage3_prefetch_bucket_size prefetched
     weights. Stage 0 and BF16_Optimizer all-reduce the gradients in flattened chunks of up to 5e8 elements."""
+    W = value_bytes  # the gradients' dtype: bf16, or fp32 for fp32 runs
     if zero == 0 or ds["fp32_grad_accum"]:
-        return 2 * min(n_params, DS_REDUCE_BUCKET)
+        return W * min(n_params, DS_REDUCE_BUCKET)
     if zero == 3:
-        return 2 * ds["reduce_bucket_size"] + 2 * ds["prefetch_bucket_size"]
-    return 2 * ds["reduce_bucket_size"] * (2 if ds["overlap_comm"] else 1)
+        return W * ds["reduce_bucket_size"] + W * ds["prefetch_bucket_size"]
+    return W * ds["reduce_bucket_size"] * (2 if ds["overlap_comm"] else 1)
 
 
 def gpu_memory(config: GPTConfig, states: dict, micro_batch: int, seq_len: int, checkpointing: bool,
-               buckets: int) -> dict:
-    act = activation_bytes(config, micro_batch, seq_len, checkpointing)
+               buckets: int, act_bytes: int = ACT_BYTES) -> dict:
+    act = activation_bytes(config, micro_batch, seq_len, checkpointing, act_bytes)
     tensors = sum(states.values()) + act["total"] + buckets
     fragmentation = int(FRAGMENTATION * tensors)
     buffers = buckets + fragmentation + CUDA_RUNTIME_BYTES
@@ -187,17 +207,18 @@ def count_params(config: GPTConfig) -> tuple[int, int]:
 def make_plan(config: GPTConfig, *, seq_len: int, micro_batch: int, gpus: int, gpus_per_node: int,
               gpu: GPUSpec, zero: int, offload: bool, offload_params: bool, checkpointing: bool,
               tokens: int | None, mfu: float, price_per_gpu_hour: float | None,
-              deepspeed: dict | None = None, batch_tokens: int | None = None) -> dict:
+              deepspeed: dict | None = None, batch_tokens: int | None = None, precision: str = "bf16") -> dict:
     ds = deepspeed_settings({}, zero) if deepspeed is None else deepspeed
+    W = VALUE_BYTES[precision]
     params, params_in_memory = count_params(config)
     states = model_state_bytes(params_in_memory, largest_layer_params(config), zero, gpus,
-                               offload, offload_params, ds["fp32_grad_accum"])
-    buckets = deepspeed_bucket_bytes(zero, params_in_memory, ds)
-    mem = gpu_memory(config, states["gpu"], micro_batch, seq_len, checkpointing, buckets)
+                               offload, offload_params, ds["fp32_grad_accum"], precision)
+    buckets = deepspeed_bucket_bytes(zero, params_in_memory, ds, W)
+    mem = gpu_memory(config, states["gpu"], micro_batch, seq_len, checkpointing, buckets, W)
     fits = mem["memory"]["total"] <= gpu.memory_bytes
 
     def fits_with(mb: int) -> bool:
-        return gpu_memory(config, states["gpu"], mb, seq_len, checkpointing, buckets)["memory"]["total"] \
+        return gpu_memory(config, states["gpu"], mb, seq_len, checkpointing, buckets, W)["memory"]["total"] \
             <= gpu.memory_bytes
     lo, hi = 0, MAX_MICRO_BATCH           # memory grows with the micro batch: bisect the largest that fits
     while lo < hi:
@@ -216,7 +237,7 @@ def make_plan(config: GPTConfig, *, seq_len: int, micro_batch: int, gpus: int, g
         "params_in_memory": params_in_memory,
         "seq_len": seq_len, "micro_batch": micro_batch, "gpus": gpus, "gpus_per_node": gpus_per_node,
         "gpu": {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "peak_bf16_flops": gpu.peak_bf16_flops},
-        "zero": zero, "offload": offload, "offload_params": offload_params, "deepspeed": ds,
+        "precision": precision, "zero": zero, "offload": offload, "offload_params": offload_params, "deepspeed": ds,
         "activation_checkpointing": checkpointing,
         "tokens": int(tokens), "tokens_from_chinchilla": budget_from_chinchilla,
         "flops_per_token": per_token,
@@ -258,6 +279,8 @@ def parse_count(text: str) -> int:
 
 def resolve_model(args) -> GPTConfig:
     """--model (preset or YAML, as `model info` reads it), then the shape flags on top."""
+    if args.model_config is not None:  # the recipe's model, shape flags already applied as its overrides
+        return args.model_config
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size",
                                                 "dropout") if getattr(args, k) is not None}
     config = GPTConfig.resolve(args.model)
@@ -277,8 +300,12 @@ def read_mapping(path: str, what: str) -> dict:
 
 
 def resolve_deepspeed(args) -> tuple[int, bool, bool, dict]:
-    """(ZeRO stage, offload, offload_params, deepspeed_settings) from --deepspeed FILE, flags overriding it."""
-    ds_config = read_mapping(args.deepspeed, "DeepSpeed config") if args.deepspeed else {}
+    """(ZeRO stage, offload, offload_params, deepspeed_settings) from the DeepSpeed config train builds from the
+    recipe, or else --deepspeed FILE; flags override it."""
+    if args.ds_config is not None:
+        ds_config = args.ds_config
+    else:
+        ds_config = read_mapping(args.deepspeed, "DeepSpeed config") if args.deepspeed else {}
     zo = ds_config.get("zero_optimization", {})
     zero = args.zero if args.zero is not None else zo.get("stage", 0 if args.deepspeed else 1)
     if zero not in range(4):
@@ -316,28 +343,44 @@ def resolve_gpu(args) -> GPUSpec:
     return GPUSpec(base.name, memory, peak)
 
 
+# Flags that stand for a recipe key when --recipe is given: they become `--set` overrides of it, so the
+# recipe is planned through train's own loader, validation, batch arithmetic and DeepSpeed config.
+RECIPE_FLAGS = {"micro_batch": "batch.micro_batch", "seq_len": "batch.seq_len", "batch_tokens": "batch.total_tokens",
+                "deepspeed": "deepspeed", "n_layer": "model.n_layer", "n_head": "model.n_head",
+                "n_embd": "model.n_embd", "block_size": "model.block_size", "vocab_size": "model.vocab_size",
+                "dropout": "model.dropout"}
+
+
+def recipe_overrides(args) -> list[str]:
+    sets = [f"{key}={getattr(args, flag)}" for flag, key in RECIPE_FLAGS.items() if getattr(args, flag) is not None]
+    if args.tokens is not None:  # as train reads schedule.max_tokens: rounded up to whole steps
+        sets += ["schedule.max_steps=null", f"schedule.max_tokens={args.tokens}"]
+    if args.steps is not None:
+        sets += [f"schedule.max_steps={args.steps}", "schedule.max_tokens=null"]
+    if args.activation_checkpointing:  # a flag can only turn recomputation on
+        sets.append("activation_checkpointing=true")
+    return [*args.set, *sets]
+
+
 def apply_recipe(args) -> argparse.Namespace:
-    """--recipe fills in what a training recipe (configs/train/*.yaml) fixes: model, DeepSpeed config, micro
-    batch, sequence length, tokens per step, steps and activation checkpointing. Flags given on the command line
-    win."""
+    """--recipe fills in everything a training recipe (configs/train/*.yaml) fixes, exactly as `python -m train`
+    on --gpus ranks resolves it: model, micro batch, sequence length, tokens per step, steps (schedule.max_steps, or
+    max_tokens rounded up to whole steps), activation checkpointing, precision and the DeepSpeed config train builds
+    (ZeRO stage, offload, buckets). Flags override recipe keys (see RECIPE_FLAGS); --model replaces its model."""
     values = vars(args).copy()
+    values.update(model_config=None, ds_config=None, precision="bf16")
     if args.recipe:
-        recipe = read_mapping(args.recipe, "training recipe")
-        if recipe.get("precision", "bf16") != "bf16":
-            raise PlanError(f"{args.recipe}: precision {recipe['precision']!r}; plans model bf16 mixed precision")
-        batch, schedule = recipe.get("batch") or {}, recipe.get("schedule") or {}
-        from_recipe = {"model": args.recipe if "model" in recipe else None, "deepspeed": recipe.get("deepspeed"),
-                       "micro_batch": batch.get("micro_batch"), "seq_len": batch.get("seq_len"),
-                       "batch_tokens": batch.get("total_tokens"),
-                       "steps": schedule.get("max_steps") if args.tokens is None else None}
-        for key, value in from_recipe.items():
-            if key not in ("model", "deepspeed") and value is not None and type(value) is not int:
-                raise PlanError(f"{args.recipe}: {key} must be an integer, got {value!r}")
-            if values[key] is None:
-                values[key] = value
-        # A flag can only turn recomputation on: plan what the recipe will actually run.
-        values["activation_checkpointing"] = (args.activation_checkpointing
-                                              or recipe.get("activation_checkpointing") is True)
+        if args.tokens is not None and args.steps is not None:
+            raise PlanError("give either --tokens or --steps, not both")
+        recipe = load_recipe(args.recipe, recipe_overrides(args))
+        run = batch_plan(recipe, args.gpus)
+        values.update(micro_batch=run.micro_batch, seq_len=run.seq_len, batch_tokens=run.total_tokens,
+                      steps=run.max_steps, tokens=None, activation_checkpointing=recipe.activation_checkpointing,
+                      precision=recipe.precision, ds_config=deepspeed_config(recipe, run), deepspeed=recipe.deepspeed)
+        if args.model is None:
+            values.update(model=args.recipe, model_config=recipe.model_config())
+    elif args.set:
+        raise PlanError("--set changes a recipe key: it needs --recipe")
     values["model"] = "gpt2" if values["model"] is None else values["model"]
     values["micro_batch"] = 1 if values["micro_batch"] is None else values["micro_batch"]
     return argparse.Namespace(**values)
@@ -388,7 +431,8 @@ def resolve(args) -> tuple[dict, str]:
                 gpus_per_node=gpus_per_node, gpu=resolve_gpu(args), zero=zero,
                 offload=offload or offload_params, offload_params=offload_params,
                 checkpointing=args.activation_checkpointing, tokens=tokens, mfu=args.mfu,
-                price_per_gpu_hour=args.price_per_gpu_hour, deepspeed=ds, batch_tokens=args.batch_tokens), args.model
+                price_per_gpu_hour=args.price_per_gpu_hour, deepspeed=ds, batch_tokens=args.batch_tokens,
+                precision=args.precision), args.model
 
 
 def human(n: float, unit: str = "") -> str:
@@ -407,7 +451,8 @@ def format_plan(plan: dict, name: str) -> str:
     mem, detail, cpu = plan["memory_per_gpu"], plan["memory_detail"], plan["cpu_memory_per_node"]
     offload = "none" if not plan["offload"] else ("optimizer + params" if plan["offload_params"] else "optimizer")
     ds = plan["deepspeed"]
-    optimizer = "BF16_Optimizer, fp32 gradient accumulation" if ds["fp32_grad_accum"] else "bf16 gradients"
+    optimizer = "BF16_Optimizer, fp32 gradient accumulation" if ds["fp32_grad_accum"] else \
+        f"{plan['precision']} gradients"
     budget = "Chinchilla-optimal (no --tokens given)" if plan["tokens_from_chinchilla"] else \
         f"{plan['chinchilla_ratio']:.2f} x Chinchilla-optimal"
     rows = [
@@ -433,8 +478,8 @@ def format_plan(plan: dict, name: str) -> str:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += ["", "memory per GPU"]
     parts = [
-        ("weights (bf16)", mem["weights"]),
-        ("gradients (bf16 + fp32)", mem["gradients"]),
+        (f"weights ({plan['precision']})", mem["weights"]),
+        (f"gradients ({plan['precision']} + fp32)", mem["gradients"]),
         ("optimizer (fp32 master + Adam m, v)", mem["optimizer"]),
         (f"activations ({detail['activations_saved'] / GiB:.2f} GiB saved + "
          f"{detail['activations_transient'] / GiB:.2f} GiB backward peak)", mem["activations"]),
@@ -461,7 +506,7 @@ def register(subparsers) -> None:
 
 def plan_from_argv(argv: list[str]) -> dict:
     """The plan `python -m model plan ARGV --json` prints, for scripts and benchmarks in Python."""
-    parser = argparse.ArgumentParser(prog="plan")
+    parser = cli.Parser(prog="plan")
     add_arguments(parser)
     return make_plan(**resolve(parser.parse_args(argv))[0])
 
@@ -470,6 +515,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, metavar="RECIPE.yaml",
                    help="take model, DeepSpeed config, micro batch, seq len, tokens per step and steps from a "
                         "training recipe (configs/train/*.yaml); flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the --recipe, as for train (repeatable)")
     p.add_argument("--model", default=None, help="preset (default gpt2) or a YAML file (model keys, or a "
                                                    "recipe with a model: section)")
     for flag, kind in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int),
@@ -504,10 +551,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     try:
         kwargs, name = resolve(args)
-    except (PlanError, ConfigError) as exc:
-        # A bad flag is a usage error (exit 2, C8); __main__ handles the model package's failures.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:  # a model shape from the flags that cannot be built: a usage error too
+        raise PlanError(str(exc)) from exc
     plan = make_plan(**kwargs)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan, name))
     return 0

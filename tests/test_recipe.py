@@ -1,0 +1,167 @@
+"""train/recipe.py: the one typed recipe (keys, defaults, loader, validation, conversions), the resume check, and
+`model plan --recipe` planning exactly what train resolves."""
+import contextlib
+import dataclasses
+import io
+import json
+
+import pytest
+import yaml
+
+from common import yamlfile
+from model.__main__ import main as model_main
+from model.config import GPTConfig
+from tests.conftest import REPO
+from train.recipe import (
+    Recipe,
+    RecipeChangeError,
+    RecipeError,
+    batch_plan,
+    check_allowed_keys,
+    check_resume,
+    deepspeed_config,
+    load,
+    read_run_recipe,
+    zero_stage,
+)
+
+TINY = REPO / "configs/train/tiny-cpu.yaml"
+RECIPES = sorted((REPO / "configs/train").glob("*.yaml"))
+
+# The keys and defaults of the untyped recipe this module replaced, verbatim: they must not change.
+DEFAULTS = {
+    "run_dir": "<required>", "data": {"dir": "<required>"}, "model": {}, "deepspeed": "<required>",
+    "precision": "bf16", "compile": False, "activation_checkpointing": False,
+    "batch": {"total_tokens": "<required>", "micro_batch": "<required>", "seq_len": "<required>"},
+    "optim": {"max_lr": 6.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
+              "betas": [0.9, 0.95], "eps": 1.0e-8, "grad_clip": 1.0},
+    "schedule": {"max_steps": None, "max_tokens": None},
+    "eval": {"every": 250, "val_batches": 20, "command": None},
+    "checkpoint": {"every": 1000, "keep_last": 3, "keep_every": 0},
+    "sample": {"every": 0, "num": 4, "max_new_tokens": 32, "prompt": "Hello, I'm a language model,"},
+    "log": {"every": 1, "tensorboard": True},
+    "mfu": {"gpu": "auto", "peak_tflops": None},
+    "seed": 1337,
+}
+MINIMAL = ["run_dir=r", "data.dir=d", "deepspeed=ds.json", "batch.total_tokens=128", "batch.micro_batch=2",
+           "batch.seq_len=64", "schedule.max_steps=1"]
+
+
+def test_keys_and_defaults_are_unchanged(tmp_path):
+    assert Recipe().to_dict() == DEFAULTS
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    resolved = load(empty, MINIMAL).to_dict()
+    given = {"run_dir": "r", "data": {"dir": "d"}, "deepspeed": "ds.json",
+             "batch": {"total_tokens": 128, "micro_batch": 2, "seq_len": 64},
+             "schedule": {"max_steps": 1, "max_tokens": None}}
+    assert resolved == {**DEFAULTS, **given}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_load_unchanged_and_round_trip_through_config_yaml(path):
+    recipe = load(path)
+    saved = yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))  # what RUN/config.yaml holds
+    assert Recipe.from_dict(saved) == recipe
+    for key, value in yamlfile.load(path).items():  # every value the file sets is the value train runs with
+        assert saved[key] == ({**DEFAULTS[key], **value} if isinstance(value, dict) and key != "model" else value)
+
+
+def test_recipe_is_typed_and_frozen():
+    r = load(TINY)
+    assert r.batch.micro_batch == 2 and r.optim.betas == (0.9, 0.95) and r.schedule.max_steps == 200
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.batch.micro_batch = 4
+
+
+def test_unknown_key_is_named_with_the_known_ones():
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'optim.lr'; known keys here: max_lr, min_lr_ratio, "
+                                          r"warmup_steps, weight_decay, betas, eps, grad_clip"):
+        load(TINY, ["optim.lr=1"])
+    with pytest.raises(RecipeError, match="unknown recipe key 'checkpoint.export_live_fp32'"):
+        load(TINY, ["checkpoint.export_live_fp32=true"])  # a test hook once, no longer a recipe key
+    with pytest.raises(RecipeError, match="optim must be a mapping, got 3"):
+        load(TINY, ["optim=3"])
+    with pytest.raises(RecipeError, match="log.tensorboard must be true or false"):
+        load(TINY, ["log.tensorboard=yes please"])
+
+
+def test_a_saved_recipe_of_an_earlier_version_still_reads(tmp_path):
+    saved = load(TINY).to_dict()
+    saved["checkpoint"]["export_live_fp32"] = False  # written into config.yaml by earlier versions
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert read_run_recipe(tmp_path) == load(TINY)
+    assert read_run_recipe(tmp_path / "nothing-yet") is None
+
+
+def test_one_float_rule_for_train_model_info_and_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "dropout.yaml"
+    recipe.write_text(TINY.read_text().replace("model: {preset: tiny}", "model: {preset: tiny, dropout: 1e-1}"))
+    assert load(recipe).model_config().dropout == 0.1
+    assert GPTConfig.resolve(str(recipe)).dropout == 0.1
+    assert cli_json(["info", "--model", str(recipe)])["config"]["dropout"] == 0.1
+    assert cli_json(["plan", "--recipe", str(recipe)])["model"]["dropout"] == 0.1
+    assert cli_json(["plan", "--model", str(recipe)])["model"]["dropout"] == 0.1
+
+
+def cli_json(argv) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert model_main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+# --- model plan --recipe plans what train runs ----------------------------------------------------------------
+
+def max_tokens_recipe(tmp_path):
+    path = tmp_path / "tiny-by-tokens.yaml"
+    path.write_text(TINY.read_text().replace("schedule: {max_steps: 200}", "schedule: {max_tokens: 1000}"))
+    return path
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("name", [p.name for p in RECIPES] + ["max_tokens"])
+def test_plan_and_train_agree_on_steps_tokens_batch_and_zero(name, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name their DeepSpeed file relative to the checkout, as train reads it
+    path = max_tokens_recipe(tmp_path) if name == "max_tokens" else REPO / "configs/train" / name
+    recipe = load(path)
+    run = batch_plan(recipe, world)  # what Trainer.__init__ computes on `world` ranks
+    stage = zero_stage(deepspeed_config(recipe, run))
+    plan = cli_json(["plan", "--recipe", str(path), "--gpus", str(world)])
+    assert (plan["steps"], plan["tokens"], plan["micro_batch"], plan["grad_accum_steps"], plan["zero"]) == \
+        (run.max_steps, run.max_steps * run.total_tokens, run.micro_batch, run.grad_accum, stage)
+    assert (plan["seq_len"], plan["batch_tokens"], plan["precision"], plan["activation_checkpointing"]) == \
+        (run.seq_len, run.total_tokens, recipe.precision, recipe.activation_checkpointing)
+    if name == "max_tokens":
+        assert (plan["steps"], plan["tokens"]) == (4, 1024)  # 1000 tokens rounded up to whole 256-token steps
+
+
+# --- a resume whose recipe differs from the checkpoint's --------------------------------------------------------
+
+def test_resume_check_names_each_difference_and_accepts_only_allowed_keys(tmp_path):
+    saved = load(TINY).to_dict()
+    changed = load(TINY, ["optim.max_lr=1e-3", "schedule.max_steps=300", "run_dir=elsewhere"])
+    with pytest.raises(RecipeChangeError) as err:
+        check_resume(saved, changed, ["schedule.max_steps"], "RUN/checkpoints/global_step6")
+    message = str(err.value)
+    assert "global_step6" in message and "optim.max_lr 0.003 -> 0.001" in message
+    assert "schedule.max_steps" not in message and "run_dir" not in message  # allowed; where the run lives
+    assert "--allow-change" in message and "\n" not in message
+    assert check_resume(saved, changed, ["optim.max_lr", "schedule.max_steps"], "c") == {
+        "optim.max_lr": (0.003, 0.001), "schedule.max_steps": (200, 300)}
+    assert check_resume({**saved, "checkpoint": {**saved["checkpoint"], "export_live_fp32": True}},
+                        load(TINY), [], "c") == {}  # keys earlier versions saved are not differences
+    with pytest.raises(RecipeChangeError, match="batch.seq_len 64 -> 32; batch.seq_len cannot change on resume"):
+        check_resume(saved, load(TINY, ["batch.seq_len=32"]), [], "c")
+
+
+def test_allow_change_names_must_be_changeable_keys():
+    check_allowed_keys(["optim.max_lr", "data.dir", "batch.micro_batch"])
+    with pytest.raises(RecipeError, match="--allow-change seed: seed cannot change on resume"):
+        check_allowed_keys(["seed"])
+    with pytest.raises(RecipeError, match="--allow-change model.n_layer: model.n_layer cannot change"):
+        check_allowed_keys(["model.n_layer"])
+    with pytest.raises(RecipeError, match="--allow-change optim.lr: not a recipe key that can change; known keys: "
+                                          "data.dir, deepspeed,"):
+        check_allowed_keys(["optim.lr"])
