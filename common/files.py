@@ -6,7 +6,8 @@ Readers (and a rerun after SIGKILL) see either the old content or the complete n
 - atomic_dir: the same for a directory built in a temporary sibling.
 - append_line: one whole line under an exclusive lock; a partial last line left by a killed writer is cut off
   first, so a fragment never merges into the next record.
-- lock: an advisory exclusive lock (fcntl.flock) on a lock file that records who holds it.
+- lock / try_lock: an advisory exclusive lock (fcntl.flock) on a lock file that records who holds it; the
+  kernel drops it when the last process holding the open lock file ends.
 Files and directories get the permissions the umask gives (0644 / 0755 under umask 022), unlike mkstemp and
 mkdtemp, which make them owner-only.
 """
@@ -17,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import socket
 import time
@@ -28,9 +30,13 @@ TMP_MARK = ".tmp-"
 
 
 def tmp_sibling(path: Path) -> Path:
-    """A hidden temporary name beside `path`; host and pid keep concurrent writers on a shared filesystem apart."""
+    """A hidden, unique temporary name beside `path`.
+
+    Host and pid say whose leftover it is; the random part keeps two threads of one process, or a process that
+    got the pid of a dead writer's leftover, from sharing a name.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -49,8 +55,10 @@ def atomic_file(path, mode: str = "wb"):
     """Yield a file object on a temporary sibling of `path`; on success it replaces `path`, on failure it is gone."""
     path = Path(path)
     tmp = tmp_sibling(path)
+    encoding = None if "b" in mode else "utf-8"  # never the locale's: the same bytes on every node
     try:
-        with open(tmp, mode) as f:  # open(), not mkstemp: the umask decides the permissions
+        # "x": a unique name that must not exist; open(), not mkstemp: the umask decides the permissions.
+        with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -107,13 +115,12 @@ def atomic_dir(path, replace: bool = False):
     if path.exists() and not replace:
         raise PipelineError(f"{path} already exists")
     tmp = tmp_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)  # our own name: a leftover of this host+pid only
     os.mkdir(tmp)
     try:
         yield tmp
         fsync_tree(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+            old = tmp_sibling(path.with_name(f"{path.name}.old"))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -125,27 +132,41 @@ def atomic_dir(path, replace: bool = False):
         raise
 
 
-def append_line(path, line: str) -> None:
+# flock() on a filesystem mounted without lock support (Lustre without -o flock, some NFS setups).
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def append_line(path, line: str) -> int:
     """Append `line` (no newline inside) as one whole line, under an exclusive lock, flushed to disk.
 
     A last line without its newline is a fragment of a writer killed mid-write: it is cut off, not completed,
-    because its record is incomplete. Concurrent appenders never interleave.
+    because its record is incomplete. Concurrent appenders never interleave. Returns the bytes cut (0 mostly).
     """
     if "\n" in line:
         raise ValueError("append_line: the line contains a newline")
     with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            repair_last_line(f)
-            f.write(line.encode() + b"\n")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:
+            # Such a mount still serves a file with a single writer (train's rank 0's metrics) whole-line
+            # safely; only concurrent appenders need the lock, and they fail at their own lock first.
+            if exc.errno not in NO_LOCKS:
+                raise
+        try:
+            cut = repair_last_line(f)
+            f.write(line.encode("utf-8") + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as exc:
+            if exc.filename is None:  # a full disk names no file: say which one
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
+        # Closing the file releases the lock.
+    return cut
 
 
-def append_json_line(path, record) -> None:
-    append_line(path, json.dumps(record))
+def append_json_line(path, record) -> int:
+    return append_line(path, json.dumps(record))
 
 
 def repair_last_line(f) -> int:
@@ -176,43 +197,79 @@ class Locked(PipelineError):
     """Another process holds the lock."""
 
 
+def _record_holder(f) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+    f.flush()
+
+
+def _holder(f) -> str:
+    f.seek(0)
+    return f.read().strip() or "another process"
+
+
 @contextlib.contextmanager
-def lock(path, what: str, wait: bool = False):
+def lock(path, what: str, wait: bool = False, shared: bool = False):
     """Hold an exclusive advisory lock on the lock file `path` for the block; `what` names the thing locked.
 
     Without wait, a lock held elsewhere raises Locked naming the holder (host, pid, since when) and touches
-    nothing else. The lock file stays (removing it would let a third process lock a different inode).
+    nothing else. shared=True takes a shared lock instead: many shared holders at once, never beside an exclusive
+    one; they record no holder (the file then names nobody). The lock file normally stays: removing it would let
+    a third process lock a different inode. A holder may still remove it together with what it guards (prep
+    removes DS/.work that way); whoever then gets the removed file's lock takes the lock again on the path.
     """
     path = Path(path)
-    f = open(path, "a+")
-    try:
+    while True:
+        f = open(path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            if _still_named(f, path):
+                break
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = _holder(f)
+            f.close()
             raise Locked(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or pass --wait") \
                 from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"host {socket.gethostname()} pid {os.getpid()} since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
-        f.flush()
+        except BaseException:
+            f.close()
+            raise
+        f.close()  # the holder removed this file while we waited: lock the path's new file
+    try:
+        if shared:
+            f.truncate(0)  # no exclusive holder exists now, so any name in the file is stale
+        else:
+            _record_holder(f)
         yield
     finally:
         f.close()  # closing releases the flock
 
 
+def _still_named(f, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 @contextlib.contextmanager
 def try_lock(path):
-    """Yield True while holding an exclusive lock on `path`, False (at once) if another process holds it."""
-    with open(path, "a") as f:
+    """Yield the open lock file while holding an exclusive lock on `path`, None (at once) if another process has it.
+
+    The holder is recorded in the file. A child started with pass_fds=[f.fileno()] shares the lock: it stays held
+    until the last of them ends, so an orphan of a killed process keeps others out until it finishes.
+    """
+    with open(path, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
-        yield True
+        _record_holder(f)
+        yield f
 
 
 def remove_stale_tmp(directory) -> list[Path]:

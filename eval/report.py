@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from common import files
 
 from .harness import EvalError
 
-# OpenAI GPT-2 124M, lm-eval 0-shot HellaSwag acc_norm (DESIGN.md, reference figures).
+# OpenAI GPT-2 124M, lm-eval 0-shot HellaSwag acc_norm (see docs/eval.md, Comparability).
 GPT2_124M_ACC_NORM = 0.3114
+# Half-width of a 95% normal interval, in standard errors: a score is read as different from the reference only
+# when the reference lies outside score ± Z95 * stderr.
+Z95 = 1.96
 
 
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
     if not path.exists():
         return rows
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -27,18 +30,50 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(training lines, validation lines) of RUN/metrics.jsonl by step, one line per step: the last one.
+
+    After a kill, the updates between the last checkpoint and the kill are logged again by the resumed run; the
+    later line belongs to the run that continued, so it replaces the earlier one.
+    """
+    train, val = {}, {}
+    for m in read_jsonl(Path(run) / "metrics.jsonl"):
+        if "step" not in m:
+            continue
+        if "loss" in m:
+            train[m["step"]] = m
+        if "val_loss" in m:
+            val[m["step"]] = m
+    return train, val
+
+
 def _at_or_before(series: dict[int, float], step: int):
     steps = [s for s in series if s <= step]
     return series[max(steps)] if steps else None
 
 
+def interval(acc: float | None, stderr: float | None) -> tuple[float, float] | None:
+    if acc is None or stderr is None:
+        return None
+    return acc - Z95 * stderr, acc + Z95 * stderr
+
+
+def versus_reference(acc: float | None, stderr: float | None) -> str | None:
+    """'above' / 'below' GPT-2 124M when its acc_norm lies outside the 95% interval, else 'within'."""
+    bounds = interval(acc, stderr)
+    if bounds is None:
+        return None
+    low, high = bounds
+    return "above" if low > GPT2_124M_ACC_NORM else "below" if high < GPT2_124M_ACC_NORM else "within"
+
+
 def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
     """(table rows sorted by step, [(tokens, val_loss)]); val lines carry no tokens: taken from train lines."""
-    metrics = read_jsonl(run / "metrics.jsonl")
+    train_lines, val_lines = read_metrics(run)
     results = read_jsonl(run / "eval" / "results.jsonl")
-    train = {m["step"]: m["loss"] for m in metrics if "loss" in m and "step" in m}
-    tokens = {m["step"]: m["tokens"] for m in metrics if "tokens" in m and "step" in m}
-    val = {m["step"]: m["val_loss"] for m in metrics if "val_loss" in m and "step" in m}
+    train = {step: m["loss"] for step, m in train_lines.items()}
+    tokens = {step: m["tokens"] for step, m in train_lines.items() if "tokens" in m}
+    val = {step: m["val_loss"] for step, m in val_lines.items()}
     rows = {}
     for r in results:
         step = r.get("step")
@@ -47,7 +82,8 @@ def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
             "step": step, "tokens": r.get("tokens_seen") or (_at_or_before(tokens, step) if step is not None else None),
             "train_loss": _at_or_before(train, step) if step is not None else None,
             "val_loss": _at_or_before(val, step) if step is not None else None,
-            "acc": hs.get("acc"), "acc_norm": hs.get("acc_norm"), "n_docs": hs.get("n_docs"),
+            "acc": hs.get("acc"), "acc_stderr": hs.get("acc_stderr"),
+            "acc_norm": hs.get("acc_norm"), "acc_norm_stderr": hs.get("acc_norm_stderr"), "n_docs": hs.get("n_docs"),
         }
     val_curve = [(_at_or_before(tokens, s) or 0, v) for s, v in sorted(val.items())]
     return sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0)), val_curve
@@ -57,16 +93,25 @@ def _fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _with_interval(acc, stderr):
+    if acc is None:
+        return "–"
+    return f"{acc:.4f}" if stderr is None else f"{acc:.4f} ± {Z95 * stderr:.4f}"
+
+
 def markdown(run: Path, rows: list[dict]) -> str:
     lines = [f"# Evaluation report: {run.name}", "",
-             "HellaSwag 0-shot (lm-eval-harness); GPT-2 124M reference acc_norm 0.3114. "
+             f"HellaSwag 0-shot (lm-eval-harness); GPT-2 124M reference acc_norm {GPT2_124M_ACC_NORM}. "
+             f"± is {Z95} x lm-eval's standard error (a 95% interval): with few docs it is wide, and a score is "
+             "above or below the reference only when the reference lies outside it. "
              "Losses are the last logged at or before each checkpoint's step.", "",
-             "| step | tokens | train loss | val loss | HellaSwag acc | acc_norm | docs |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step | tokens | train loss | val loss | HellaSwag acc | acc_norm | docs | vs GPT-2 124M |",
+             "|---:|---:|---:|---:|---:|---:|---:|:---|"]
     for r in rows:
         lines.append(f"| {_fmt(r['step'], 'd')} | {_fmt(r['tokens'], ',d')} | {_fmt(r['train_loss'], '.4f')} | "
-                     f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_norm'], '.4f')} | "
-                     f"{_fmt(r['n_docs'], 'd')} |")
+                     f"{_fmt(r['val_loss'], '.4f')} | {_with_interval(r['acc'], r['acc_stderr'])} | "
+                     f"{_with_interval(r['acc_norm'], r['acc_norm_stderr'])} | {_fmt(r['n_docs'], 'd')} | "
+                     f"{versus_reference(r['acc_norm'], r['acc_norm_stderr']) or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,32 +119,44 @@ def plot(path: Path, rows: list[dict], val_curve: list[tuple[int, float]], title
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    if val_curve:
-        ax_loss.plot(*zip(*val_curve), marker="o", ms=3, color="tab:blue", label="val loss")
-    ax_loss.set(xlabel="tokens", ylabel="validation loss", title="Validation loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-    scored = [(r["tokens"], r["acc_norm"]) for r in rows if r["tokens"] is not None and r["acc_norm"] is not None]
-    if scored:
-        docs = sorted({r["n_docs"] for r in rows if r["acc_norm"] is not None})
-        ax_acc.plot(*zip(*scored), marker="o", ms=4, color="tab:orange",
-                    label=f"acc_norm (this run, {'/'.join(map(str, docs))} docs)")
-    ax_acc.axhline(GPT2_124M_ACC_NORM, color="gray", linestyle="--", label="GPT-2 124M (OpenAI): 0.3114")
-    ax_acc.axhline(0.25, color="lightgray", linestyle=":", label="chance: 0.25")
-    ax_acc.set(xlabel="tokens", ylabel="HellaSwag acc_norm", title="HellaSwag 0-shot acc_norm")
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend(loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.8))
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        if val_curve:
+            ax_loss.plot(*zip(*val_curve), marker="o", ms=3, color="tab:blue", label="val loss")
+        ax_loss.set(xlabel="tokens", ylabel="validation loss", title="Validation loss")
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
+        scored = sorted((r for r in rows if r["tokens"] is not None and r["acc_norm"] is not None),
+                        key=lambda r: r["tokens"])
+        if scored:
+            docs = sorted({r["n_docs"] for r in scored if r["n_docs"] is not None})
+            x = [r["tokens"] for r in scored]
+            y = [r["acc_norm"] for r in scored]
+            ax_acc.plot(x, y, marker="o", ms=4, color="tab:orange",
+                        label=f"acc_norm (this run, {'/'.join(map(str, docs))} docs)")
+            banded = [(r["tokens"], *interval(r["acc_norm"], r["acc_norm_stderr"])) for r in scored
+                      if r["acc_norm_stderr"] is not None]
+            if banded:
+                bx, low, high = zip(*banded)
+                # Error bars show the interval even for a single checkpoint, where a band has no width.
+                ax_acc.fill_between(bx, low, high, color="tab:orange", alpha=0.2, linewidth=0,
+                                    label=f"95% interval (±{Z95}·stderr)")
+                ax_acc.errorbar(bx, [(lo + hi) / 2 for lo, hi in zip(low, high)],
+                                yerr=[(hi - lo) / 2 for lo, hi in zip(low, high)], fmt="none",
+                                ecolor="tab:orange", alpha=0.6, capsize=3)
+        ax_acc.axhline(GPT2_124M_ACC_NORM, color="gray", linestyle="--",
+                       label=f"GPT-2 124M (OpenAI): {GPT2_124M_ACC_NORM}")
+        ax_acc.axhline(0.25, color="lightgray", linestyle=":", label="chance: 0.25")
+        ax_acc.set(xlabel="tokens", ylabel="HellaSwag acc_norm", title="HellaSwag 0-shot acc_norm")
+        ax_acc.grid(alpha=0.3)
+        # Below the axes: a wide interval band leaves no empty corner inside them.
+        ax_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
+        fig.suptitle(title)
+        fig.tight_layout()
+        with files.atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_report(run: Path) -> tuple[Path, Path]:
@@ -110,10 +167,7 @@ def write_report(run: Path) -> tuple[Path, Path]:
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
-    fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(markdown(run, rows))
-    os.replace(tmp, report)
+    files.write_text(report, markdown(run, rows))
     curves = out / "curves.png"
     plot(curves, rows, val_curve, run.name)
     return report, curves

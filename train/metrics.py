@@ -1,7 +1,6 @@
 """Rank 0's records of a run: metrics.jsonl (append-only), TensorBoard events, samples.jsonl; and MFU."""
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -9,15 +8,17 @@ from pathlib import Path
 
 import torch
 
+from common.files import append_json_line
 from common.hardware import gpu_spec
 from model.flops import flops_per_token
 
 
-def peak_flops(mfu_section: dict, device: str) -> float | None:
-    """Per-device peak bf16 FLOP/s from the recipe's override or model.hardware's table; None when unknown (CPU)."""
-    if mfu_section["peak_tflops"] is not None:
-        return float(mfu_section["peak_tflops"]) * 1e12
-    name = mfu_section["gpu"]
+def peak_flops(mfu_section, device: str) -> float | None:
+    """Per-device peak bf16 FLOP/s from the recipe's mfu section (train.recipe.Mfu): its override, or
+    common.hardware's table; None when unknown (CPU)."""
+    if mfu_section.peak_tflops is not None:
+        return float(mfu_section.peak_tflops) * 1e12
+    name = mfu_section.gpu
     if name == "auto":
         if not device.startswith("cuda"):
             return None
@@ -38,21 +39,32 @@ def peak_memory_mb(device: str) -> float:
 
 
 class RunLog:
-    """Appends one JSON object per line and mirrors scalars to TensorBoard; only rank 0 makes one."""
+    """Appends one JSON object per line and mirrors scalars to TensorBoard; only rank 0 makes one.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    Every line goes through common.files.append_line: a fragment left by a killed writer is cut before the next
+    record, never merged into it. A run resumed from the checkpoint at step S logs steps S+1.. again; readers of
+    metrics.jsonl keep the last line per step, and TensorBoard is told to drop the old events from S+1 on
+    (purge_step), so every view shows one value per step.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_step: int | None = None):
         self.run_dir = Path(run_dir)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            purge = None if resumed_step is None else resumed_step + 1
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+
+    def _append(self, path: Path, record: dict) -> None:
+        cut = append_json_line(path, record)
+        if cut:
+            print(f"warning: {path}: cut a partial last line ({cut} bytes) left by a killed writer", file=sys.stderr)
 
     def write(self, record: dict) -> None:
         record = {**record, "time": round(time.time(), 3)}
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        self._append(self.metrics_path, record)
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and value is not None:
@@ -60,14 +72,12 @@ class RunLog:
             self.tb.flush()
 
     def write_samples(self, step: int, prompt: str, texts: list[str]) -> None:
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            for i, text in enumerate(texts):
-                f.write(json.dumps({"step": step, "index": i, "prompt": prompt, "text": text}) + "\n")
+        for i, text in enumerate(texts):
+            self._append(self.samples_path, {"step": step, "index": i, "prompt": prompt, "text": text})
         if self.tb is not None:
             self.tb.add_text("samples", "\n\n".join(texts), step)
 
     def close(self) -> None:
-        self.metrics.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -1,0 +1,167 @@
+"""common/files.py: atomic files and directories, whole-line appends, locks, permissions from the umask."""
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from common import files
+from tests.conftest import REPO
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if files.TMP_MARK in p.name)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "report.md"
+    files.write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with files.atomic_file(target, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n"
+    assert leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with files.atomic_file(tmp_path / "new.png") as f:
+            f.write(b"\x89PNG")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_a_disk_error_names_the_file_being_written(tmp_path):
+    target = tmp_path / "result.json"
+    with pytest.raises(OSError) as caught:
+        with files.atomic_file(target, "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises: no file named
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert not target.exists() and leftovers(tmp_path) == []
+
+
+def test_concurrent_writers_of_one_file_never_share_a_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    errors = []
+
+    def write(i):
+        try:
+            for _ in range(20):
+                files.write_json(target, {"writer": i})
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads(target.read_text())["writer"] in range(4)
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with files.atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+    with files.atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    with pytest.raises(files.PipelineError, match="already exists"):
+        with files.atomic_dir(out):
+            pass
+
+
+def test_append_cuts_a_partial_last_line_before_the_next_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 4.1}\n{"step": 2, "lo')  # a writer killed mid-line
+    assert files.append_json_line(path, {"step": 2, "loss": 4.0}) == len('{"step": 2, "lo')
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 4.1}, {"step": 2, "loss": 4.0}]
+    assert files.append_json_line(path, {"step": 3}) == 0  # a whole last line is left alone
+
+
+@pytest.mark.parametrize("damage", [b"no newline at all", b"x" * 10_000 + b"\n" + b"y" * 9_000])
+def test_append_repairs_fragments_longer_than_a_read_block(tmp_path, damage):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(damage)
+    files.append_line(path, "whole")
+    kept = damage[:damage.rfind(b"\n") + 1]
+    assert path.read_bytes() == kept + b"whole\n"
+
+
+def test_append_refuses_a_line_with_a_newline(tmp_path):
+    with pytest.raises(ValueError):
+        files.append_line(tmp_path / "x.jsonl", "two\nlines")
+
+
+def test_permissions_follow_the_umask(tmp_path, umask_022):
+    files.write_text(tmp_path / "report.md", "x")
+    files.append_line(tmp_path / "results.jsonl", "{}")
+    with files.atomic_dir(tmp_path / "hf") as d:
+        files.write_bytes(d / "model.safetensors", b"\0")
+    assert mode(tmp_path / "report.md") == mode(tmp_path / "results.jsonl") == 0o644
+    assert mode(tmp_path / "hf") == 0o755 and mode(tmp_path / "hf" / "model.safetensors") == 0o644
+    os.umask(0o077)  # a user who wants private files gets them
+    files.write_text(tmp_path / "private.md", "x")
+    assert mode(tmp_path / "private.md") == 0o600
+
+
+HOLD = """
+import sys, time
+from common import files
+with files.lock(sys.argv[1], "dataset X"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_lock_held_by_another_process_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(files.Locked) as caught:
+            with files.lock(path, "dataset X"):
+                pytest.fail("took a lock another process holds")
+        message = str(caught.value)
+        assert message.startswith("dataset X is in use by host ") and f"pid {holder.pid} since" in message
+        assert "\n" not in message and str(path) in message
+        with files.try_lock(path) as got:
+            assert got is None
+    finally:
+        holder.kill()
+        holder.wait()
+    with files.lock(path, "dataset X"):  # the kernel dropped the dead holder's lock
+        assert f"pid {os.getpid()} since" in path.read_text()
+
+
+def test_a_child_given_the_lock_file_keeps_the_lock_after_its_parent_lets_go(tmp_path):
+    path = tmp_path / "tag.lock"
+    with files.try_lock(path) as f:
+        child = subprocess.Popen(["sleep", "30"], pass_fds=[f.fileno()])
+    try:
+        with files.try_lock(path) as again:
+            assert again is None  # the orphan still holds it
+    finally:
+        child.kill()
+        child.wait()
+    with files.try_lock(path) as again:
+        assert again is not None
