@@ -1,17 +1,16 @@
 """Running lm-eval tasks: our offline HellaSwag definition, any built-in task by name, results as plain dicts."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from common import hellaswag
 from common.errors import PipelineError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELLASWAG_YAML = TASKS_DIR / "hellaswag_local.yaml"
 # What the pipeline reads when no --hellaswag-file is given (written there by `python -m prep eval-data`).
 DEFAULT_HELLASWAG = Path("data/eval/hellaswag_val.jsonl")
-HELLASWAG_KEYS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 
 
 class EvalError(PipelineError):
@@ -24,35 +23,12 @@ def lm_eval_version() -> str:
 
 
 def check_hellaswag_file(path: Path) -> int:
-    """Every line a HellaSwag doc in the original schema; returns the number of docs."""
+    """Every line a HellaSwag doc (common.hellaswag, the check prep eval-data runs); returns the number of docs."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"HellaSwag file {path} not found (write it with `python -m prep eval-data --out DIR` "
                         "on a machine with internet, or pass --hellaswag-file)")
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in HELLASWAG_KEYS if not isinstance(doc, dict) or k not in doc]
-            if missing:
-                raise EvalError(f"{path}:{lineno}: not a HellaSwag doc, missing {', '.join(missing)}")
-            if not isinstance(doc["endings"], list) or not doc["endings"]:
-                raise EvalError(f"{path}:{lineno}: 'endings' must be a non-empty list")
-            try:
-                label = int(doc["label"])
-            except (TypeError, ValueError):
-                raise EvalError(f"{path}:{lineno}: label {doc['label']!r} is not an integer") from None
-            if not 0 <= label < len(doc["endings"]):
-                raise EvalError(f"{path}:{lineno}: label {label} is out of range for {len(doc['endings'])} endings")
-            n += 1
-    if n == 0:
-        raise EvalError(f"HellaSwag file {path} holds no docs")
-    return n
+    return hellaswag.check_file(path)
 
 
 def hellaswag_config(path: Path) -> dict:
@@ -68,6 +44,9 @@ def load_tasks(names: list[str], hellaswag_file: Path | None = None) -> dict:
     from lm_eval.tasks import TaskManager
     if not names:
         raise EvalError("no tasks given")
+    hellaswag_path = Path(hellaswag_file) if hellaswag_file else DEFAULT_HELLASWAG
+    if "hellaswag" in names:
+        check_hellaswag_file(hellaswag_path)  # first: a bad file fails in a second, before lm-eval loads anything
     builtin = [n for n in names if n != "hellaswag"]
     # Indexing lm-eval's thousands of built-in task YAMLs takes tens of seconds: only when one is asked for.
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(builtin))
@@ -77,9 +56,7 @@ def load_tasks(names: list[str], hellaswag_file: Path | None = None) -> dict:
                         "(`lm_eval ls tasks` lists them)")
     tasks = {}
     if "hellaswag" in names:
-        path = Path(hellaswag_file) if hellaswag_file else DEFAULT_HELLASWAG
-        check_hellaswag_file(path)
-        tasks["hellaswag"] = manager.load([hellaswag_config(path)])["tasks"]["hellaswag_local"]
+        tasks["hellaswag"] = manager.load([hellaswag_config(hellaswag_path)])["tasks"]["hellaswag_local"]
     for name in builtin:
         try:
             loaded = manager.load([name])["tasks"]

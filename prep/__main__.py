@@ -27,13 +27,17 @@ def _add_tokenize(sub) -> None:
     p.add_argument("--unit-bytes", type=int, default=0,
                    help="pack parquet row groups into units of about this many uncompressed bytes "
                         "(default 0: about 1/2000 of the input, 1-256 MiB)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another prep process working on --out to finish, instead of stopping")
     p.set_defaults(run=tokenize.tokenize)
 
 
 def _add_finalize(sub) -> None:
     p = sub.add_parser("finalize", help="after all array tasks: write the shards and manifest.json")
     p.add_argument("--out", required=True, help="dataset directory")
-    p.set_defaults(run=lambda a: finalize.finalize(a.out))
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another prep process working on --out to finish, instead of stopping")
+    p.set_defaults(run=lambda a: finalize.finalize(a.out, a.wait))
 
 
 def _add_verify_info(sub) -> None:

@@ -1,7 +1,7 @@
 """`prep eval-data`: HellaSwag validation (Rowan/hellaswag) as one local jsonl that eval/ reads on offline nodes.
 
 The file keeps the original schema (activity_label, ctx_a, ctx_b, ctx, endings, label, ...), one example a line.
---from installs a copy brought in by hand, after checking every line has that schema.
+--from installs a copy brought in by hand, after checking every line (common.hellaswag, the check eval runs).
 """
 from __future__ import annotations
 
@@ -10,47 +10,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.errors import PipelineError
+from common import files, hellaswag
 
-from . import atomic
 from .download import DownloadError, check_online
 
 REPO_ID = "Rowan/hellaswag"
 FILENAME = "hellaswag_val.jsonl"
-REQUIRED = ("activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label")
-
-
-class EvalDataError(PipelineError):
-    pass
-
-
-def check_example(obj, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise EvalDataError(f"{where}: expected a JSON object")
-    missing = [k for k in REQUIRED if k not in obj]
-    if missing:
-        raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)} (HellaSwag schema: {', '.join(REQUIRED)})")
-    if not (isinstance(obj["endings"], list) and len(obj["endings"]) == 4):
-        raise EvalDataError(f"{where}: 'endings' must be a list of 4 strings")
-    if str(obj["label"]) not in ("0", "1", "2", "3"):
-        raise EvalDataError(f"{where}: 'label' must be 0-3, got {obj['label']!r}")
 
 
 def install_local(src: Path, dest: Path) -> int:
-    n = 0
-    with open(src, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{src}:{lineno}: malformed JSON ({exc.msg})") from None
-            check_example(obj, f"{src}:{lineno}")
-            n += 1
-    if n == 0:
-        raise EvalDataError(f"{src}: no examples")
-    with atomic.atomic_file(dest) as out, open(src, "rb") as f:
+    n = hellaswag.check_file(src)  # every line, before anything is written
+    with files.atomic_file(dest) as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out)
     return n
 
@@ -65,9 +35,9 @@ def download_validation(dest: Path) -> int:
         raise DownloadError(f"loading {REPO_ID} validation: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     n = 0
-    with atomic.atomic_file(dest, "w") as out:
+    with files.atomic_file(dest, "w") as out:
         for i, row in enumerate(rows):
-            check_example(row, f"{REPO_ID} validation row {i}")
+            hellaswag.check_doc(row, f"{REPO_ID} validation row {i}")
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n

@@ -3,6 +3,7 @@
 Everything here is a pure function of the committed units, taken in unit (= input) order, so the shards do not
 depend on how many workers or array tasks made the units. Finalize can be killed and rerun at any point: shards
 are rewritten whole under temporary names, and the manifest, which makes the directory a dataset, comes last.
+It runs under the dataset lock, held exclusively (prep.workdir), so no other prep process is in the directory.
 """
 from __future__ import annotations
 
@@ -14,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import progress, tokenizer
+from common import files, progress, tokenizer
 from common.errors import PipelineError
 
-from . import atomic
 from .inputs import ReadStats, Unit
-from .reader import MANIFEST
+from .reader import MANIFEST, read_manifest
 from .recipe import refuse_if_different
 from .shard import HEADER_BYTES, make_header, open_shard
-from .tokenize import INDEX_DTYPE, is_done, unit_paths, work_dir
+from .workdir import INDEX_DTYPE, dataset_lock, is_done, load_json, unit_paths, work_dir
 
 SPLITS = ("train", "val")
 WRITE_CHUNK = 1 << 24  # tokens per write: bounds finalize's memory whatever the shard size
@@ -32,35 +32,54 @@ class FinalizeError(PipelineError):
     pass
 
 
-def already_finished(out: Path, rcp: dict) -> int:
-    manifest = atomic.read_json(out / MANIFEST)
+def already_finished(out: Path, rcp: dict, clean: bool = True) -> int:
+    """A rerun on a finished dataset: refuse a different recipe, else nothing to do.
+
+    clean=True (only while holding the dataset lock exclusively) also removes a .work/ left by a finalize killed
+    between writing the manifest and removing .work/.
+    """
+    manifest = read_manifest(out / MANIFEST)
     refuse_if_different(manifest.get("recipe", {}), rcp, "a finished dataset", out)
-    if work_dir(out).exists():  # killed between writing the manifest and removing .work
-        shutil.rmtree(work_dir(out))
+    if clean and work_dir(out).exists():
+        shutil.rmtree(work_dir(out), ignore_errors=True)
     totals = manifest["totals"]
     print(f"{out} is already a finished dataset with this recipe ({totals['train']['tokens']:,} train + "
           f"{totals['val']['tokens']:,} val tokens); nothing to do", file=sys.stderr)
     return 0
 
 
-def finalize(out: Path) -> int:
+def finalize(out: Path, wait: bool = False) -> int:
+    """The `prep finalize` command: take the dataset lock exclusively, then finalize_locked."""
     out = Path(out).resolve()
-    if (out / MANIFEST).exists():
-        if not work_dir(out).exists():
-            print(f"{out} is already finalized; nothing to do", file=sys.stderr)
-            return 0
-        return already_finished(out, atomic.read_json(work_dir(out) / "recipe.json"))
+    if (out / MANIFEST).exists() and not work_dir(out).exists():
+        print(f"{out} is already finalized; nothing to do", file=sys.stderr)
+        return 0
     if not (work_dir(out) / "recipe.json").exists():
         raise FinalizeError(f"{out}: nothing to finalize (no .work/recipe.json; run `python -m prep tokenize` first)")
-    rcp = atomic.read_json(work_dir(out) / "recipe.json")
-    plan = atomic.read_json(work_dir(out) / "plan.json")
+    with dataset_lock(out, wait):
+        return finalize_locked(out)
+
+
+def finalize_locked(out: Path) -> int:
+    """Committed units -> shards -> manifest -> no .work/; the caller holds the dataset lock exclusively."""
+    recipe_file = work_dir(out) / "recipe.json"
+    if (out / MANIFEST).exists():  # finished by another process while this one waited, or killed before cleanup
+        if recipe_file.exists():
+            return already_finished(out, load_json(recipe_file, "recipe"))
+        shutil.rmtree(work_dir(out), ignore_errors=True)
+        print(f"{out} is already finalized; nothing to do", file=sys.stderr)
+        return 0
+    if not recipe_file.exists():
+        raise FinalizeError(f"{out}: nothing to finalize (no .work/recipe.json; run `python -m prep tokenize` first)")
+    rcp = load_json(recipe_file, "recipe")
+    plan = load_json(work_dir(out) / "plan.json", "unit plan")
     units = [Unit(u["index"], u["path"], u["kind"], tuple(u["row_groups"])) for u in plan["units"]]
     missing = [u for u in units if not is_done(out, u)]
     if missing:
         raise FinalizeError(f"{out}: {len(missing)} of {len(units)} unit(s) are not tokenized yet (first: "
                             f"u{missing[0].index:06d} = {missing[0].describe()}); run the remaining array tasks, "
                             f"or `python -m prep tokenize` without --task-index/--task-count")
-    markers = [atomic.read_json(unit_paths(out, u.index)["done"]) for u in units]
+    markers = [load_json(unit_paths(out, u.index)["done"], "done marker") for u in units]
     indexes = [np.load(unit_paths(out, u.index)["index"], mmap_mode="r") for u in units]  # 16 bytes a document
     for u, m, idx in zip(units, markers, indexes):
         if idx.dtype != INDEX_DTYPE or len(idx) != m["documents"] or int(idx["tokens"].sum()) != m["tokens"]:
@@ -71,7 +90,7 @@ def finalize(out: Path) -> int:
                             f"({sum(m['stats']['empty_skipped'] for m in markers)} empty, "
                             f"{sum(m['stats']['bad_skipped'] for m in markers)} bad)")
     val_sets = select_validation(indexes, rcp["validation"]["tokens"])
-    atomic.remove_stale_tmp(out)
+    files.remove_stale_tmp(out)  # leftovers of killed finalizers; safe: no other prep process is here
     writers = {s: SplitWriter(out, s, _split_tokens(indexes, val_sets, s == "val"), rcp["shard_tokens"])
                for s in SPLITS}
     total_tokens = sum(m["tokens"] for m in markers)
@@ -92,8 +111,8 @@ def finalize(out: Path) -> int:
         raise
     shards = writers["train"].shards + writers["val"].shards
     manifest = _manifest(out, rcp, plan, markers, shards, writers)
-    atomic.write_json(out / MANIFEST, manifest)
-    shutil.rmtree(work_dir(out))
+    files.write_json(out / MANIFEST, manifest)
+    shutil.rmtree(work_dir(out))  # with the lock file in it (see prep.workdir)
     t, v = manifest["totals"]["train"], manifest["totals"]["val"]
     print(f"finalized {out}: train {t['tokens']:,} tokens / {t['documents']:,} docs in {t['shards']} shard(s), "
           f"val {v['tokens']:,} tokens / {v['documents']:,} docs in {v['shards']} shard(s)", file=sys.stderr)
@@ -167,7 +186,7 @@ class SplitWriter:
             for i in range(0, min(room, len(tokens)), WRITE_CHUNK):
                 piece = np.asarray(tokens[i: min(i + WRITE_CHUNK, room, len(tokens))])
                 data = piece.tobytes()
-                self._file.write(data)
+                self._write(data)
                 self._sha.update(data)
                 self._docs += int(np.count_nonzero(piece == tokenizer.EOT_TOKEN))
             n = min(room, len(tokens))
@@ -182,11 +201,20 @@ class SplitWriter:
         self._name = f"{self.split}_{k:06d}.bin"
         self._count = min(self.shard_tokens, self.total - self.written)
         self._filled, self._docs = 0, 0
-        self._cm = atomic.atomic_file(self.out / self._name)
+        self._cm = files.atomic_file(self.out / self._name)
         self._file = self._cm.__enter__()
         header = make_header(self._count)
-        self._file.write(header)
+        self._write(header)
         self._sha = hashlib.sha256(header)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # A full disk, a quota or a file size limit names no file: name the shard (its temporary is removed).
+            raise OSError(exc.errno, exc.strerror, str(self.out / self._name)) from exc
 
     def _close(self) -> None:
         self._cm.__exit__(None, None, None)
@@ -242,7 +270,7 @@ def source_of(rcp: dict) -> dict:
         if raw is None:
             continue
         if raw not in records:
-            rec = atomic.read_json(raw / "download.json")
+            rec = load_json(raw / "download.json", "download record")
             records[raw] = {**{k: rec.get(k) for k in ("repo_id", "dataset", "sample", "dump", "revision", "pattern")},
                             "files_listed": len(rec.get("files", [])), "files_used": 0}
         records[raw]["files_used"] += 1

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,12 @@ SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
 TARGET_UNITS = 2000
 MIN_UNIT_BYTES, MAX_UNIT_BYTES = 1 << 20, 256 << 20
 READ_BATCH_ROWS = 1024
+# An input's fingerprint hashes this many bytes at each end (the whole file when it is at most twice as long):
+# a parquet file's footer (schema, row-group offsets and statistics) lies in its last bytes, so a rewritten
+# parquet file changes there, and ~1 MiB per file keeps the check to seconds for thousands of files.
+HASHED_EDGE_BYTES = 512 << 10
+# A JSON escape of a UTF-16 surrogate: only through one can a lone surrogate get into a decoded string.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class InputError(PipelineError):
@@ -36,14 +43,12 @@ def file_kind(path: Path) -> str | None:
 
 
 def discover(paths: list[str]) -> list[Path]:
-    """Expand files and directories (recursively, sorted) into the ordered list of input files."""
+    """Expand files and directories (recursively, sorted) into the ordered list of input files (real paths)."""
     files: list[Path] = []
     for raw in paths:
         p = Path(raw).resolve()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and file_kind(f)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            files.extend(found)
+            files.extend(_walk(p))
         elif p.is_file():
             if not file_kind(p):
                 raise InputError(f"{p}: unsupported input type (expected {', '.join(SUFFIXES)})")
@@ -55,9 +60,39 @@ def discover(paths: list[str]) -> list[Path]:
     seen = set()
     for f in files:
         if f in seen:
-            raise InputError(f"{f}: given twice in --input")
+            raise InputError(f"{f}: given twice in --input (directly, or through a symbolic link)")
         seen.add(f)
     return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """Input files under `root`, in sorted order, following symbolic links; each real file once.
+
+    A link to a directory already being walked (a cycle) or already walked (a second link to it) is not entered
+    again. Names starting with "." are skipped. A broken link with an input's suffix is an error, not a skip.
+    """
+    found: dict[Path, None] = {}  # real paths, in walk order (an insertion-ordered set)
+    entered: set[tuple[int, int]] = set()
+
+    def visit(directory: Path) -> None:
+        st = directory.stat()
+        if (st.st_dev, st.st_ino) in entered:
+            return
+        entered.add((st.st_dev, st.st_ino))
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():  # follows links
+                visit(path)
+            elif entry.is_file():
+                if file_kind(path):
+                    found.setdefault(path.resolve(), None)
+            elif entry.is_symlink() and file_kind(path):
+                raise InputError(f"{path}: broken symbolic link (to {os.readlink(path)}); fix or remove it")
+
+    visit(root)
+    return list(found)
 
 
 @dataclass(frozen=True)
@@ -174,9 +209,26 @@ def read_documents(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStat
         yield from _read_jsonl(unit, text_column, skip_bad, stats)
 
 
+def json_error(exc: json.JSONDecodeError) -> str:
+    """json's message with its column, read as one phrase ("... starting at column 12", "... at column 3")."""
+    return f"{exc.msg} column {exc.colno}" if exc.msg.endswith(" at") else f"{exc.msg} at column {exc.colno}"
+
+
+def replace_lone_surrogates(text: str, stats: ReadStats) -> str:
+    """A JSON escape such as "\\ud83d" without its pair decodes to a string no UTF-8 encoder takes: replace each
+    lone surrogate with U+FFFD and count the document as invalid UTF-8, as raw invalid bytes are."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        stats.invalid_utf8 += 1
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def _bad(stats: ReadStats, skip_bad: bool, msg: str) -> None:
     if not skip_bad:
-        raise InputError(msg + " (pass --skip-bad-docs to skip and count such documents)")
+        raise InputError(msg + " (to skip and count such documents instead, rerun with --skip-bad-docs and a new "
+                               "--out: it changes the recipe)")
     stats.bad += 1
     if len(stats.bad_examples) < 5:
         stats.bad_examples.append(msg)
@@ -192,12 +244,16 @@ def _read_jsonl(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
             try:
                 obj = json.loads(decode_utf8(raw, stats))
             except json.JSONDecodeError as exc:
-                _bad(stats, skip_bad, f"{where}: malformed JSON ({exc.msg} at column {exc.colno})")
+                _bad(stats, skip_bad, f"{where}: malformed JSON ({json_error(exc)})")
                 continue
             text = obj.get(text_column) if isinstance(obj, dict) else None
+            if text is None and isinstance(obj, dict) and text_column in obj:
+                text = ""  # null text is an empty document, as a null in a parquet text column is
             if not isinstance(text, str):
                 _bad(stats, skip_bad, f"{where}: no string field {text_column!r}")
                 continue
+            if SURROGATE_ESCAPE.search(raw):
+                text = replace_lone_surrogates(text, stats)
             doc_id = obj.get("id")
             batch.append((None if doc_id is None else str(doc_id), text))
             if len(batch) >= READ_BATCH_ROWS:
@@ -279,8 +335,28 @@ def _column_texts(col, stats: ReadStats) -> list:
 
 
 def file_fingerprint(path: Path) -> dict:
+    """What the recipe records of an input: path, size, modification time and a hash of its two ends."""
     st = os.stat(path)
-    return {"path": str(path), "bytes": st.st_size}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= 2 * HASHED_EDGE_BYTES:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(HASHED_EDGE_BYTES))
+            f.seek(st.st_size - HASHED_EDGE_BYTES)
+            digest.update(f.read(HASHED_EDGE_BYTES))
+    fingerprint = {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                   "edges_sha256": digest.hexdigest()}
+    check_unchanged(path, fingerprint, "rerun once nothing writes to it")  # not rewritten while being hashed
+    return fingerprint
+
+
+def check_unchanged(path, fingerprint: dict, advice: str) -> None:
+    """Raise unless `path` still has the fingerprint's size and modification time (one cheap stat)."""
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (fingerprint["bytes"], fingerprint.get("mtime_ns", st.st_mtime_ns)):
+        raise InputError(f"{path}: changed while being read ({fingerprint['bytes']} -> {st.st_size} bytes, "
+                         f"modification time {fingerprint.get('mtime_ns')} -> {st.st_mtime_ns} ns); {advice}")
 
 
 def stable_hash(key: str, seed: int) -> int:

@@ -1,4 +1,5 @@
-"""The recipe: everything that decides a dataset's bytes. Stored in .work/ while tokenizing and in the manifest after.
+"""The dataset recipe: everything that decides a dataset's bytes (a training recipe is train/recipe.py's).
+Stored in .work/ while tokenizing and in the manifest after.
 
 A rerun with the same recipe reuses the work; a different one is refused with the differences named, because
 mixing units tokenized under two recipes would silently produce a dataset that matches neither.
@@ -6,15 +7,19 @@ mixing units tokenized under two recipes would silently produce a dataset that m
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
-from common import tokenizer
+from common import files, tokenizer
 from common.errors import PipelineError
 
-from . import UsageError, atomic
-from .inputs import InputError, auto_unit_bytes, discover, file_fingerprint, plan_units
+from . import UsageError
+from .inputs import HASHED_EDGE_BYTES, InputError, auto_unit_bytes, discover, file_fingerprint, plan_units
+from .workdir import load_json, work_dir
 
 FORMAT_VERSION = 1
+# The shard header stores the token count as an int32.
+MAX_SHARD_TOKENS = 2**31 - 1
 VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed by the seed) of their id, "
             "or of their text when they have no id, taken in hash order until their tokens (EOT included) reach "
             "validation.tokens; written in input order. All other documents are train.")
@@ -28,6 +33,10 @@ def build(args) -> tuple[dict, list, list]:
     """(recipe, units, skipped input files) for a tokenize command line."""
     if args.shard_tokens <= 0:
         raise UsageError(f"--shard-tokens must be positive, got {args.shard_tokens}")
+    if args.shard_tokens > MAX_SHARD_TOKENS:
+        raise UsageError(f"--shard-tokens {args.shard_tokens:,} does not fit the shard header, whose token count is "
+                         f"an int32: at most {MAX_SHARD_TOKENS:,} (llm.c's own loader reads shards of up to about "
+                         f"1.07e9 tokens; the default is 100,000,000)")
     if args.val_tokens < 0:
         raise UsageError(f"--val-tokens must be >= 0, got {args.val_tokens}")
     if args.workers < 1:
@@ -67,21 +76,42 @@ def differences(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if key == "inputs" and isinstance(a, list) and isinstance(b, list):
-            old_files, new_files = {f["path"]: f["bytes"] for f in a}, {f["path"]: f["bytes"] for f in b}
-            for p in new_files.keys() - old_files.keys():
-                out.append(f"input added: {p}")
-            for p in old_files.keys() - new_files.keys():
-                out.append(f"input removed: {p}")
-            for p in old_files.keys() & new_files.keys():
-                if old_files[p] != new_files[p]:
-                    out.append(f"input changed size: {p} ({old_files[p]} -> {new_files[p]} bytes)")
-            if not out:
-                out.append("inputs in a different order")
+            out += input_differences(a, b)
         elif isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key}.{d}" for d in differences(a, b)]
         else:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
+
+
+def input_differences(old: list[dict], new: list[dict]) -> list[str]:
+    """How two input lists differ: files added or removed, content changed, order.
+
+    Entries recorded before inputs carried mtime_ns and edges_sha256 are compared by size alone.
+    """
+    old_files, new_files = {f["path"]: f for f in old}, {f["path"]: f for f in new}
+    out = [f"input added: {p}" for p in new_files.keys() - old_files.keys()]
+    out += [f"input removed: {p}" for p in old_files.keys() - new_files.keys()]
+    for p in sorted(old_files.keys() & new_files.keys()):
+        a, b = old_files[p], new_files[p]
+        if a["bytes"] != b["bytes"]:
+            out.append(f"input changed size: {p} ({a['bytes']} -> {b['bytes']} bytes)")
+            continue
+        moved = "mtime_ns" in a and a["mtime_ns"] != b.get("mtime_ns")
+        rewritten = "edges_sha256" in a and a["edges_sha256"] != b.get("edges_sha256")
+        if moved or rewritten:
+            when = (f"modified {_clock(a['mtime_ns'])} -> {_clock(b['mtime_ns'])}" if moved
+                    else "same modification time")
+            what = (f"the hash of its first and last {HASHED_EDGE_BYTES >> 10} KiB differs" if rewritten
+                    else "its content may differ")
+            out.append(f"input changed: {p} (same size, {when}, {what})")
+    if not out and [f["path"] for f in old] != [f["path"] for f in new]:
+        out.append("inputs in a different order")
+    return out
+
+
+def _clock(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
 def refuse_if_different(existing: dict, rcp: dict, what: str, out: Path) -> None:
@@ -93,20 +123,19 @@ def refuse_if_different(existing: dict, rcp: dict, what: str, out: Path) -> None
 
 def claim_work_dir(out: Path, rcp: dict, units: list, skipped: list) -> None:
     """Record recipe and unit plan under .work/ (every array task writes the same), or check they agree."""
-    units_dir = out / ".work" / "units"
-    units_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir(out) / "units").mkdir(parents=True, exist_ok=True)
     plan = {"units": [u.to_dict() for u in units], "skipped_inputs": skipped}
     for name, obj in (("recipe.json", rcp), ("plan.json", plan)):
-        path = out / ".work" / name
+        path = work_dir(out) / name
         if path.exists():
-            existing = atomic.read_json(path)
+            existing = load_json(path, "recipe" if name == "recipe.json" else "unit plan")
             if name == "recipe.json":
                 refuse_if_different(existing, obj, "unfinished work (.work/)", out)
             elif existing != obj:
                 raise RecipeMismatch(f"{path}: the inputs' row-group layout changed since tokenizing started "
                                      f"(delete {out / '.work'} to start over)")
         else:
-            atomic.write_json(path, obj)
+            files.write_json(path, obj)
 
 
 def print_config(out: Path, rcp: dict, units: list, workers: int, task_index: int, task_count: int,

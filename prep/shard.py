@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import PipelineError
-
-from .atomic import atomic_file
+from common.files import atomic_file
 
 MAGIC = 20240520
 VERSION = 1  # uint16 tokens

@@ -3,7 +3,7 @@
 Each unit is tokenized by one worker into .work/units/uNNNNNN.bin (tokens, shard format) and uNNNNNN.idx.npy
 (per document: holdout hash and token count), then uNNNNNN.json is written last as the done marker. A unit with a
 marker is never redone, so a rerun after SIGKILL picks up where the last run stopped; a unit cut off half-way left
-only temporary files, which are ignored.
+only temporary files, which are ignored. The layout of .work/ and its locks are prep.workdir's.
 """
 from __future__ import annotations
 
@@ -12,37 +12,25 @@ import multiprocessing as mp
 import queue
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common import progress, tokenizer
+from common import files, progress, tokenizer
+from common.errors import PipelineError
 
-from . import atomic
+from . import finalize as fin
 from . import recipe as recipes
-from .inputs import ReadStats, Unit, read_documents, stable_hash
+from .inputs import ReadStats, Unit, check_unchanged, read_documents, stable_hash
+from .reader import MANIFEST
 from .shard import make_header, to_uint16
-
-INDEX_DTYPE = np.dtype([("hash", "<u8"), ("tokens", "<i8")])
-
-
-def work_dir(out: Path) -> Path:
-    return Path(out) / ".work"
+from .workdir import INDEX_DTYPE, dataset_lock, is_done, task_lock, unit_paths, work_dir
 
 
-def units_dir(out: Path) -> Path:
-    return work_dir(out) / "units"
-
-
-def unit_paths(out: Path, index: int) -> dict[str, Path]:
-    base = units_dir(out) / f"u{index:06d}"
-    return {"tokens": base.with_suffix(".bin"), "index": base.with_suffix(".idx.npy"), "done": base.with_suffix(".json")}
-
-
-def is_done(out: Path, unit: Unit) -> bool:
-    marker = unit_paths(out, unit.index)["done"]
-    return marker.exists() and atomic.read_json(marker).get("unit") == unit.to_dict()
+class WorkerDied(PipelineError):
+    """A worker process was killed (out-of-memory killer, a signal) while tokenizing."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +40,7 @@ class UnitJob:
     text_column: str
     skip_bad: bool
     seed: int
+    expect: dict  # the input file's fingerprint in the recipe: its content must not change under the worker
 
 
 _progress_queue = None  # set in each pool worker by _init_worker; None when running in-process
@@ -73,7 +62,11 @@ def tokenize_unit(job: UnitJob, report=None) -> dict:
     lengths: list[int] = []
     digest = hashlib.sha256()
     n_tokens = 0
-    with atomic.atomic_file(paths["tokens"]) as f:
+    # The recipe fixed the input's content; a unit read from a newer version must not mix with older ones.
+    changed = (f"the units tokenized before read the old content: tokenize into a new --out, or delete "
+               f"{work_dir(Path(job.out))} and tokenize again")
+    check_unchanged(job.unit.path, job.expect, changed)
+    with files.atomic_file(paths["tokens"]) as f:
         f.write(make_header(0))  # patched with the real count once the unit is complete
         for batch in read_documents(job.unit, job.text_column, job.skip_bad, stats):
             pieces = []
@@ -97,19 +90,22 @@ def tokenize_unit(job: UnitJob, report=None) -> dict:
                 report((len(pieces) // 2, len(chunk)))
         f.seek(0)
         f.write(make_header(n_tokens))
+        check_unchanged(job.unit.path, job.expect, changed)  # before the unit is committed, not after
     index = np.array(list(zip(hashes, lengths)), dtype=INDEX_DTYPE)
-    with atomic.atomic_file(paths["index"]) as f:
+    with files.atomic_file(paths["index"]) as f:
         np.save(f, index)
     marker = {"unit": job.unit.to_dict(), "tokens": n_tokens, "documents": len(lengths),
               "tokens_sha256": digest.hexdigest(), "stats": stats.to_dict(), "bad_examples": stats.bad_examples}
-    atomic.write_json(paths["done"], marker)
+    files.write_json(paths["done"], marker)
     return marker
 
 
 def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str) -> tuple[ReadStats, int]:
     """Tokenize the given units with `workers` processes, showing one progress bar; returns (stats, tokens)."""
     tokenizer.get_encoding()  # load the BPE once, before forking, rather than once per worker
-    jobs = [UnitJob(str(out), u, rcp["text_column"], rcp["skip_bad_docs"], rcp["validation"]["seed"]) for u in units]
+    inputs = {f["path"]: f for f in rcp["inputs"]}
+    jobs = [UnitJob(str(out), u, rcp["text_column"], rcp["skip_bad_docs"], rcp["validation"]["seed"], inputs[u.path])
+            for u in units]
     total = ReadStats()
     bar = progress.bar(total=len(jobs), desc=label, unit="unit")
     counts = {"docs": 0, "tokens": 0, "committed": 0, "shown": 0.0}
@@ -163,43 +159,55 @@ def _run_pool(jobs, workers, on_progress, on_done) -> None:
                     break
             for future in done:
                 on_done(future.result())  # re-raises the worker's error (bad input, disk full, ...)
+    except BrokenProcessPool:
+        raise WorkerDied("a tokenize worker process died (killed by a signal, often the out-of-memory killer: "
+                         "fewer --workers use less memory); the units committed so far are kept: rerun the same "
+                         "command to resume") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on error: let running units finish, start no more
 
 
 def tokenize(args) -> int:
     """The `prep tokenize` command: plan, check the recipe, tokenize this task's units, finalize when alone."""
-    from . import finalize as fin
     out = Path(args.out).resolve()
     rcp, units, skipped = recipes.build(args)
-    if (out / "manifest.json").exists():
-        return fin.already_finished(out, rcp)
+    if (out / MANIFEST).exists() and not work_dir(out).exists():
+        return fin.already_finished(out, rcp)  # reads only: no lock needed
     source = fin.source_of(rcp)
     for part in source.get("parts", [source]):
         if part.get("files_used", 0) < part.get("files_listed", 0):
             print(f"warning: the download of {part['repo_id']} {part['pattern']} lists {part['files_listed']} files, "
                   f"the inputs hold {part['files_used']} of them (download unfinished, or a --files subset)",
                   file=sys.stderr)
-    recipes.claim_work_dir(out, rcp, units, skipped)
     task_mode = args.task_count is not None
     task_index, task_count = (args.task_index, args.task_count) if task_mode else (0, 1)
+    # Array tasks share the directory (each its own units); a whole tokenize, which finalizes too, is alone.
+    with dataset_lock(out, args.wait, shared=task_mode):
+        if (out / MANIFEST).exists():  # finished while this process waited for the lock
+            return fin.already_finished(out, rcp, clean=not task_mode)
+        recipes.claim_work_dir(out, rcp, units, skipped)
+        if not task_mode:
+            _tokenize_share(out, rcp, units, args.workers, 0, 1)
+            return fin.finalize_locked(out)
+        with task_lock(out, task_index, task_count, args.wait):
+            _tokenize_share(out, rcp, units, args.workers, task_index, task_count)
+    print(f"run `python -m prep finalize --out {out}` once every task has finished", file=sys.stderr)
+    return 0
+
+
+def _tokenize_share(out: Path, rcp: dict, units: list, workers: int, task_index: int, task_count: int) -> None:
     mine = [u for u in units if u.index % task_count == task_index]
     done = [u for u in mine if is_done(out, u)]
     todo = [u for u in mine if not is_done(out, u)]
-    recipes.print_config(out, rcp, units, args.workers, task_index, task_count, len(done))
+    recipes.print_config(out, rcp, units, workers, task_index, task_count, len(done))
     if done:
         shown = ", ".join(f"u{u.index:06d}" for u in done[:8]) + (" ..." if len(done) > 8 else "")
         print(f"skipping {len(done)} unit(s) already done: {shown}", file=sys.stderr)
     start = time.monotonic()
-    stats, n_tokens = run_units(out, todo, rcp, args.workers, f"tokenize task {task_index}/{task_count}")
+    stats, n_tokens = run_units(out, todo, rcp, workers, f"tokenize task {task_index}/{task_count}")
     dt = time.monotonic() - start
     print(f"task {task_index}/{task_count}: {len(todo)} unit(s) tokenized, {len(done)} skipped as done; "
           f"{stats.documents:,} documents, {n_tokens:,} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):,.0f} tok/s); "
           f"empty {stats.empty}, bad {stats.bad}, invalid UTF-8 {stats.invalid_utf8}", file=sys.stderr)
     for example in stats.bad_examples:
         print(f"  skipped: {example}", file=sys.stderr)
-    if task_mode:
-        print(f"run `python -m prep finalize --out {out}` once every task has finished", file=sys.stderr)
-        return 0
-    return fin.finalize(out)
-

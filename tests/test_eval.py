@@ -213,10 +213,11 @@ def test_unknown_shape_is_a_clear_error(exported, hellaswag_file, tmp_path, caps
 
 @pytest.mark.parametrize("content,expected", [
     (None, "not found"),
-    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b"], "label": 0}\n{oops\n',
+    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b", "c", "d"], "label": 0}\n{oops\n',
      ":2: not valid JSON"),
     ('{"activity_label": "x", "ctx_a": "a", "endings": ["a", "b"], "label": 0}\n', "missing ctx_b"),
-    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b"], "label": 7}\n', "out of range"),
+    ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b", "c", "d"], "label": 7}\n',
+     "out of range"),
 ], ids=["missing", "not-json", "missing-key", "bad-label"])
 def test_bad_hellaswag_file_is_a_clear_error(content, expected, exported, tmp_path, capsys):
     data = tmp_path / "hellaswag.jsonl"

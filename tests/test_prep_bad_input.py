@@ -1,8 +1,11 @@
 """Bad input: named errors (or counted skips), and a dataset dir that never holds a partial shard or a lying manifest."""
 import json
+import os
 import resource
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +35,8 @@ def test_malformed_json_line_named_or_skipped_and_counted(tmp_path, shakespeare_
     src.write_text("\n".join(lines) + "\n")
     assert tokenize([src], tmp_path / "ds", "--val-tokens", 100) == 1
     err = capsys.readouterr().err
-    assert f"error: {src}:7: malformed JSON" in err and "--skip-bad-docs" in err
+    assert f"error: {src}:7: malformed JSON (Invalid control character at column 32)" in err and "at at" not in err
+    assert "rerun with --skip-bad-docs and a new --out: it changes the recipe" in err
     assert_no_dataset(tmp_path / "ds")
     assert tokenize([src], tmp_path / "ds2", "--val-tokens", 100, "--skip-bad-docs") == 0
     err = capsys.readouterr().err
@@ -81,6 +85,51 @@ def test_invalid_utf8_replaced_and_counted_empty_docs_skipped(tmp_path, capsys):
     assert tokenizer.decode(tokens) == ("<|endoftext|>fine<|endoftext|>bad \ufffd\ufffd bytes<|endoftext|>also fine"
                                         "<|endoftext|>ok<|endoftext|>bad \ufffd here")
     assert "empty 3" in capsys.readouterr().err
+
+
+def test_null_text_is_empty_and_a_lone_surrogate_escape_is_replaced_and_counted(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": null}\n{"text": "lone \\ud83d here"}\n'
+                   '{"text": "pair \\ud83d\\ude00 ok"}\n{"id": "\\udc00", "text": "odd id"}\n')
+    assert tokenize([src], tmp_path / "ds", "--val-tokens", 0) == 0
+    ds = Dataset(tmp_path / "ds")
+    assert ds.manifest["input_stats"] == {"documents": 4, "empty_skipped": 1, "bad_skipped": 0,
+                                          "invalid_utf8_replaced": 1}
+    from common import tokenizer
+    assert tokenizer.decode(np.concatenate(ds.arrays("train"))) == (
+        "<|endoftext|>fine<|endoftext|>lone \ufffd here<|endoftext|>pair \U0001f600 ok<|endoftext|>odd id")
+
+
+def test_truncated_manifest_on_rerun_names_the_file(tiny_dataset, tmp_path, capsys):
+    import shutil
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    manifest = ds / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:200])
+    args = ["--shard-tokens", "100000", "--val-tokens", "20000"]
+    assert tokenize([tiny_dataset.parent / "docs.jsonl"], ds, *args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {manifest}: malformed manifest") and err.count("\n") == 1, err
+    assert prep_main(["finalize", "--out", str(ds)]) == 0  # nothing to finalize: it touches no shard
+    assert prep_main(["verify", str(ds)]) == 1
+    assert f"error: {manifest}: malformed manifest" in capsys.readouterr().err
+
+
+def test_a_killed_worker_says_rerunning_resumes(tmp_path, fineweb_parquet, parquet_reference):
+    from tests.fixtures_data import REFERENCE_RECIPE
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([PYTHON, "-m", "prep", "tokenize", "--input", str(fineweb_parquet), "--out", str(out),
+                             "--workers", "2", *REFERENCE_RECIPE], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    while not ((out / ".work" / "units").exists() and children.read_text().split()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    os.kill(int(children.read_text().split()[0]), signal.SIGKILL)  # what the out-of-memory killer does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "error: a tokenize worker process died" in err and "rerun the same command to resume" in err
+    assert prep_main(["tokenize", "--input", str(fineweb_parquet), "--out", str(out), *REFERENCE_RECIPE]) == 0
+    assert tree_bytes(out) == parquet_reference
 
 
 def test_empty_input_set_and_bad_flags(tmp_path, capsys):
@@ -134,7 +183,8 @@ def test_disk_full_during_tokenize_and_finalize_leaves_no_partial_output(tmp_pat
     assert [p.name for p in (tmp_path / "ds" / ".work" / "units").iterdir() if not p.name.startswith(".")] == []
     # Units fit under 120 KB but a 100k-token shard (200 KB) does not: finalize fails after the units are done.
     r = _run_with_file_size_limit(120_000, args)
-    assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {tmp_path / 'ds' / 'train_000000.bin'}: File too large" in r.stderr, r.stderr
     assert_no_dataset(tmp_path / "ds")
     assert len(list((tmp_path / "ds" / ".work" / "units").glob("u*.json"))) == 6
     # With room again the rerun reuses the six units and produces what a clean run produces.

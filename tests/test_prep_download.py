@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,111 @@ def test_tokenize_records_the_download_source(tmp_path, shakespeare_docs, capsys
     assert Dataset(tmp_path / "ds").manifest["source"] == {
         "kind": "huggingface", "repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT",
         "dump": None, "revision": "a" * 40, "pattern": "sample/10BT/*.parquet", "files_listed": 2, "files_used": 1}
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The Hub's API and file endpoints for one dataset: the listing it is given, file downloads redirected to a
+    second server (as the Hub redirects to its CDN). Records the Authorization header of every request."""
+    listing: list = []
+    cdn = ""
+    payload = b""
+    commit = "c" * 40
+    seen: list = []
+
+    def do_GET(self):
+        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/api/datasets/HuggingFaceFW/fineweb-edu/revision/"):
+            self._json({"id": "HuggingFaceFW/fineweb-edu", "sha": self.commit})
+        elif self.path.startswith(f"/api/datasets/HuggingFaceFW/fineweb-edu/tree/{self.commit}/"):
+            self._json([{"type": "file", "path": p, "size": len(self.payload), "oid": "0" * 40,
+                         "lfs": {"oid": hashlib.sha256(self.payload).hexdigest(), "size": len(self.payload),
+                                 "pointerSize": 134}} for p in self.listing])
+        elif self.path.startswith(f"/datasets/HuggingFaceFW/fineweb-edu/resolve/{self.commit}/"):
+            self.send_response(302)
+            self.send_header("Location", f"{self.cdn}/signed/{self.path.rsplit('/', 1)[-1]}?sig=x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path.startswith("/signed/"):  # the CDN
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.payload)))
+            self.end_headers()
+            self.wfile.write(self.payload)
+        else:
+            self.send_error(404)
+
+    def _json(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    hub, cdn = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    FakeHub.cdn, FakeHub.payload, FakeHub.seen = cdn, os.urandom(50_000), []
+    yield hub, cdn
+    for s in servers:
+        s.shutdown()
+
+
+def _download(hub, raw, tmp_path):
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_TOKEN": "hf_secret", "HF_HOME": str(tmp_path)}
+    return subprocess.run([PYTHON, "-m", "prep", "download", "--dataset", "fineweb-edu", "--sample", "10BT",
+                           "--out", str(raw)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_download_sends_the_token_to_the_hub_only_never_to_a_redirect_target(tmp_path, fake_hub):
+    hub, cdn = fake_hub
+    FakeHub.listing = ["sample/10BT/000_00000.parquet"]
+    raw = tmp_path / "raw"
+    r = _download(hub, raw, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (raw / "sample/10BT/000_00000.parquet").read_bytes() == FakeHub.payload
+    api = [auth for path, auth in FakeHub.seen if "/fineweb-edu/" in path]  # listing and file requests
+    on_cdn = [auth for path, auth in FakeHub.seen if path.startswith("/signed/")]
+    assert len(on_cdn) == 1 and on_cdn == [None]  # the CDN never sees the token
+    assert len(api) == 3 and all(auth == "Bearer hf_secret" for auth in api), FakeHub.seen
+
+
+def test_fetch_keeps_the_token_on_a_redirect_within_the_hub_and_drops_it_elsewhere(tmp_path, fake_hub):
+    hub, cdn = fake_hub
+    data, sha = FakeHub.payload, hashlib.sha256(FakeHub.payload).hexdigest()
+    fetch(f"{hub}/datasets/HuggingFaceFW/fineweb-edu/resolve/{FakeHub.commit}/a.parquet", tmp_path / "a.parquet",
+          len(data), sha, token="hf_secret", hub=hub)
+    assert [auth for _, auth in FakeHub.seen] == ["Bearer hf_secret", None]
+    FakeHub.seen = []
+    fetch(f"{cdn}/signed/b.parquet", tmp_path / "b.parquet", len(data), sha, token="hf_secret", hub=hub)
+    assert FakeHub.seen == [("/signed/b.parquet", None)]  # not the Hub: no token even on the first request
+
+
+@pytest.mark.parametrize("bad", ["../escaped.parquet", "sample/../../escaped.parquet", "ABSOLUTE"])
+def test_download_refuses_a_listing_path_that_leaves_out(tmp_path, fake_hub, bad):
+    hub, _ = fake_hub
+    bad = str(tmp_path / "absolute.parquet") if bad == "ABSOLUTE" else bad
+    FakeHub.listing = ["sample/10BT/000_00000.parquet", bad]
+    raw = tmp_path / "deep" / "raw"
+    raw.mkdir(parents=True)
+    victim = (raw / bad).resolve() if not bad.startswith("/") else Path(bad)
+    r = _download(hub, raw, tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"file path {bad!r} is not a relative path inside {raw}" in r.stderr
+    assert list(raw.iterdir()) == [] and not victim.exists()
+    assert not any(path.startswith("/signed/") for path, _ in FakeHub.seen)
+    # A download.json edited to hold such a path is refused the same way, offline, before any file is checked.
+    record = {"repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT", "dump": None,
+              "pattern": "sample/10BT/*.parquet", "revision": FakeHub.commit,
+              "files": [{"path": bad, "bytes": 5, "sha256": None}]}
+    (raw / "download.json").write_text(json.dumps(record))
+    assert prep_main(["download", "--dataset", "fineweb-edu", "--sample", "10BT", "--out", str(raw)]) == 1
