@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -39,46 +40,77 @@ def print_table(title: str, rows: dict) -> None:
 
 
 def cmd_checkpoint(args) -> int:
-    from .score import default_output, evaluate_checkpoint, write_json_atomic
+    from .harness import EvalError
+    from .score import Scorer, default_output, write_result
+    if args.out and len(args.ckpt) > 1:
+        raise EvalError(f"--out names one result file but {len(args.ckpt)} checkpoints were given; without --out "
+                        "each result goes to RUN/eval/<tag>.json")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    print_table("eval checkpoint", {"checkpoint": args.ckpt, "tasks": ", ".join(tasks),
+    print_table("eval checkpoint", {"checkpoints": ", ".join(map(str, args.ckpt)), "tasks": ", ".join(tasks),
                                     "hellaswag file": args.hellaswag_file or "data/eval/hellaswag_val.jsonl",
                                     "limit": args.limit or "all docs", "batch size": args.batch_size,
                                     "device": args.device or "auto", "output": args.out or "RUN/eval/<tag>.json"})
-    record = evaluate_checkpoint(args.ckpt, tasks, args.hellaswag_file, args.limit, args.batch_size, args.device)
-    out = args.out or default_output(args.ckpt, record["tag"])
-    write_json_atomic(Path(out), record)
-    for name, m in record["tasks"].items():
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "task_version")
-        print(f"{name} (v{m['task_version']}, {m['n_docs']} docs): {metrics}")
-    print(f"wrote {out}")
-    return 0
+    scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, args.device)
+    failed = 0
+    for ckpt in args.ckpt:
+        try:
+            record = scorer.score(ckpt)
+        except EvalError as exc:
+            if len(args.ckpt) == 1:
+                raise
+            # One bad checkpoint does not cost the others their turn; the exit status still says it failed.
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        out = args.out or default_output(ckpt, record["tag"])
+        write_result(Path(out), record)
+        for name, m in record["tasks"].items():
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "task_version")
+            print(f"{name} (v{m['task_version']}, {m['n_docs']} docs): {metrics}")
+        t = record["timings"]
+        print(f"wrote {out} (tasks {t['tasks_s']:.1f} s, model {t['model_s']:.1f} s, score {t['score_s']:.1f} s)",
+              flush=True)
+    return 1 if failed else 0
 
 
 def cmd_export(args) -> int:
     from .score import export_checkpoint
-    meta = export_checkpoint(args.ckpt, args.out)
+    meta = export_checkpoint(args.ckpt, args.out, force=args.force)
     print(f"wrote {args.out} (from {meta.get('kind')} checkpoint {meta.get('tag')}, step {meta.get('step')})")
     return 0
 
 
 def cmd_watch(args) -> int:
     from .harness import DEFAULT_HELLASWAG, check_hellaswag_file
-    from .watch import Watcher
-    if "hellaswag" in args.tasks.split(","):  # a bad file would otherwise fail every checkpoint max-attempts times
-        check_hellaswag_file(args.hellaswag_file or DEFAULT_HELLASWAG)
-    watcher = Watcher(args.run_dir, scoring_flags(args), max_attempts=args.max_attempts,
-                      log=lambda msg: print(msg, flush=True))
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.submit is not None:  # the scoring flags are the eval job's business (slurm/eval.sbatch)
+        from .dispatch import Dispatcher
+        watcher = Dispatcher(args.run_dir, args.submit, max_attempts=args.max_attempts, log=log, only=args.only)
+        how = {"eval jobs": f"{args.submit} TAG"}
+    else:
+        from .watch import Watcher
+        if "hellaswag" in args.tasks.split(","):  # a bad file would otherwise fail every checkpoint max-attempts times
+            check_hellaswag_file(args.hellaswag_file or DEFAULT_HELLASWAG)
+        watcher = Watcher(args.run_dir, scoring_flags(args), max_attempts=args.max_attempts, log=log, only=args.only)
+        how = {"eval flags": " ".join(scoring_flags(args))}
     print_table("eval watch", {"run": watcher.run, "poll (s)": args.poll, "until final": args.until_final,
                                "final checkpoint": watcher.final_tag() or "unknown (no schedule in config.yaml)",
+                               "only": ", ".join(args.only) if args.only else "every complete checkpoint",
                                "per-checkpoint command": watcher.command or "none",
-                               "max attempts": args.max_attempts, "eval flags": " ".join(scoring_flags(args))})
+                               "max attempts": args.max_attempts, **how})
     return watcher.watch(args.poll, args.until_final, once=args.once)
 
 
 def cmd_report(args) -> int:
+    from common import files
+
     from .report import write_report
-    report, curves = write_report(args.run_dir)
+    # Eval jobs finishing together each re-render the report: one at a time, so the last to render has read
+    # every line appended before it, and no slower renderer replaces a newer report with an older one.
+    lock = args.run_dir / "eval" / ".watch" / "report.lock"
+    with files.lock(lock, f"the report of {args.run_dir}", wait=True) if lock.parent.is_dir() \
+            else contextlib.nullcontext():
+        report, curves = write_report(args.run_dir)
     print(f"wrote {report} and {curves}")
     return 0
 
@@ -87,24 +119,38 @@ def main(argv=None) -> int:
     parser = cli.Parser(prog="python -m eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("checkpoint", help="score one checkpoint (DeepSpeed tag/run dir or HF dir)")
-    p.add_argument("ckpt", help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory")
+    p = sub.add_parser("checkpoint", help="score checkpoints (DeepSpeed tag/run dir or HF dir), in one process")
+    p.add_argument("ckpt", nargs="+", metavar="CKPT",
+                   help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory; several are "
+                        "scored one after another with the tasks loaded once")
     add_scoring_flags(p)
-    p.add_argument("--out", type=Path, default=None, help="result JSON (default RUN/eval/<tag>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="result JSON, for one CKPT (default RUN/eval/<tag>.json)")
     p.set_defaults(run=cmd_checkpoint)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT2LMHeadModel directory")
     p.add_argument("ckpt")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new directory; an existing one must be empty or an earlier export (see --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export at --out (never anything else)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("watch", help="score every complete checkpoint of a run, once each")
     p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
-    p.add_argument("--until-final", action="store_true",
-                   help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until-final", action="store_true",
+                       help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")
+    until.add_argument("--only", action="append", metavar="TAG",
+                       help="this checkpoint (global_stepN) and no other; repeatable. Waits for a lock another "
+                            "watcher holds; exit 0 once each is scored (or rotated away), 1 if one is given up")
     p.add_argument("--once", action="store_true", help="score what is complete now, then exit")
-    p.add_argument("--max-attempts", type=positive_int, default=3, help="tries per checkpoint before giving up")
+    p.add_argument("--max-attempts", type=positive_int, default=3,
+                   help="tries per checkpoint before giving up (with --submit: eval jobs per checkpoint)")
+    p.add_argument("--submit", metavar="COMMAND", default=None,
+                   help="score nothing here: run COMMAND TAG (split like a shell line) once per complete checkpoint "
+                        "to submit its own eval job, which must print the Slurm job id (sbatch --parsable); "
+                        "submit.sh's EVAL_MODE=jobs")
     add_scoring_flags(p)
     p.set_defaults(run=cmd_watch)
 

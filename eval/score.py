@@ -1,12 +1,11 @@
 """`eval checkpoint` and `eval export`: score one checkpoint with lm-eval, or write it as an HF directory."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from common import files
 
 from .harness import EvalError, lm_eval_version, load_tasks, run_tasks, summarize
 
@@ -42,49 +41,68 @@ def default_output(ckpt: Path, tag: str) -> Path:
     return ckpt.parent / f"{ckpt.name}.eval.json"
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
+def write_result(path: Path, record: dict) -> None:
+    """RUN/eval/<tag>.json (or --out): atomic, with the permissions the umask gives."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_json(path, record, indent=2)
 
 
 def evaluate_checkpoint(ckpt, tasks=("hellaswag",), hellaswag_file=None, limit=None, batch_size=32,
                         device=None) -> dict:
     """Load, score and describe one checkpoint; inputs are all checked before the model is run."""
-    import torch
+    return Scorer(tasks, hellaswag_file, limit, batch_size, device).score(ckpt)
 
-    from .lm import PipelineLM
-    start = time.time()
-    task_objects = load_tasks(list(tasks), hellaswag_file)
+
+class Scorer:
+    """Scores checkpoints one after another in this process, with the tasks loaded once for all of them.
+
+    A process per checkpoint pays the imports and the task loading (lm-eval's task objects, the HellaSwag
+    documents) again each time, which on a small model or a short --limit is most of an evaluation. Each
+    record's `timings` splits its wall time into tasks (0 after the first checkpoint), model and score seconds.
+    """
+
+    def __init__(self, tasks=("hellaswag",), hellaswag_file=None, limit=None, batch_size=32, device=None):
+        start = time.perf_counter()
+        self.tasks = load_tasks(list(tasks), hellaswag_file)
+        self.tasks_s = time.perf_counter() - start  # charged to the first checkpoint scored
+        self.limit, self.batch_size, self.device = limit, batch_size, device
+
+    def score(self, ckpt) -> dict:
+        import torch
+
+        from .lm import PipelineLM
+        begin = time.perf_counter()
+        model, meta = load_checkpoint(ckpt)
+        lm = PipelineLM(model=model, batch_size=self.batch_size, device=self.device)
+        loaded = time.perf_counter()
+        raw = run_tasks(lm, self.tasks, limit=self.limit)
+        end = time.perf_counter()
+        tasks_s, self.tasks_s = self.tasks_s, 0.0
+        return {
+            "checkpoint": str(Path(ckpt).resolve()),
+            "tag": meta.get("tag") or Path(ckpt).resolve().name,
+            "kind": meta.get("kind"),
+            "step": meta.get("step"),
+            "tokens_seen": meta.get("tokens_seen"),
+            "lm_eval_version": lm_eval_version(),
+            "tasks": summarize(raw, self.tasks),
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "device": str(lm.device),
+            "dtype": "bfloat16 autocast" if lm.autocast_dtype == torch.bfloat16 else "float32",
+            "num_params": model.num_params(),
+            "wall_time_s": round(end - begin + tasks_s, 3),
+            "timings": {"tasks_s": round(tasks_s, 3), "model_s": round(loaded - begin, 3),
+                        "score_s": round(end - loaded, 3)},
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def export_checkpoint(ckpt, out, force: bool = False) -> dict:
+    """Write a checkpoint as an HF directory at `out`: a new path, an empty directory, or (force) an earlier
+    export; anything else is refused before the checkpoint is even read."""
+    from model.hf import export_target, save_hf
+    export_target(out, force)
     model, meta = load_checkpoint(ckpt)
-    lm = PipelineLM(model=model, batch_size=batch_size, device=device)
-    raw = run_tasks(lm, task_objects, limit=limit)
-    return {
-        "checkpoint": str(Path(ckpt).resolve()),
-        "tag": meta.get("tag") or Path(ckpt).resolve().name,
-        "kind": meta.get("kind"),
-        "step": meta.get("step"),
-        "tokens_seen": meta.get("tokens_seen"),
-        "lm_eval_version": lm_eval_version(),
-        "tasks": summarize(raw, task_objects),
-        "limit": limit,
-        "batch_size": batch_size,
-        "device": str(lm.device),
-        "dtype": "bfloat16 autocast" if lm.autocast_dtype == torch.bfloat16 else "float32",
-        "num_params": model.num_params(),
-        "wall_time_s": round(time.time() - start, 3),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def export_checkpoint(ckpt, out) -> dict:
-    model, meta = load_checkpoint(ckpt)
-    model.save_hf(out)
+    save_hf(model, out, force=force, source={k: meta.get(k) for k in ("kind", "path", "tag", "step", "tokens_seen")})
     return meta

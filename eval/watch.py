@@ -1,49 +1,36 @@
 """`eval watch RUN`: score each complete checkpoint of a (possibly still running) training run exactly once.
 
-A checkpoint is complete once RUN/checkpoints/latest names it or a later step (DeepSpeed writes `latest`
-after the tag directory is whole), so a tag still being written is never touched. Each evaluation runs as its
+Which checkpoints are complete is model.checkpoint's rule (train's completion mark, written after every rank has
+finished the tag; `latest` for runs written before marks), so a tag still being written is never touched. Each
+evaluation runs as its
 own `python -m eval checkpoint` process: a crash (out of memory, a killed node) costs one attempt, not the
 watcher. Work is shared safely between watchers through one lock file per checkpoint (fcntl, released by the
-kernel if a watcher dies), and results.jsonl is the record of what is done.
+kernel if a watcher dies), and results.jsonl is the record of what is done. The scoring child shares the lock and
+dies with its watcher, so a killed watcher leaves no evaluation behind that a later one would repeat.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import ctypes
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
+from common import files
+from model.checkpoint import CheckpointError, complete_tags, incomplete_reason
+from train.recipe import read_run_recipe
 
 from .harness import EvalError
 
-TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-def read_latest_step(run: Path) -> int | None:
-    latest = run / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    match = TAG_RE.match(latest.read_text().strip())
-    return int(match.group(1)) if match else None
-
-
 def complete_checkpoints(run: Path) -> dict[str, Path]:
-    """{tag: dir} of checkpoints at or before the step `latest` names, oldest first."""
-    latest = read_latest_step(run)
-    if latest is None:
-        return {}
-    found = []
-    for path in (run / "checkpoints").iterdir():
-        match = TAG_RE.match(path.name)
-        if match and path.is_dir() and int(match.group(1)) <= latest:
-            found.append((int(match.group(1)), path))
-    return {path.name: path for _, path in sorted(found)}
+    """{tag: dir} of the run's complete checkpoints, oldest first."""
+    return {path.name: path for path in complete_tags(run / "checkpoints")}
 
 
 def scored_tags(results: Path) -> set[str]:
@@ -56,63 +43,38 @@ def scored_tags(results: Path) -> set[str]:
     return tags
 
 
-def append_line(path: Path, record: dict) -> None:
-    """One whole line, under an exclusive lock, flushed to disk: concurrent writers never interleave."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a writer killed mid-line: keep its fragment off our line
-                f.write(b"\n")
-        f.write((json.dumps(record) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
+PLACEHOLDER = re.compile(r"\{(ckpt|run)\}")
 
 
-def read_recipe(run: Path) -> dict:
-    path = run / "config.yaml"
-    if not path.exists():
-        return {}
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EvalError(f"{path} is not valid YAML: {exc}") from None
-    return recipe if isinstance(recipe, dict) else {}
+def fill_command(template: str, ckpt: Path, run: Path) -> str:
+    """eval.command with {ckpt} and {run} replaced by shell-quoted paths, in one pass.
+
+    Quoted, a space or `$(...)` in a path stays part of the path; one pass, so a path that itself contains
+    "{run}" is not substituted again.
+    """
+    values = {"ckpt": shlex.quote(str(ckpt)), "run": shlex.quote(str(run))}
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def final_step(recipe: dict) -> int | None:
-    """The step of the run's last checkpoint: schedule.max_steps, or max_tokens rounded up to whole steps."""
-    schedule, batch = recipe.get("schedule") or {}, recipe.get("batch") or {}
-    if schedule.get("max_steps"):
-        return int(schedule["max_steps"])
-    if schedule.get("max_tokens") and batch.get("total_tokens"):
-        return -(-int(schedule["max_tokens"]) // int(batch["total_tokens"]))
-    return None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-@contextlib.contextmanager
-def try_lock(path: Path):
-    """Yields True while holding an exclusive lock on `path`, False if another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+def die_with_parent(parent_pid: int):
+    """A preexec_fn: the child gets SIGKILL when the watcher dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    def preexec():
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return  # no prctl: the inherited lock still keeps the next watcher off until this child ends
+        if os.getppid() != parent_pid:  # the watcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 class Watcher:
     def __init__(self, run: Path, eval_args: list[str], max_attempts: int = 3, python: str = sys.executable,
-                 log=print):
+                 log=print, only: list[str] | None = None):
         self.run = Path(run).resolve()
         if not (self.run / "checkpoints").is_dir() and not (self.run / "config.yaml").exists():
             raise EvalError(f"{self.run} is not a run directory (no checkpoints/ and no config.yaml)")
@@ -122,9 +84,10 @@ class Watcher:
         self.max_attempts = max_attempts
         self.python = python
         self.log = log
-        recipe = read_recipe(self.run)
-        self.max_steps = final_step(recipe)
-        self.command = (recipe.get("eval") or {}).get("command")
+        self.only = None if only is None else list(dict.fromkeys(only))  # --only: these tags and no others
+        recipe = read_run_recipe(self.run)  # train's own loader: the final step is the one train stops at
+        self.max_steps = None if recipe is None else recipe.max_steps
+        self.command = None if recipe is None else recipe.eval.command
         self.seen: set[str] = set()      # tags seen complete by this watcher
         self.finished: dict[str, str] = {}  # tag -> "scored" | "rotated" | "failed"
 
@@ -135,71 +98,138 @@ class Watcher:
         path = self._attempts_file(tag)
         return int(path.read_text() or 0) if path.exists() else 0
 
+    def _command_file(self, tag: str) -> Path:
+        """Present while eval.command runs for `tag`: a watcher that finds it under the lock knows it started."""
+        return self.out / ".watch" / f"{tag}.command"
+
     def final_tag(self) -> str | None:
         return f"global_step{self.max_steps}" if self.max_steps else None
 
     def poll_once(self) -> None:
         """Score every complete checkpoint not yet scored; notes rotated-away ones."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        complete = complete_checkpoints(self.run) if (self.run / "checkpoints").is_dir() else {}
+        (self.out / ".watch").mkdir(parents=True, exist_ok=True)
+        try:
+            complete = complete_checkpoints(self.run)
+        except CheckpointError as exc:  # e.g. an empty `latest` of a run written before completion marks
+            self.log(f"eval watch: {exc}; looking again at the next poll")
+            return
+        if self.only is not None:
+            complete = {tag: path for tag, path in complete.items() if tag in self.only}
+            self._note_unlisted(set(self.only) - set(complete) - self.seen - set(self.finished))
         done = scored_tags(self.results)
         for tag in sorted(self.seen - set(complete) - done - set(self.finished)):
             self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
         self.seen |= set(complete)
+        pending = []
         for tag, path in complete.items():
             if tag in done:
                 self.finished.setdefault(tag, "scored")
             elif tag not in self.finished:
-                self._evaluate(tag, path)
+                pending.append((tag, path))
+        if pending:
+            self._evaluate(pending)
+
+    def _note_unlisted(self, tags: set[str]) -> None:
+        """--only names tags that are not complete checkpoints (never seen complete by this watcher)."""
+        for tag in sorted(tags):
+            path = self.run / "checkpoints" / tag
+            if not path.exists():
+                self._note(tag, "rotated", "not in checkpoints/ (rotated away by checkpoint.keep_last?); skipped")
+            else:
+                self._note(tag, "failed", f"not a complete checkpoint: {incomplete_reason(path)}")
 
     def _note(self, tag: str, outcome: str, message: str) -> None:
         self.finished[tag] = outcome
         self.log(f"eval watch: {tag}: {message}")
 
-    def _evaluate(self, tag: str, path: Path) -> None:
-        if not path.exists():  # complete when we listed it, deleted while an earlier one was being scored
-            self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
-            return
-        with try_lock(self.out / ".watch" / f"{tag}.lock") as locked:
-            if not locked:
-                return  # another watcher is scoring it; its line will show up in results.jsonl
-            if tag in scored_tags(self.results):  # finished by another watcher since we looked
-                self.finished[tag] = "scored"
-                return
-            attempts = self._attempts(tag)
-            if attempts >= self.max_attempts:
-                self._note(tag, "failed", f"gave up after {attempts} failed attempts; nothing recorded")
-                return
-            per_ckpt = self.out / f"{tag}.json"
-            if not per_ckpt.exists():  # else: scored by a watcher that died before appending its line
-                self.log(f"eval watch: scoring {tag} (attempt {attempts + 1} of {self.max_attempts})")
-                cmd = [self.python, "-m", "eval", "checkpoint", str(path), "--out", str(per_ckpt), *self.eval_args]
-                rc = subprocess.run(cmd).returncode
-                if rc != 0:
-                    if not path.exists():
-                        self._note(tag, "rotated", "rotated away while it was being evaluated; skipped")
-                        return
-                    self._attempts_file(tag).write_text(str(attempts + 1))
+    def _evaluate(self, pending: list[tuple[str, Path]]) -> None:
+        """Score the pending checkpoints whose locks this watcher gets, all in one `eval checkpoint` child."""
+        with contextlib.ExitStack() as locks:
+            mine = []  # (tag, path, failed attempts so far, lock file)
+            for tag, path in pending:
+                if not path.exists():  # complete when we listed it, deleted while an earlier one was being scored
+                    self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
+                    continue
+                lock_file = locks.enter_context(files.try_lock(self.out / ".watch" / f"{tag}.lock"))
+                if lock_file is None:
+                    continue  # another watcher (or the scoring child of a dead one) has it; its line will show up
+                if tag in scored_tags(self.results):  # finished by another watcher since we looked
+                    self.finished[tag] = "scored"
+                    continue
+                attempts = self._attempts(tag)
+                if attempts >= self.max_attempts:
+                    self._note(tag, "failed", f"gave up after {attempts} failed attempts; nothing recorded")
+                    continue
+                mine.append((tag, path, attempts, lock_file))
+            # A <tag>.json already there was scored by a watcher that died before appending its line.
+            to_score = [item for item in mine if not (self.out / f"{item[0]}.json").exists()]
+            rc = self._score(to_score) if to_score else 0
+            blamed = False
+            for tag, path, attempts, _ in mine:
+                per_ckpt = self.out / f"{tag}.json"
+                if per_ckpt.exists():
+                    self._record(tag, path, per_ckpt)
+                elif not path.exists():
+                    self._note(tag, "rotated", "rotated away while it was being evaluated; skipped")
+                elif not blamed:
+                    # The child scores in order and goes on past a checkpoint it cannot load, so the first one
+                    # without a result is the one it failed on (or was killed during); later ones were not
+                    # necessarily tried and cost no attempt.
+                    blamed = True
+                    files.write_text(self._attempts_file(tag), str(attempts + 1))
                     self.log(f"eval watch: {tag}: evaluation failed (exit status {rc}); will retry")
                     if attempts + 1 >= self.max_attempts:
                         self._note(tag, "failed", f"gave up after {attempts + 1} failed attempts; nothing recorded")
-                    return
-            record = json.loads(per_ckpt.read_text())
-            if self.command:
-                record["command"] = self._run_command(path)
-            append_line(self.results, record)
-            self.finished[tag] = "scored"
-            scores = ", ".join(f"{name} acc_norm {m.get('acc_norm', float('nan')):.4f}"
-                               for name, m in record.get("tasks", {}).items())
-            self.log(f"eval watch: {tag} scored: {scores}")
 
-    def _run_command(self, path: Path) -> dict:
-        """The recipe's eval.command for this checkpoint; its exit status is recorded, never retried."""
-        command = self.command.replace("{ckpt}", str(path)).replace("{run}", str(self.run))
+    def _score(self, items: list) -> int:
+        """One `python -m eval checkpoint A B ...` child for all of them (the tasks are loaded once); its exit status.
+
+        The child holds the locks too (pass_fds) and is killed with the watcher: a watcher killed mid-evaluation
+        leaves nothing running that would score, or be recorded, a second time.
+        """
+        cmd = [self.python, "-m", "eval", "checkpoint", *(str(path) for _, path, _, _ in items), *self.eval_args]
+        if len(items) == 1:
+            cmd += ["--out", str(self.out / f"{items[0][0]}.json")]
+        child = subprocess.Popen(cmd, pass_fds=[lock_file.fileno() for *_, lock_file in items],
+                                 preexec_fn=die_with_parent(os.getpid()))
+        tags = ", ".join(f"{tag} (attempt {attempts + 1} of {self.max_attempts})" for tag, _, attempts, _ in items)
+        self.log(f"eval watch: scoring {tags} (pid {child.pid})")
+        return child.wait()
+
+    def _record(self, tag: str, path: Path, per_ckpt: Path) -> None:
+        """Append the scored checkpoint to results.jsonl (with eval.command's outcome): done, under its lock."""
+        record = json.loads(per_ckpt.read_text())
+        if self.command:
+            record["command"] = self._run_command(tag, path)
+        files.append_json_line(self.results, record)
+        self._command_file(tag).unlink(missing_ok=True)  # results.jsonl records it now
+        self.finished[tag] = "scored"
+        scores = ", ".join(f"{name} acc_norm {m.get('acc_norm', float('nan')):.4f}"
+                           for name, m in record.get("tasks", {}).items())
+        self.log(f"eval watch: {tag} scored: {scores}")
+
+    def _run_command(self, tag: str, path: Path) -> dict:
+        """The recipe's eval.command for this checkpoint, at most once: its exit status is recorded, never retried.
+
+        A command file left by a watcher killed while the command ran means it started (it may still be
+        running, as the orphan of that watcher): it is recorded as such, not started again.
+        """
+        command = fill_command(self.command, path, self.run)
+        marker = self._command_file(tag)
+        if marker.exists():
+            self.log(f"eval watch: {tag}: eval.command was started by a watcher killed before it finished; "
+                     f"not run again: {command}")
+            return {"cmd": command, "returncode": None,
+                    "note": "started by a watcher that was killed before it finished; not run again"}
+        files.write_text(marker, command + "\n")
         rc = subprocess.run(command, shell=True, cwd=self.run).returncode
         if rc != 0:
             self.log(f"eval watch: eval.command exited with status {rc}: {command}")
         return {"cmd": command, "returncode": rc}
+
+    def settled(self) -> bool:
+        """Nothing this watcher started is still under way (it scores in its own children, so never)."""
+        return True
 
     def watch(self, poll: float, until_final: bool, once: bool = False) -> int:
         final = self.final_tag()
@@ -208,8 +238,11 @@ class Watcher:
                             f"in {self.run / 'config.yaml'}")
         while True:
             self.poll_once()
+            if self.only is not None and (once or all(tag in self.finished for tag in self.only)):
+                # Rotated away counts as done: keep_last chose not to keep it, nothing is left to score.
+                return 0 if all(self.finished.get(tag) in ("scored", "rotated") for tag in self.only) else 1
             if once:
                 return 0
-            if until_final and final in self.finished:
+            if until_final and final in self.finished and self.settled():
                 return 0 if self.finished[final] == "scored" else 1
             time.sleep(poll)

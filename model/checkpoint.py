@@ -1,43 +1,440 @@
-"""load_model(path): a GPT from a Hugging Face directory or a DeepSpeed training checkpoint (any ZeRO stage).
+"""The run directory's checkpoints: layout, completeness, scanning, saving, rotation, safe reading, weights.
 
-A training checkpoint is whatever train/ wrote with engine.save_checkpoint(RUN/checkpoints, tag, client_state)
-(contract C3). Its weights are rebuilt from the fp32 master copy the optimizer keeps, not from the bf16 module
-copy, so evaluation sees exactly what training would resume from.
+Every stage asks this module about checkpoints: train saves, rotates and resumes through it, `eval watch` scans
+with it, `eval checkpoint` / `eval export` / `model sample` load weights with load_model.
+
+Layout of RUN/checkpoints/ (DeepSpeed writes each tag's *.pt files; this module writes everything else):
+
+    global_stepN/                 the tag of step N: DeepSpeed's *model_states.pt and *optim_states.pt files, plus
+    global_stepN/saving.json      written by rank 0 before any rank writes the tag's files;
+    global_stepN/complete.json    the completion mark: written (atomically) by rank 0 once every rank has written
+                                  and fsynced its files, after a barrier: step, world size, each file and its size
+    global_stepN_universal/       the tag converted by DeepSpeed's ds_to_universal (resume on another world size)
+    latest                        the newest complete tag's name, written (atomically) after its mark, for
+                                  DeepSpeed's own tools; this project decides completeness by the marks
+
+A tag is complete when its mark is there and every file it lists has the recorded size. A tag with neither mark
+nor saving.json was written before marks existed: it counts as complete when `latest` names it or a later step
+(DeepSpeed's rank 0 wrote `latest` after its own files, which is reliable for one rank only). A tag with
+saving.json and no mark was cut short and is never read.
+
+Trust: a checkpoint file is a pickle, and unpickling runs whatever code the file names. Every file is therefore
+read with torch.load(weights_only=True) and an allow-list of exactly the classes this trainer's DeepSpeed
+checkpoints hold (safe_globals); a file that needs anything else is refused with its name and the class.
+DeepSpeed's own readers (engine.load_checkpoint, zero_to_fp32, ds_to_universal) unpickle without restriction,
+so every file of a tag passes the safe reader before they are called.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import torch
-
+from common import files
 from common.errors import PipelineError
 
-from .config import ConfigError, GPTConfig
-from .gpt import GPT
+TAG_RE = re.compile(r"^global_step(\d+)$")
+MARK = "complete.json"
+SAVING = "saving.json"
+LATEST = "latest"
+UNIVERSAL_SUFFIX = "_universal"
+# What train puts into client_state (rides in rank 0's model-states file). param_names: the parameter names of
+# each optimizer param group in the order the trainer built them, which is the order of the fp32 master copies.
+CLIENT_KEYS = ("model_config", "config", "step", "tokens_seen", "loader", "rng", "world_size", "param_names")
+REQUIRED_CLIENT_KEYS = ("model_config", "step", "loader")
+# torch.save's writer reports a failed write (a full disk, a quota, a file size limit) as a RuntimeError.
+_TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter failed|unexpected pos \d+ vs \d+|write\(\): fd \d+ failed")
 
 
 class CheckpointError(PipelineError):
-    """A path that does not hold a loadable model; the message says what is wrong and where."""
+    """A checkpoint that cannot be read, saved or trusted; the message names the file or tag and says why."""
 
 
-def load_model(path) -> tuple[GPT, dict]:
-    """path: an HF directory, a DeepSpeed tag dir, a checkpoints dir (follows `latest`) or a run dir.
+# ---- names ---------------------------------------------------------------------------------------------------
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
 
-    Returns (GPT in fp32 on CPU, in eval mode; meta with kind, tag, step, tokens_seen, path).
+
+def step_of(name: str) -> int | None:
+    match = TAG_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_dir(path) -> Path:
+    """RUN/checkpoints for a run dir; the path itself when it is a checkpoints dir."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+# ---- scanning and completeness -------------------------------------------------------------------------------
+def tag_dirs(ckpt_dir) -> list[Path]:
+    """Every global_stepN directory, oldest first, complete or not."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(step_of(p.name), p) for p in ckpt_dir.iterdir() if step_of(p.name) is not None and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def read_latest(ckpt_dir) -> int | None:
+    """The step RUN/checkpoints/latest names, None without the file."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text:
+        raise CheckpointError(
+            f"{path} is empty: DeepSpeed writes it in place, not atomically, and a crash cut that write short, so "
+            f"which checkpoints of this run are whole is unknown; write the name of the newest whole one into it "
+            f"(e.g. `echo global_stepN > {path}`) and rerun")
+    step = step_of(text)
+    if step is None:
+        raise CheckpointError(f"{path} names {text!r}, which is not a global_stepN checkpoint")
+    return step
+
+
+def mark_problem(tag_dir) -> str | None:
+    """Why tag_dir's completion mark does not vouch for it (None: it does). Only stats the files."""
+    tag_dir = Path(tag_dir)
+    try:
+        mark = files.read_json(tag_dir / MARK)
+        listed = dict(mark["files"])
+    except FileNotFoundError:
+        if (tag_dir / SAVING).exists():
+            return f"its save did not finish ({SAVING}, no {MARK})"
+        return f"no {MARK}"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{tag_dir / MARK} is not a valid completion mark ({type(exc).__name__}: {exc})"
+    for name, size in sorted(listed.items()):
+        try:
+            actual = (tag_dir / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} (listed in {MARK}) is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {MARK} recorded {size}"
+    return None
+
+
+def _is_legacy(tag_dir: Path) -> bool:
+    """Written before completion marks existed: neither mark nor saving.json."""
+    return not (tag_dir / MARK).exists() and not (tag_dir / SAVING).exists()
+
+
+def complete_tags(ckpt_dir) -> list[Path]:
+    """The complete tags of RUN/checkpoints, oldest first (see the module docstring for the rule)."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = tag_dirs(ckpt_dir)
+    legacy = [t for t in tags if _is_legacy(t)]
+    latest = read_latest(ckpt_dir) if legacy else None  # `latest` matters only for tags without marks
+    if legacy and latest is not None and not (ckpt_dir / tag_for(latest)).is_dir():
+        raise CheckpointError(f"{ckpt_dir / LATEST} names {tag_for(latest)} but {ckpt_dir / tag_for(latest)} "
+                              f"does not exist")
+    return [t for t in tags if (t in legacy and latest is not None and step_of(t.name) <= latest)
+            or (t not in legacy and mark_problem(t) is None)]
+
+
+def newest_complete(ckpt_dir) -> Path | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def incomplete_reason(tag_dir) -> str | None:
+    """Why one tag is not complete (None: it is), by the same rule as complete_tags."""
+    tag_dir = Path(tag_dir)
+    if not _is_legacy(tag_dir):
+        return mark_problem(tag_dir)
+    latest = read_latest(tag_dir.parent)
+    step = step_of(tag_dir.name)
+    if latest is None or step is None or step > latest:
+        return f"no {MARK}, and {tag_dir.parent / LATEST} does not name it or a later step"
+    return None
+
+
+# ---- safe reading --------------------------------------------------------------------------------------------
+def safe_globals() -> list:
+    """Exactly the classes DeepSpeed 0.19's checkpoints of this trainer contain, beyond tensors and builtins.
+
+    Found by loading every file of ZeRO 0-3 checkpoints (fp32, bf16, BF16_Optimizer, universal) with
+    weights_only=True: the numpy ones come from client_state's RNG states (np.random.get_state()).
+    """
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    return [LossScaler, ZeroStageEnum, fragment_address,
+            np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
+def _refused_global(message: str) -> str | None:
+    """The class or function name in torch's weights_only refusal, if that is what the error is."""
+    for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>"):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def safe_load(path):
+    """torch.load of one checkpoint file, unpickling nothing outside safe_globals(); memory-mapped where possible."""
+    import pickle
+
+    import torch
+    path = Path(path)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's import narrates on stdout; samples go there
+        allowed = safe_globals()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to load: it needs {refused}, which is not among the classes this trainer's "
+                f"checkpoints contain, and unpickling it could run code (only files that need nothing else are "
+                f"read)") from None
+        # torch wraps the unpickler's own complaint (e.g. "Unsupported operand 110": not a pickle) in advice
+        detail = [line for line in str(exc).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        raise CheckpointError(f"cannot read {path}: {(detail or ['not a torch checkpoint'])[0].strip()}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_readable(tag_dir) -> None:
+    """Every *.pt file under tag_dir passes safe_load (run before anything hands the tag to DeepSpeed)."""
+    found = sorted(Path(tag_dir).rglob("*.pt"))
+    if not found:
+        raise CheckpointError(f"{tag_dir} holds no *.pt file")
+    for path in found:
+        safe_load(path)
+
+
+def rank0_states_file(tag_dir) -> Path:
+    """Rank 0's model-states file, which carries client_state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_...)."""
+    tag_dir = Path(tag_dir)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise CheckpointError(f"partial checkpoint {tag_dir}: rank 0's model states file is missing")
+
+
+def read_client_state(tag_dir) -> dict:
+    """client_state of a tag without building an engine (memory-mapped, so cheap even for big models)."""
+    path = rank0_states_file(tag_dir)
+    state = safe_load(path)
+    missing = [k for k in REQUIRED_CLIENT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(missing)} in client_state; not written by this trainer")
+    return {k: state[k] for k in CLIENT_KEYS if k in state}
+
+
+def verify(tag_dir) -> dict:
+    """A complete tag's client_state, after checking its mark and every file with the safe reader."""
+    problem = incomplete_reason(tag_dir)
+    if problem:
+        raise CheckpointError(f"partial checkpoint {tag_dir}: {problem}")
+    check_readable(tag_dir)
+    return read_client_state(tag_dir)
+
+
+def resume_candidate(ckpt_dir, log=print) -> tuple[Path | None, dict | None]:
+    """The newest complete checkpoint that reads, and its client_state; (None, None) when there is none at all.
+
+    A newer tag that was cut short, or is complete but does not read, is skipped with one line saying why; when
+    complete tags exist but none reads, that is an error (starting over would overwrite them).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    complete = complete_tags(ckpt_dir)
+    newest = complete[-1] if complete else None
+    for tag in tag_dirs(ckpt_dir):
+        if newest is None or step_of(tag.name) > step_of(newest.name):
+            log(f"checkpoint {tag.name} ignored: {incomplete_reason(tag)}")
+    skipped = []
+    for tag in reversed(complete):
+        try:
+            check_readable(tag)
+            return tag, read_client_state(tag)
+        except CheckpointError as exc:
+            log(f"checkpoint {tag.name} skipped: {exc}")
+            skipped.append(tag.name)
+    if skipped:
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir} ({', '.join(skipped)} skipped, see above); "
+                              f"move the broken ones aside or use a new run_dir")
+    return None, None
+
+
+# ---- saving --------------------------------------------------------------------------------------------------
+def _all_gather(obj, world_size: int) -> list:
+    import torch.distributed as dist
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and bool(_TORCH_WRITE_FAILURE.search(str(exc))))
+
+
+def _describe_failure(exc: BaseException, where: Path) -> str:
+    if isinstance(exc, OSError):
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    else:
+        what = f"torch.save: {_first_line(exc)}"
+    with contextlib.suppress(OSError):
+        what += f"; {shutil.disk_usage(where).free / 2**30:.1f} GiB free there"
+    return what
+
+
+def save(engine, ckpt_dir, step: int, client_state: dict, rank: int, world_size: int) -> Path:
+    """Save tag global_step<step> on every rank, then mark it complete; call on all ranks together.
+
+    A write that fails on any rank (a full disk, a quota) stops every rank with one CheckpointError: the tag gets
+    no mark, `latest` is not moved, so the previous complete checkpoint stays the resume point.
+    """
+    import torch.distributed as dist
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    previous = newest_complete(ckpt_dir) if rank == 0 else None
+
+    def fail_if_any(error: str | None) -> None:
+        errors = [e for e in _all_gather(error, world_size) if e]
+        if errors:
+            keep = previous.name if previous is not None else "none (no complete checkpoint yet)"
+            raise CheckpointError(f"checkpoint {tag_dir} not saved: {errors[0]}; the resume point stays {keep}")
+
+    error = None
+    if rank == 0:
+        try:
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            # saving.json before the old mark goes: a tag saved again never looks legacy-complete in between.
+            files.write_json(tag_dir / SAVING, {"step": step, "world_size": world_size, "host": socket.gethostname(),
+                                                "pid": os.getpid(), "started": _now()})
+            (tag_dir / MARK).unlink(missing_ok=True)
+            shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # converted from the old one
+        except OSError as exc:
+            error = f"rank 0: {_describe_failure(exc, ckpt_dir)}"
+    fail_if_any(error)  # before DeepSpeed's own collectives, so that every rank leaves here alike
+
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as exc:
+        if not _write_failure(exc):
+            raise
+        error = f"rank {rank}: {_describe_failure(exc, ckpt_dir)}"
+        # Writes come after DeepSpeed's last collective but one: the barrier that ends save_checkpoint, which
+        # the ranks whose writes succeeded are waiting in.
+        dist.barrier()
+    else:
+        try:
+            files.fsync_tree(tag_dir)  # this rank's files (and any other's: cheap when already on disk)
+        except OSError as exc:
+            error = f"rank {rank}: {_describe_failure(exc, ckpt_dir)}"
+    fail_if_any(error)  # every rank has written and fsynced: rank 0 may mark
+
+    if rank == 0:
+        try:
+            write_mark(tag_dir, step, world_size)
+            files.write_text(ckpt_dir / LATEST, tag)
+        except OSError as exc:
+            error = f"rank 0, writing its completion mark: {_describe_failure(exc, ckpt_dir)}"
+    fail_if_any(error)
+    return tag_dir
+
+
+def write_mark(tag_dir: Path, step: int, world_size: int) -> None:
+    listed = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+              if p.is_file() and p.name not in (MARK, SAVING) and files.TMP_MARK not in p.name}
+    files.write_json(tag_dir / MARK, {"tag": tag_dir.name, "step": step, "world_size": world_size,
+                                      "files": listed, "written": _now()})
+    (tag_dir / SAVING).unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def rotate(ckpt_dir, keep_last: int, keep_every: int) -> list[int]:
+    """Delete complete tags that are neither among the newest keep_last nor a multiple of keep_every; rank 0 only.
+
+    Tags that are not complete are never touched, and the newest complete one is always kept.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    steps = [step_of(t.name) for t in complete_tags(ckpt_dir)]
+    keep = set(steps[-max(keep_last, 1):])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    removed = []
+    for step in steps:
+        if step not in keep:
+            for suffix in ("", UNIVERSAL_SUFFIX):
+                shutil.rmtree(ckpt_dir / f"{tag_for(step)}{suffix}", ignore_errors=True)
+            removed.append(step)
+    return removed
+
+
+def to_universal(ckpt_dir, tag: str) -> str:
+    """Convert a (verified) tag with DeepSpeed's ds_to_universal, once; the result appears whole or not at all."""
+    ckpt_dir = Path(ckpt_dir)
+    out_tag = tag + UNIVERSAL_SUFFIX
+    out = ckpt_dir / out_tag
+    if not out.is_dir():
+        check_readable(ckpt_dir / tag)  # the converter unpickles without restriction
+        with files.atomic_dir(out) as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            # It also writes RUN/checkpoints/latest_universal naming its output; we load by explicit tag.
+            (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise CheckpointError(f"ds_to_universal failed on {ckpt_dir / tag}: {last}")
+    check_readable(out)
+    return out_tag
+
+
+# ---- weights for eval, sample and export -----------------------------------------------------------------------
+def load_model(path):
+    """path: an HF directory, a checkpoint tag dir, a checkpoints dir or a run dir (its newest complete tag).
+
+    Returns (GPT in fp32 on CPU, in eval mode; meta with kind, tag, step, tokens_seen, path, zero_stage, weights).
+    Weights are the fp32 master copy the optimizer keeps, not the bf16 module copy, so evaluation sees exactly
+    what training would resume from.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if (path / "config.json").is_file():
         return _load_hf(path)
-    model, meta = _load_deepspeed(_tag_dir(path))
+    model, meta = _load_deepspeed(resolve_tag(path))
     return model.eval(), meta
 
 
-def _load_hf(path: Path) -> tuple[GPT, dict]:
+def _load_hf(path: Path):
+    from .config import ConfigError
+    from .gpt import GPT
     try:
         model = GPT.from_hf(path)
     except ConfigError as exc:
@@ -45,39 +442,41 @@ def _load_hf(path: Path) -> tuple[GPT, dict]:
     return model.eval(), {"kind": "hf", "path": str(path), "tag": None, "step": None, "tokens_seen": None}
 
 
-def _tag_dir(path: Path) -> Path:
-    """Resolve a run dir or checkpoints dir to the tag dir its `latest` file names."""
+def resolve_tag(path) -> Path:
+    """A complete tag dir: the path itself, or the newest complete tag of a run or checkpoints dir."""
+    path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
-    if list(path.glob("*model_states.pt")):
+    if list(path.glob("*model_states.pt")) or (path / MARK).exists() or (path / SAVING).exists():
+        problem = incomplete_reason(path) if not _is_legacy(path) else None  # a tag named by hand: legacy is fine
+        if problem:
+            raise CheckpointError(f"partial checkpoint {path}: {problem}")
         return path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    latest = path / "latest"
-    if not latest.is_file():
+    ckpt_dir = checkpoints_dir(path)
+    newest = newest_complete(ckpt_dir)
+    tags = tag_dirs(ckpt_dir)
+    if newest is None and tags:
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}: partial checkpoint {tags[-1]}: "
+                              f"{incomplete_reason(tags[-1])}")
+    if newest is None:
         raise CheckpointError(
             f"{path} is neither a Hugging Face directory (no config.json), a checkpoint tag dir "
-            f"(no *model_states.pt) nor a checkpoints dir with a `latest` file")
-    tag = latest.read_text().strip()
-    tag_dir = path / tag
-    if not tag or not tag_dir.is_dir():
-        raise CheckpointError(f"{latest} names tag {tag!r} but {tag_dir} does not exist")
-    return tag_dir
+            f"(no *model_states.pt) nor a run or checkpoints dir with a complete checkpoint ({MARK}, or a "
+            f"`latest` file for runs written before marks)")
+    return newest
 
 
-def _load_deepspeed(tag_dir: Path) -> tuple[GPT, dict]:
+def _load_deepspeed(tag_dir: Path):
+    import torch
+
+    from .config import ConfigError, GPTConfig
+    from .gpt import GPT
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
         raise CheckpointError(f"partial checkpoint {tag_dir}: no *model_states.pt file")
-    # Rank 0's file carries client_state; stage 3 names it zero_pp_rank_0_mp_rank_00_model_states.pt.
-    rank0 = next((f for f in model_files if f.name in ("mp_rank_00_model_states.pt",
-                                                        "zero_pp_rank_0_mp_rank_00_model_states.pt")), None)
-    if rank0 is None:
-        raise CheckpointError(f"partial checkpoint {tag_dir}: rank 0's model states file is missing")
-    try:
-        states = torch.load(rank0, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # truncated or foreign file: torch raises several kinds
-        raise CheckpointError(f"cannot read {rank0}: {type(exc).__name__}: {exc}") from None
+    rank0 = rank0_states_file(tag_dir)
+    check_readable(tag_dir)  # zero_to_fp32 unpickles without restriction
+    states = safe_load(rank0)
     if not isinstance(states.get("model_config"), dict):
         raise CheckpointError(f"{rank0} has no client_state['model_config']: not written by this project's train")
     try:
@@ -95,13 +494,19 @@ def _load_deepspeed(tag_dir: Path) -> tuple[GPT, dict]:
         raise CheckpointError(f"partial checkpoint {tag_dir}: {len(model_files)} of {world} "
                               f"*model_states.pt files (ZeRO stage 3, {world} ranks)")
 
-    if optim_files and _is_bf16_optimizer(optim_files[0]):
-        state, source = _bf16_optimizer_state(optim_files, states), "fp32 master (BF16_Optimizer partitions)"
+    with torch.device("meta"):  # shapes only
+        shapes = {name: p.shape for name, p in GPT(config).named_parameters()}
+    names = states.get("param_names")  # absent in checkpoints written before it was recorded
+    optims = [safe_load(f)["optimizer_state_dict"] for f in sorted(optim_files, key=_rank)]
+    if optims and _is_bf16_optimizer(optims[0]):
+        state, source = _bf16_optimizer_state(optims, names, shapes, states)
     elif stage >= 1:
         state, source = _zero_fp32_state(tag_dir), "fp32 master (zero_to_fp32)"
     else:
-        state, source = _stage0_state(states)
+        state, source = _stage0_state(states, names, shapes)
 
+    if "transformer.wte.weight" in state:
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied: one fp32 master for both
     model = GPT(config)
     _load_weights(model, state, tag_dir)
     meta = {"kind": "deepspeed", "path": str(tag_dir), "tag": tag_dir.name,
@@ -125,18 +530,50 @@ def _rank(optim_file: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _is_bf16_optimizer(optim_file: Path) -> bool:
+def _is_bf16_optimizer(optim: dict) -> bool:
     """bf16 with fp32 gradient accumulation (ZeRO 1) uses BF16_Optimizer, whose files zero_to_fp32 rejects."""
-    optim = torch.load(optim_file, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-    return "zero_stage" not in optim and "param_slice_mappings" in optim
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
+    return ZERO_STAGE not in optim and SINGLE_PARTITION_OF_FP32_GROUPS in optim
 
 
-def _bf16_optimizer_state(optim_files: list[Path], states: dict) -> dict:
-    """Reassemble BF16_Optimizer's fp32 partitions: each rank maps parameter names to slices of its flat partition."""
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for optim_file in sorted(optim_files, key=_rank):
-        optim = torch.load(optim_file, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-        for flat, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
+def _check_names(names, shapes: dict, where: str) -> list[list[str]]:
+    flat = [n for group in names for n in group]
+    if sorted(flat) != sorted(shapes):
+        missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
+        raise CheckpointError(f"{where}: client_state param_names do not match model_config "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    return names
+
+
+def _bf16_optimizer_state(optims: list[dict], names, shapes: dict, states: dict) -> tuple[dict, str]:
+    """BF16_Optimizer's fp32 masters: group g is one flat tensor, split evenly over the ranks (rank order), holding
+    the group's parameters back to back in the trainer's order (DeepSpeed pads only at the end)."""
+    import torch
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+    if names is None:
+        return _bf16_optimizer_state_by_mappings(optims, states), \
+            "fp32 master (BF16_Optimizer partitions, by DeepSpeed's slice mappings: no param_names recorded)"
+    names = _check_names(names, shapes, "BF16_Optimizer checkpoint")
+    state = {}
+    for g, group in enumerate(names):
+        flat = torch.cat([o[SINGLE_PARTITION_OF_FP32_GROUPS][g] for o in optims])
+        offset = 0
+        for name in group:
+            numel = math.prod(shapes[name])
+            if offset + numel > flat.numel():
+                raise CheckpointError(f"BF16_Optimizer checkpoint: group {g} ends before {name}")
+            state[name] = flat.narrow(0, offset, numel).view(shapes[name]).float().clone()
+            offset += numel
+    return state, "fp32 master (BF16_Optimizer partitions, by parameter name)"
+
+
+def _bf16_optimizer_state_by_mappings(optims: list[dict], states: dict) -> dict:
+    """Checkpoints without param_names: each rank's slice mappings name the parameters in its flat partition."""
+    import torch
+    from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS
+    pieces: dict[str, list] = {}
+    for optim in optims:
+        for flat, mapping in zip(optim[SINGLE_PARTITION_OF_FP32_GROUPS], optim[PARAM_SLICE_MAPPINGS]):
             for name, address in mapping.items():
                 pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
     state = {}
@@ -146,39 +583,54 @@ def _bf16_optimizer_state(optim_files: list[Path], states: dict) -> dict:
             if full.numel() != shape.numel():
                 raise CheckpointError(f"BF16_Optimizer checkpoint: {name} has {full.numel()} of {shape.numel()} values")
             state[name] = full.view(shape).float().clone()
-    for alias, owner in (states.get("shared_params") or {}).items():
-        state[alias] = state[owner]
     return state
 
 
-def _stage0_state(states: dict) -> tuple[dict, str]:
-    """ZeRO 0: fp32 runs train the module itself; bf16/fp16 runs keep fp32 masters in the optimizer's fp32_groups.
-
-    ZeRO 0 saves no parameter names for those masters (only their order in the optimizer's param groups, which
-    train/ chooses), so each master is matched to the one module weight it rounds to: DeepSpeed copies
-    master -> module after every step, so the low-precision weight equals the master cast down.
-    """
+def _stage0_state(states: dict, names, shapes: dict) -> tuple[dict, str]:
+    """ZeRO 0: fp32 runs train the module itself; bf16/fp16 runs keep fp32 masters in the optimizer's fp32_groups,
+    one list per param group in the trainer's order, which param_names records."""
+    import torch
     module = {k: v for k, v in states["module"].items() if k != "lm_head.weight"}  # tied to wte
     optimizer = states.get("optimizer")
     groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
     if not groups or all(v.dtype == torch.float32 for v in module.values()):
         state, source = {k: v.float() for k, v in module.items()}, "module"
+    elif names is not None:
+        names = _check_names(names, shapes, "ZeRO 0 checkpoint")
+        state, source = {}, "fp32 master (optimizer fp32_groups, by parameter name)"
+        for g, (group_names, masters) in enumerate(zip(names, groups)):
+            if len(group_names) != len(masters):
+                raise CheckpointError(f"ZeRO 0 checkpoint: param group {g} has {len(masters)} fp32 masters for "
+                                      f"{len(group_names)} recorded names")
+            for name, master in zip(group_names, masters):
+                if tuple(master.shape) != tuple(shapes[name]):
+                    raise CheckpointError(f"ZeRO 0 checkpoint: the fp32 master of {name} has shape "
+                                          f"{tuple(master.shape)}, model_config says {tuple(shapes[name])}")
+                state[name] = master.float()
     else:
-        state, source = {}, "fp32 master (optimizer fp32_groups)"
-        for master in (t for group in groups for t in group):
-            name = next((k for k, v in module.items() if k not in state and v.shape == master.shape
-                         and torch.equal(master.to(v.dtype), v)), None)
-            if name is None:
-                raise CheckpointError(f"ZeRO 0 checkpoint: an fp32 master of shape {tuple(master.shape)} "
-                                      f"matches no module weight")
-            state[name] = master.float()
-        if len(state) != len(module):
-            raise CheckpointError(f"ZeRO 0 checkpoint: {len(state)} fp32 masters for {len(module)} module weights")
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+        state, source = _stage0_by_value(module, groups), \
+            "fp32 master (optimizer fp32_groups, matched by value: no param_names recorded)"
     return state, source
 
 
-def _load_weights(model: GPT, state: dict, where: Path) -> None:
+def _stage0_by_value(module: dict, groups) -> dict:
+    """Checkpoints without param_names: each master is matched to the one module weight it rounds to (DeepSpeed
+    copies master -> module after every step, so the low-precision weight equals the master cast down)."""
+    import torch
+    state = {}
+    for master in (t for group in groups for t in group):
+        name = next((k for k, v in module.items() if k not in state and v.shape == master.shape
+                     and torch.equal(master.to(v.dtype), v)), None)
+        if name is None:
+            raise CheckpointError(f"ZeRO 0 checkpoint: an fp32 master of shape {tuple(master.shape)} "
+                                  f"matches no module weight")
+        state[name] = master.float()
+    if len(state) != len(module):
+        raise CheckpointError(f"ZeRO 0 checkpoint: {len(state)} fp32 masters for {len(module)} module weights")
+    return state
+
+
+def _load_weights(model, state: dict, where: Path) -> None:
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     extra = sorted(set(state) - set(ours))

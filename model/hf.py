@@ -1,18 +1,24 @@
 """Conversion between GPT and Hugging Face's GPT2LMHeadModel directories, with no network."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from common import files
+from common.errors import PipelineError
 from common.tokenizer import EOT_TOKEN, gpt2_bpe_files
 
 from .config import ConfigError, GPTConfig
+
+# Written into every export: what lets a later export replace this directory (with --force), and nothing else.
+EXPORT_MARK = "export.json"
 
 # HF's GPT-2 stores these as Conv1D (in, out); torch Linear wants (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -22,6 +28,10 @@ _UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention":
 
 class HFFormatError(ConfigError):
     """An HF directory or state dict that does not describe a GPT-2 this code can build."""
+
+
+class ExportError(PipelineError):
+    """An export target that is not ours to replace."""
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -136,14 +146,49 @@ def hf_config_dict(config: GPTConfig) -> dict:
     }
 
 
-def save_hf(model, path) -> None:
-    """Write config, safetensors weights and GPT-2 tokenizer files; the directory appears whole or not at all."""
+def export_target(path, force: bool = False) -> bool:
+    """Whether an export to `path` replaces what is there (an empty directory, or with force an earlier export).
+
+    Anything else that exists is refused: an export never deletes what an export did not write.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_symlink() or not path.is_dir():
+        raise ExportError(f"{path} exists and is not a directory; choose another --out")
+    if not any(path.iterdir()):
+        return True
+    if not (path / EXPORT_MARK).is_file():
+        raise ExportError(f"{path} is not empty and is not an earlier export (no {EXPORT_MARK}); nothing there is "
+                          f"replaced: choose another --out")
+    if not force:
+        raise ExportError(f"{path} holds an earlier export; pass --force to replace it")
+    return True
+
+
+def _umask() -> int:
+    # /proc reads it without changing it; os.umask can only read it by setting it (not thread-safe).
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_hf(model, path, force: bool = False, source: dict | None = None) -> None:
+    """Write config, safetensors weights and GPT-2 tokenizer files; the directory appears whole or not at all.
+
+    `path` may be new, an empty directory, or (force) an earlier export; see export_target. Files get the
+    permissions the umask gives, so another account (an inference server) can read them under umask 022.
+    """
     from safetensors.torch import save_file
     config: GPTConfig = model.config
     out = Path(path)
+    replace = export_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with files.atomic_dir(out, replace=replace) as tmp:
         state = {}
         for key, value in model.state_dict().items():
             if key == "lm_head.weight":
@@ -159,6 +204,7 @@ def save_hf(model, path) -> None:
             if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is None and name != "lm_head":
                 state[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it owner-only
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}, indent=2) + "\n")
@@ -171,14 +217,5 @@ def save_hf(model, path) -> None:
             "add_prefix_space": False, "add_bos_token": False}, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(
             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "gpt2-pipeline export", "source": source,
+                                                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")

@@ -6,12 +6,12 @@ The same seed gives the same samples on the same device.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from common import tokenizer
+from common.cli import positive_float, positive_int
 from common.errors import PipelineError
 
 from .config import PRESETS, GPTConfig
@@ -20,20 +20,6 @@ from .gpt import GPT
 
 class SampleError(PipelineError):
     pass
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def load(args) -> tuple[GPT, str]:

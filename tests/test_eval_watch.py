@@ -2,9 +2,13 @@
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,7 +40,8 @@ class Watcher:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "eval", "watch", str(run), "--hellaswag-file", str(hellaswag_file),
              "--limit", WATCH_LIMIT, "--batch-size", "8", *flags],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            umask=0o022)  # the usual umask, whatever the test runner's: outputs must then be readable by others
         self.reader = threading.Thread(target=self._read)
         self.reader.start()
 
@@ -63,7 +68,16 @@ def hellaswag_file(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def watched_run(tiny_run, hellaswag_file, tmp_path_factory):
+def shareable_dir():
+    """A directory other accounts may enter (pytest's own temporary directories are owner-only)."""
+    path = Path(tempfile.mkdtemp(prefix="gpt2-pipeline-watch-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def watched_run(tiny_run, hellaswag_file, shareable_dir):
     """Training replayed from tiny_run's real checkpoints while a watcher runs:
 
     A and B complete at start; B is rotated away while A is scored; a second watcher starts meanwhile;
@@ -72,7 +86,7 @@ def watched_run(tiny_run, hellaswag_file, tmp_path_factory):
     source = tag_dirs(tiny_run)
     assert len(source) >= 2, "tiny_run must hold at least two checkpoints"
     a_src, c_src = source[0], source[-1]
-    run = tmp_path_factory.mktemp("watched") / "run"
+    run = shareable_dir / "run"
     (run / "checkpoints").mkdir(parents=True)
     recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())
     recipe["schedule"]["max_steps"] = step_of(c_src)
@@ -125,7 +139,9 @@ def test_watch_retries_a_failed_evaluation_then_gives_up(tiny_run, hellaswag_fil
     tag = run / "checkpoints" / src.name
     shutil.copytree(src, tag)
     model_file = tag / "mp_rank_00_model_states.pt"
-    model_file.write_bytes(model_file.read_bytes()[:1000])  # a crash mid-write that left `latest` behind
+    data = model_file.read_bytes()
+    # Damaged after the save, size unchanged: the checkpoint still reads as complete, but cannot be loaded.
+    model_file.write_bytes(data[:1000] + bytes(len(data) - 1000))
     set_latest(run, tag.name)
     outputs = []
     for _ in range(3):
@@ -140,22 +156,154 @@ def test_watch_retries_a_failed_evaluation_then_gives_up(tiny_run, hellaswag_fil
     assert not (run / "eval" / f"{tag.name}.json").exists()
 
 
-def test_report_table_and_curves(watched_run):
+@pytest.fixture(scope="module")
+def reported_run(watched_run):
     run = watched_run["run"]
-    proc = subprocess.run([PYTHON, "-m", "eval", "report", str(run)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([PYTHON, "-m", "eval", "report", str(run)], cwd=REPO, capture_output=True, text=True,
+                          umask=0o022)
     assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_report_table_and_curves(reported_run):
+    from eval.report import GPT2_124M_ACC_NORM, Z95
+    run = reported_run
     report = (run / "eval" / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ") and line[2].isdigit()]
     results = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(results) == 2
     for row, result in zip(rows, results):
         cells = [c.strip() for c in row.strip("|").split("|")]
+        hs = result["tasks"]["hellaswag"]
         assert cells[0] == str(result["step"])
         assert cells[1] == f"{result['tokens_seen']:,}"
-        assert cells[5] == f"{result['tasks']['hellaswag']['acc_norm']:.4f}"
+        # Each score carries its 95% interval; 8 docs cannot be told apart from GPT-2's 0.3114 unless far off.
+        assert cells[5] == f"{hs['acc_norm']:.4f} ± {Z95 * hs['acc_norm_stderr']:.4f}"
+        low, high = hs["acc_norm"] - Z95 * hs["acc_norm_stderr"], hs["acc_norm"] + Z95 * hs["acc_norm_stderr"]
+        assert cells[7] == ("above" if low > GPT2_124M_ACC_NORM else "below" if high < GPT2_124M_ACC_NORM
+                            else "within")
         assert all(cell != "–" for cell in cells), row  # train and val loss found for every checkpoint
     png = (run / "eval" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert not [p.name for p in (run / "eval").iterdir() if ".tmp-" in p.name]
+
+
+def test_report_reads_as_uncertain_a_small_sample_above_the_reference():
+    from eval.report import markdown, versus_reference
+    # 100 docs at 0.35: lm-eval's stderr is sqrt(p(1-p)/(n-1)) = 0.0479, so 0.3114 lies inside 0.35 ± 0.094.
+    stderr = (0.35 * 0.65 / 99) ** 0.5
+    assert versus_reference(0.35, stderr) == "within"
+    assert versus_reference(0.35, (0.35 * 0.65 / 10041) ** 0.5) == "above"  # the full 10,042 docs: it is better
+    row = {"step": 100, "tokens": 1000, "train_loss": 3.0, "val_loss": 3.1, "acc": 0.3, "acc_stderr": None,
+           "acc_norm": 0.35, "acc_norm_stderr": stderr, "n_docs": 100}
+    assert "| 0.3500 ± 0.0940 | 100 | within |" in markdown(Path("run"), [row])
+
+
+def test_eval_outputs_are_readable_by_other_accounts(reported_run):
+    """Under umask 022 every file eval writes is 0644, and another account (nobody) can read it."""
+    run = reported_run
+    outputs = [*sorted((run / "eval").glob("global_step*.json")), run / "eval" / "results.jsonl",
+               run / "eval" / "report.md", run / "eval" / "curves.png"]
+    assert len(outputs) == 5
+    for path in outputs:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        for path in outputs:
+            as_nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                        "cat", str(path)], capture_output=True)
+            assert as_nobody.returncode == 0, as_nobody.stderr
+            assert as_nobody.stdout == path.read_bytes()
+
+
+def one_checkpoint_run(tiny_run, run, command, scored=False):
+    """A run directory holding tiny_run's last checkpoint as its final one, with `command` as eval.command.
+
+    scored: RUN/eval/<tag>.json is already there, as a watcher that died after scoring leaves it, so a watcher
+    goes straight to recording it and running the command.
+    """
+    src = tag_dirs(tiny_run)[-1]
+    tag = run / "checkpoints" / src.name
+    shutil.copytree(src, tag)
+    set_latest(run, tag.name)
+    recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    recipe["schedule"]["max_steps"] = step_of(src)
+    recipe["eval"]["command"] = command
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    if scored:
+        (run / "eval").mkdir()
+        (run / "eval" / f"{tag.name}.json").write_text(json.dumps(
+            {"tag": tag.name, "step": step_of(src), "tasks": {"hellaswag": {"acc_norm": 0.3, "n_docs": 8}}}))
+    return tag
+
+
+def results_of(run):
+    return [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+
+
+def test_eval_command_gets_paths_quoted(tiny_run, hellaswag_file, tmp_path):
+    run = tmp_path / "run $(touch pwned) x"
+    tag = one_checkpoint_run(tiny_run, run, "echo {ckpt} >> {run}/command.log", scored=True)
+    rc, out = Watcher(run, hellaswag_file, "--once").finish()
+    assert rc == 0, out
+    assert (run / "command.log").read_text() == f"{tag}\n"
+    assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
+    [result] = results_of(run)
+    assert result["command"]["returncode"] == 0
+
+
+def pid_alive(pid):
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has finished; only its exit status waits to be collected
+
+
+def test_a_watcher_killed_mid_evaluation_leaves_nothing_running_and_the_next_one_scores_once(
+        tiny_run, hellaswag_file, tmp_path):
+    run = tmp_path / "run"
+    tag = one_checkpoint_run(tiny_run, run, "echo {ckpt} >> {run}/command.log")
+    first = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final")
+    first.wait_for(f"scoring {tag.name}")
+    child = int(next(line for line in first.lines if "scoring" in line).rsplit("pid ", 1)[1].rstrip(")\n"))
+    assert pid_alive(child)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()  # not finish(): an orphan would keep the watcher's stdout open until it ends
+    deadline = time.time() + 5  # far less than the evaluation takes: it must have been killed, not finished
+    while pid_alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not pid_alive(child), "the killed watcher's `eval checkpoint` child is still running"
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+        first.finish()
+    rc, out = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final").finish()
+    assert rc == 0 and out.count("scoring ") == 1, out
+    assert [r["tag"] for r in results_of(run)] == [tag.name]
+    assert (run / "command.log").read_text() == f"{tag}\n"
+
+
+def test_a_watcher_killed_while_eval_command_runs_does_not_run_it_again(tiny_run, hellaswag_file, tmp_path):
+    run = tmp_path / "run"
+    tag = one_checkpoint_run(tiny_run, run, "echo $$ > {run}/command.pid; echo {ckpt} >> {run}/command.log; "
+                                            "exec sleep 60 >/dev/null", scored=True)  # off the watcher's stdout
+    first = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final")
+    deadline = time.time() + 60
+    while not (run / "command.log").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    first.proc.send_signal(signal.SIGKILL)
+    first.finish()
+    command_pid = int((run / "command.pid").read_text())
+    try:
+        rc, out = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final").finish()
+    finally:
+        os.kill(command_pid, signal.SIGKILL)  # the killed watcher's command, still sleeping
+    assert rc == 0, out
+    assert (run / "command.log").read_text() == f"{tag}\n"  # once, by the killed watcher
+    [result] = results_of(run)
+    assert result["command"]["returncode"] is None and "not run again" in result["command"]["note"]
+    assert "not run again" in out
 
 
 def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
@@ -168,9 +316,17 @@ def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     assert not (run / "eval").exists()
 
 
-def test_final_step_from_either_schedule_form():
-    from eval.watch import final_step
-    assert final_step({"schedule": {"max_steps": 200, "max_tokens": None}}) == 200
-    assert final_step({"schedule": {"max_steps": None, "max_tokens": 1000}, "batch": {"total_tokens": 512}}) == 2
-    assert final_step({"schedule": {"max_steps": None, "max_tokens": 1024}, "batch": {"total_tokens": 512}}) == 2
-    assert final_step({}) is None
+def test_final_step_from_either_schedule_form(tmp_path):
+    # The watcher reads config.yaml with train's own loader: its final step is the one train stops at.
+    from eval.watch import Watcher
+    from train.recipe import load
+    tiny = REPO / "configs/train/tiny-cpu.yaml"
+    for sets, final in ((["schedule.max_steps=200"], 200),
+                        (["schedule.max_steps=null", "schedule.max_tokens=1000", "batch.total_tokens=512"], 2),
+                        (["schedule.max_steps=null", "schedule.max_tokens=1024", "batch.total_tokens=512"], 2)):
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(load(tiny, sets).to_dict()))
+        assert Watcher(run, []).max_steps == final, sets
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)  # no config.yaml yet: no final step known
+    assert Watcher(tmp_path / "fresh", []).max_steps is None

@@ -14,13 +14,13 @@ import yaml
 from model.checkpoint import load_model
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import read_metrics, run_train, train_command
-from train.checkpoint import read_client_state
-from train.config import load_recipe
+from model.checkpoint import read_client_state
+from train.recipe import load
 
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "step_time_s", "peak_mem_mb"}
 
 
-def test_metrics_lines_carry_the_contract_fields(tiny_run):
+def test_metrics_lines_carry_the_documented_fields(tiny_run):
     train, val = read_metrics(tiny_run)
     assert [r["step"] for r in train] == list(range(1, 7))  # steps completed, as checkpoints count
     for r in train:
@@ -113,7 +113,10 @@ def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_datase
         assert saved == 1  # the first step, then the save
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"global_step{saved}"
 
+    config_written = (run_dir / "config.yaml").stat().st_mtime_ns
     again = run_train(cmd)
+    assert (run_dir / "config.yaml").stat().st_mtime_ns == config_written  # same recipe: not rewritten
+    assert not (run_dir / "recipe_history.jsonl").exists()
     assert f"resuming from {run_dir / 'checkpoints' / f'global_step{saved}'} at step {saved}" in again.stdout
     steps = [r["step"] for r in read_metrics(run_dir)[0]]
     assert steps == list(range(1, 9))
@@ -122,7 +125,7 @@ def test_preemption_saves_exits_99_and_the_rerun_continues(tmp_path, tiny_datase
 
 def test_recipe_resolution_matches_fixture_overrides(tiny_run):
     resolved = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    assert resolved == load_recipe(tiny_run / "config.yaml")
+    assert resolved == load(tiny_run / "config.yaml").to_dict()
 
 
 def test_compiled_run_tracks_the_eager_run_keeps_keys_and_resumes(tiny_run, tiny_dataset, tmp_path):
