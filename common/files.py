@@ -71,6 +71,22 @@ def atomic_file(path, mode: str = "wb"):
         raise
 
 
+def current_umask() -> int:
+    # /proc reads it without changing it; os.umask can only read it by setting it (not thread-safe).
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_to_umask(path) -> None:
+    """Give a file another library created owner-only (mkstemp, safetensors) the permissions open() would."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_bytes(path, data: bytes) -> None:
     with atomic_file(path, "wb") as f:
         f.write(data)

@@ -1,9 +1,7 @@
 """Conversion between GPT and Hugging Face's GPT2LMHeadModel directories, with no network."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import time
@@ -166,17 +164,6 @@ def export_target(path, force: bool = False) -> bool:
     return True
 
 
-def _umask() -> int:
-    # /proc reads it without changing it; os.umask can only read it by setting it (not thread-safe).
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_hf(model, path, force: bool = False, source: dict | None = None) -> None:
     """Write config, safetensors weights and GPT-2 tokenizer files; the directory appears whole or not at all.
 
@@ -204,7 +191,7 @@ def save_hf(model, path, force: bool = False, source: dict | None = None) -> Non
             if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is None and name != "lm_head":
                 state[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it owner-only
+        files.chmod_to_umask(tmp / "model.safetensors")  # safetensors creates it owner-only
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}, indent=2) + "\n")
