@@ -1,11 +1,12 @@
 """`eval watch RUN`: score each complete checkpoint of a (possibly still running) training run exactly once.
 
 Which checkpoints are complete is model.checkpoint's rule (train's completion mark, written after every rank has
-finished the tag; `latest` for runs written before marks), so a tag still being written is never touched. Each
-evaluation runs as its
-own `python -m eval checkpoint` process: a crash (out of memory, a killed node) costs one attempt, not the
-watcher. Work is shared safely between watchers through one lock file per checkpoint (fcntl, released by the
-kernel if a watcher dies), and results.jsonl is the record of what is done. The scoring child shares the lock and
+finished the tag; `latest` for runs written before marks), so a tag still being written is never touched. The
+checkpoints found at one poll are scored by one `python -m eval checkpoint A B ...` child (start-up paid once):
+a crash (out of memory, a killed node) costs one attempt, not the watcher. `--only TAG` is the per-checkpoint
+eval job's mode; eval.dispatch submits those jobs instead of scoring. Work is shared safely between watchers
+through one lock file per checkpoint (fcntl, released by the kernel if a watcher dies), and results.jsonl is the
+record of what is done. The scoring child shares the lock and
 dies with its watcher, so a killed watcher leaves no evaluation behind that a later one would repeat.
 """
 from __future__ import annotations

@@ -53,6 +53,7 @@ load_pipeline() {
     GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
     EVAL_LIMIT="${EVAL_LIMIT:-}"
     EVAL_POLL="${EVAL_POLL:-60}"
+    EVAL_MODE="${EVAL_MODE:-jobs}"   # jobs: a short GPU job per checkpoint; watch: one GPU job beside training
     local key required=(DATASET_DIR TRAIN_RECIPE RUN_DIR HELLASWAG)
     [ "$PREP_SOURCE" = local ] || required+=(RAW_DIR)   # where a Hub source is downloaded to
     for key in "${required[@]}"; do

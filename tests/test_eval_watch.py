@@ -330,3 +330,55 @@ def test_final_step_from_either_schedule_form(tmp_path):
         assert Watcher(run, []).max_steps == final, sets
     (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)  # no config.yaml yet: no final step known
     assert Watcher(tmp_path / "fresh", []).max_steps is None
+
+
+def test_one_process_scores_several_checkpoints_as_one_process_each_would(tiny_run, hellaswag_file, tmp_path):
+    """`eval checkpoint A B`: the tasks are loaded once (the second checkpoint's timings say 0 s for them), and
+    each result is the one a process of its own writes."""
+    run = tmp_path / "run"
+    for src in tag_dirs(tiny_run)[:2]:
+        shutil.copytree(src, run / "checkpoints" / src.name)
+    a, b = tag_dirs(run)
+    common = ["--hellaswag-file", str(hellaswag_file), "--limit", WATCH_LIMIT, "--batch-size", "8", "--device", "cpu"]
+    together = subprocess.run([PYTHON, "-m", "eval", "checkpoint", str(a), str(b), *common], cwd=REPO,
+                              capture_output=True, text=True)
+    assert together.returncode == 0, together.stderr[-3000:]
+    alone = subprocess.run([PYTHON, "-m", "eval", "checkpoint", str(b), *common, "--out", str(tmp_path / "b.json")],
+                           cwd=REPO, capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    first, second = (json.loads((run / "eval" / f"{t.name}.json").read_text()) for t in (a, b))
+    assert first["timings"]["tasks_s"] > 0 and second["timings"]["tasks_s"] == 0
+    assert second["tasks"] == json.loads((tmp_path / "b.json").read_text())["tasks"]
+    assert second["tag"] == b.name and first["tag"] == a.name
+
+
+def test_two_dispatchers_submit_each_checkpoint_once(tiny_run, tmp_path):
+    """`eval watch --submit CMD`: CMD TAG runs once per checkpoint, under the per-tag submission lock, even with
+    two dispatchers looking at once; the job id it prints is the record the second one finds."""
+    run = tmp_path / "run"
+    for src in tag_dirs(tiny_run):
+        shutil.copytree(src, run / "checkpoints" / src.name)
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    submitter = tmp_path / "submit.sh"   # stands in for sbatch: slow enough for the two to overlap
+    submitter.write_text('#!/bin/bash\necho "$1" >> "$(dirname "$0")/submitted.log"\nsleep 1\n'
+                         'echo "$((1000 + $(wc -l < "$(dirname "$0")/submitted.log")));cluster"\n')
+    submitter.chmod(0o755)
+    # A machine without Slurm (a PATH of just what the stand-in uses): no controller to ask about a recorded job,
+    # so a dispatcher that finds a record leaves it for the next poll and submits nothing.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "wc", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = dict(os.environ, PATH=str(bin_dir))
+    cmd = [PYTHON, "-m", "eval", "watch", str(run), "--once", "--submit", f"{submitter} "]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    tags = sorted(t.name for t in tag_dirs(tiny_run))
+    assert sorted((tmp_path / "submitted.log").read_text().split()) == tags
+    records = {t: json.loads((run / "eval" / ".watch" / f"{t}.submitted").read_text()) for t in tags}
+    assert sorted(r["job"] for r in records.values()) == ["1001", "1002"]
+    assert all(r["submissions"] == 1 and r["jobs"] == [r["job"]] for r in records.values())
+    assert "".join(outs).count("submitted eval job") == len(tags) and "scoring" not in "".join(outs)
+    assert not (run / "eval" / "results.jsonl").exists()   # a dispatcher scores nothing itself

@@ -2,6 +2,7 @@
 does), --dry-run shows the chain, and bad input is refused before anything runs. Paths contain spaces."""
 import json
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -102,6 +103,38 @@ def test_slurm_dry_run_prints_the_chain_and_submits_nothing(workdir):
     assert "after:\\<train\\>" in watch and "TRAIN_JOB_ID=\\<train\\>" in watch
     assert "demo\\ dir" in train                      # paths are quoted for pasting into a shell
     assert not (workdir / "multi run").exists()
+
+
+@pytest.mark.parametrize("mode", ["jobs", "watch"])
+def test_eval_mode_decides_who_holds_the_eval_gpu(workdir, mode):
+    """jobs (the default): the watcher asks for 1 CPU and no GPU, and each checkpoint's eval job for one GPU with
+    its own time limit; watch: the watcher holds the GPU for as long as training runs."""
+    site = write_env_file(workdir / "gpu site.env", {"SITE_GPUS_PER_NODE": 8, "SITE_CPUS_PER_NODE": 64,
+                                                     "SITE_EVAL_CPUS": 8, "SITE_SIGNAL_SECONDS": 300,
+                                                     "SITE_TIME_EVAL_JOB": "00:30:00"})
+    pipeline = pipeline_file(workdir, f"mode {mode}", SITE=site, RUN_DIR=workdir / f"{mode} run",
+                             DATASET_DIR=workdir / "new data", EVAL_MODE=None if mode == "jobs" else mode)
+    done = submit(pipeline, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    watch = next(line.split() for line in done.stdout.splitlines() if "eval_watch.sbatch" in line)
+    eval_jobs = [line for line in done.stdout.splitlines() if line.startswith("eval jobs ")]
+    assert f"eval mode      {mode}" in done.stdout
+    if mode == "jobs":
+        assert "--cpus-per-task=1" in watch and not any(w.startswith("--gpus") for w in watch), watch
+        [line] = eval_jobs   # shell words, as the watcher's --submit splits them (paths with spaces stay whole)
+        words = shlex.split(line.split(": ", 1)[1])
+        assert words[0] == "sbatch" and words[-3:] == [str(REPO / "slurm" / "eval.sbatch"), str(pipeline), "TAG"]
+        assert {"--job-name=eval", "--gpus-per-node=gpu:1", "--cpus-per-task=8", "--time=00:30:00"} <= set(words)
+    else:
+        assert {"--cpus-per-task=8", "--gpus-per-node=gpu:1"} <= set(watch) and not eval_jobs
+    assert not (workdir / f"{mode} run").exists()
+
+
+def test_an_unknown_eval_mode_is_refused(workdir):
+    done = submit(pipeline_file(workdir, "bad mode", EVAL_MODE="sometimes", RUN_DIR=workdir / "bad mode run"),
+                  "--local")
+    assert done.returncode == 1 and done.stderr.startswith("error: EVAL_MODE must be jobs"), done.stderr
+    assert not (workdir / "bad mode run").exists()
 
 
 @pytest.mark.parametrize("problem", ["missing site file", "recipe fails validation", "GPUs do not divide batch",

@@ -1,8 +1,8 @@
 """The slurm/ stage on a real Slurm cluster: two slurmd nodes in network namespaces on this machine.
 
 The tiny pipeline goes through slurm/submit.sh as a user would run it: a tokenize array of 2 tasks, finalize,
-training on 2 nodes x 1 task with ZeRO-2 over gloo, and the eval watcher scoring every checkpoint beside it.
-All paths contain a space.
+training on 2 nodes x 1 task with ZeRO-2 over gloo, and beside it the eval watcher, which submits one eval job
+per complete checkpoint (EVAL_MODE=jobs, the default). All paths contain a space.
 """
 import json
 import re
@@ -68,6 +68,30 @@ def make_pipeline(site, name: str, run: str, overrides: list[str], **extra):
     }
     values.update(extra)
     return write_env_file(root / f"{name}.env", values)
+
+
+def eval_jobs(run) -> dict[str, list[str]]:
+    """{tag: ids of the eval jobs submitted for it} from the watcher's submission records."""
+    return {p.name.removesuffix(".submitted"): json.loads(p.read_text())["jobs"]
+            for p in sorted((run / "eval" / ".watch").glob("*.submitted"))}
+
+
+def assert_one_eval_job_per_checkpoint(cluster, run) -> list[str]:
+    """Every complete checkpoint got exactly one eval job, which COMPLETED, ran once and recorded it once."""
+    from model.checkpoint import complete_tags
+    checkpoints = [p.name for p in complete_tags(run / "checkpoints")]
+    scored = [json.loads(line)["tag"] for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    jobs = eval_jobs(run)
+    assert sorted(scored) == sorted(checkpoints) == sorted(jobs), (scored, checkpoints, jobs)
+    assert all(len(ids) == 1 for ids in jobs.values()), jobs            # never submitted twice
+    ids = [ids[0] for ids in jobs.values()]
+    assert cluster.wait_jobs(ids, timeout=120) == {j: "COMPLETED" for j in ids}
+    ends = [r for r in cluster.completion_records() if r["JobId"] in ids]
+    assert sorted(r["JobId"] for r in ends) == sorted(ids), ends        # each ran once: no requeue, no rerun
+    assert {r["Name"] for r in ends} == {"eval"}
+    summary = (run / "logs" / "summary.txt").read_text()
+    assert all(f" eval {j} ok " in summary for j in ids), summary
+    return ids
 
 
 def train_steps(run_dir) -> list[int]:
@@ -173,7 +197,23 @@ def test_pipeline_outputs_dataset_checkpoints_eval_and_report(first_pipeline):
     assert re.search(r"^\| 3 \|", report, re.M) and re.search(rf"^\| {FINAL_STEP} \|", report, re.M), report
     assert (run / "eval" / "curves.png").stat().st_size > 0
     summary = (run / "logs" / "summary.txt").read_text()
-    assert summary.count(" ok ") == 5 and "FAILED" not in summary, summary
+    assert summary.count(" ok ") == 5 + len(eval_jobs(run)) and "FAILED" not in summary, summary
+
+
+def test_each_checkpoint_gets_its_own_eval_job_from_a_watcher_without_a_gpu(slurm_cluster, first_pipeline):
+    """EVAL_MODE=jobs: the watcher job only submits (1 CPU, no GPU requested), each checkpoint's eval job scores
+    it, appends its line and re-renders the report; the watcher ends once every one of them has."""
+    root, _, jobs, _ = first_pipeline
+    run = root / "run one"
+    ids = assert_one_eval_job_per_checkpoint(slurm_cluster, run)
+    assert len(ids) == 2                                                # global_step3 and the final step
+    watcher = slurm_cluster.job_records(jobs["eval_watch"])[0]
+    assert watcher["NumCPUs"] == "1" and "gpu" not in watcher.get("TresPerNode", ""), watcher
+    watch_log = (run / "logs" / f"eval_watch-{jobs['eval_watch']}.out").read_text()
+    assert "scoring " not in watch_log and watch_log.count("submitted eval job") == 2, watch_log
+    for job in ids:
+        log = (run / "logs" / f"eval-{job}.out").read_text()
+        assert "scored: hellaswag acc_norm" in log and "wrote " in log and "report.md" in log, log
 
 
 def start_training(cluster, site, name: str, max_steps: int):
@@ -240,6 +280,8 @@ def test_training_survives_sigterm_and_an_external_requeue(slurm_cluster, site, 
     outcomes = [line.split(f" train {train_job} ")[1].split(" log: ")[0] for line in train_lines]
     assert outcomes == ["requeued (exit 99)", "requeued by Slurm (exit 99)", "ok"], summary
     assert "FAILED" not in summary and f"eval_watch {jobs['eval_watch']} ok" in summary, summary
+    # one eval job per checkpoint (the two stops' and the final one), none again after the requeues
+    assert len(assert_one_eval_job_per_checkpoint(slurm_cluster, run)) == 3
 
 
 def test_cancelled_training_saves_and_is_not_requeued(slurm_cluster, site, first_pipeline):

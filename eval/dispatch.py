@@ -1,0 +1,136 @@
+"""`eval watch RUN --submit CMD`: each complete checkpoint gets its own short evaluation job, exactly once.
+
+The dispatcher scores nothing and needs no GPU. For each complete checkpoint (model.checkpoint's rule, through
+the Watcher it extends) that results.jsonl does not hold yet, it runs `CMD TAG`, which submits a job that scores
+TAG and records it (under Slurm, submit.sh makes CMD `sbatch ... slurm/eval.sbatch PIPELINE`) and prints the job
+id, as `sbatch --parsable` does. The id goes into RUN/eval/.watch/<tag>.submitted, written atomically while
+RUN/eval/.watch/<tag>.submit.lock is held, and that record is what every later look goes by: a second dispatcher,
+or this one restarted, asks Slurm about the recorded job instead of submitting another. A job that ended without
+a result (failed, cancelled, timed out, its node lost) is submitted again, at most max_attempts times in all.
+
+Results stay exactly once whatever happens to the submissions: the job scores under the watcher's own per-tag
+lock and re-reads results.jsonl first (`eval watch --only TAG`), so even a duplicate job (a dispatcher killed
+between sbatch and writing the record) finds the line there and scores nothing.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import files
+
+from .harness import EvalError
+from .watch import Watcher, scored_tags
+
+# Job states in which a job may still score its checkpoint (squeue's long names; REQUEUED and friends come back
+# as PENDING). Anything else has ended.
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The job's JobState; "" once the controller no longer knows the job; None when it cannot be asked."""
+    try:
+        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return "" if "Invalid job id" in done.stderr else None
+    match = re.search(r"\bJobState=(\S+)", done.stdout)
+    return match.group(1) if match else None
+
+
+class Dispatcher(Watcher):
+    def __init__(self, run: Path, submit: str, max_attempts: int = 3, log=print, job_state=slurm_job_state,
+                 only: list[str] | None = None):
+        super().__init__(run, [], max_attempts=max_attempts, log=log, only=only)
+        self.submit = shlex.split(submit)
+        if not self.submit:
+            raise EvalError("--submit is empty: give the command that submits one checkpoint's eval job")
+        self.job_state = job_state
+        self.submit_failures: dict[str, int] = {}
+        self.unanswered: set[str] = set()  # jobs Slurm could not be asked about, said once each
+
+    def settled(self) -> bool:
+        """Every checkpoint seen has its result, or was rotated away or given up: --until-final then means
+        every evaluation is over, not just the final one (an earlier job may still be queued behind it)."""
+        return self.seen <= set(self.finished)
+
+    def _record_file(self, tag: str) -> Path:
+        return self.out / ".watch" / f"{tag}.submitted"
+
+    def _evaluate(self, pending: list[tuple[str, Path]]) -> None:
+        for tag, path in pending:
+            # Held for one state query and at most one sbatch: a second dispatcher waits seconds, then sees
+            # the record this one wrote.
+            with files.lock(self.out / ".watch" / f"{tag}.submit.lock", f"the eval job submission of {tag}",
+                            wait=True):
+                self._consider(tag, path)
+
+    def _consider(self, tag: str, path: Path) -> None:
+        if tag in scored_tags(self.results):
+            self.finished[tag] = "scored"
+            return
+        record_file = self._record_file(tag)
+        record = self._read_record(record_file)
+        if record is not None:
+            job = record["job"]
+            state = self.job_state(job)
+            if state is None:
+                if job not in self.unanswered:
+                    self.unanswered.add(job)
+                    self.log(f"eval watch: {tag}: cannot ask Slurm about eval job {job}; asking again at the next poll")
+                return
+            if state in ACTIVE:
+                return
+            if tag in scored_tags(self.results):  # the job appended its line between our two looks
+                self.finished[tag] = "scored"
+                return
+            if not path.exists():
+                self._note(tag, "rotated", f"rotated away (checkpoint.keep_last) before eval job {job} scored it")
+                return
+            ended = f"ended {state}" if state else "is no longer known to Slurm"
+            tries = max(record["submissions"], self._attempts(tag))
+            if tries >= self.max_attempts:
+                self._note(tag, "failed", f"gave up after {tries} eval jobs without a result (the last, {job}, "
+                                          f"{ended}); nothing recorded")
+                return
+            self.log(f"eval watch: {tag}: eval job {job} {ended} without a result; submitting another")
+        self._submit(tag, record_file, record)
+
+    def _read_record(self, record_file: Path) -> dict | None:
+        if not record_file.exists():
+            return None
+        try:
+            record = files.read_json(record_file)
+            if isinstance(record["job"], str) and isinstance(record["submissions"], int):
+                return record
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise EvalError(f"{record_file} is not a submission record (JSON with job and submissions); it names the "
+                        f"eval job of its checkpoint: check that job (squeue, sacct), then remove the file")
+
+    def _submit(self, tag: str, record_file: Path, record: dict | None) -> None:
+        cmd = [*self.submit, tag]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        job = lines[-1].split(";")[0] if lines else ""
+        if done.returncode != 0 or not JOB_ID.fullmatch(job):
+            why = (done.stderr.strip().splitlines() or [f"printed {done.stdout.strip()!r}, not a job id"])[-1]
+            failures = self.submit_failures[tag] = self.submit_failures.get(tag, 0) + 1
+            message = (f"submitting the eval job of {tag} failed (exit status {done.returncode}): {why}: "
+                       f"{shlex.join(cmd)}")
+            if failures >= self.max_attempts:
+                raise EvalError(f"{message} ({failures} times in a row)")
+            self.log(f"eval watch: {message}; trying again at the next poll")
+            return
+        self.submit_failures.pop(tag, None)
+        jobs = [*(record or {}).get("jobs", []), job]
+        files.write_json(record_file, {
+            "tag": tag, "job": job, "submissions": len(jobs), "jobs": jobs,
+            "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(cmd)})
+        self.log(f"eval watch: {tag}: submitted eval job {job} (submission {len(jobs)} of {self.max_attempts})")
