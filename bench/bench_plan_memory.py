@@ -24,7 +24,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.plan import plan_from_argv
+from train.plan import plan_from_argv
 
 
 def current_rss() -> int:

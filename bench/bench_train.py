@@ -39,7 +39,8 @@ from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
 from train.data import TrainLoader  # noqa: E402
 from train.metrics import mfu, peak_flops  # noqa: E402
-from train.trainer import param_groups  # noqa: E402
+from train.optim import build  # noqa: E402
+from train.recipe import Mfu, Optim  # noqa: E402
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
 
@@ -54,11 +55,11 @@ def plain_loop(args) -> list[dict]:
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = build(model, Optim(max_lr=3e-4, weight_decay=0.1), DEVICE, offload=False).optimizer
     loader = TrainLoader(Dataset(args.dataset), args.micro_batch, args.seq_len, 0, 1, args.seed)
     autocast = (torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
                 else nullcontext())
-    peak = peak_flops({"gpu": "auto", "peak_tflops": None}, DEVICE)
+    peak = peak_flops(Mfu(), DEVICE)
     records = []
     for _ in range(args.steps):
         start = time.perf_counter()

@@ -28,14 +28,17 @@ from train.recipe import (
 TINY = REPO / "configs/train/tiny-cpu.yaml"
 RECIPES = sorted((REPO / "configs/train").glob("*.yaml"))
 
-# The keys and defaults of the untyped recipe this module replaced, verbatim: they must not change.
+# The keys and defaults of the untyped recipe this module replaced, verbatim: they must not change (keys are only
+# added; data.dir is no longer required, since data.mix may stand in its place: exactly one of the two is checked).
 DEFAULTS = {
-    "run_dir": "<required>", "data": {"dir": "<required>"}, "model": {}, "deepspeed": "<required>",
+    "run_dir": "<required>", "data": {"dir": None, "mix": []}, "model": {}, "deepspeed": "<required>",
     "precision": "bf16", "compile": False, "activation_checkpointing": False,
     "batch": {"total_tokens": "<required>", "micro_batch": "<required>", "seq_len": "<required>"},
-    "optim": {"max_lr": 6.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
-              "betas": [0.9, 0.95], "eps": 1.0e-8, "grad_clip": 1.0},
-    "schedule": {"max_steps": None, "max_tokens": None},
+    "optim": {"name": "adamw", "max_lr": 6.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
+              "betas": [0.9, 0.95], "eps": 1.0e-8, "grad_clip": 1.0, "muon_lr": 0.02, "muon_momentum": 0.95,
+              "muon_weight_decay": 0.0},
+    "schedule": {"max_steps": None, "max_tokens": None, "kind": "cosine", "decay_fraction": 0.2,
+                 "decay_shape": "linear"},
     "eval": {"every": 250, "val_batches": 20, "command": None},
     "checkpoint": {"every": 1000, "keep_last": 3, "keep_every": 0},
     "sample": {"every": 0, "num": 4, "max_new_tokens": 32, "prompt": "Hello, I'm a language model,"},
@@ -52,9 +55,9 @@ def test_keys_and_defaults_are_unchanged(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     resolved = load(empty, MINIMAL).to_dict()
-    given = {"run_dir": "r", "data": {"dir": "d"}, "deepspeed": "ds.json",
+    given = {"run_dir": "r", "data": {"dir": "d", "mix": []}, "deepspeed": "ds.json",
              "batch": {"total_tokens": 128, "micro_batch": 2, "seq_len": 64},
-             "schedule": {"max_steps": 1, "max_tokens": None}}
+             "schedule": {**DEFAULTS["schedule"], "max_steps": 1}}
     assert resolved == {**DEFAULTS, **given}
 
 
@@ -75,8 +78,8 @@ def test_recipe_is_typed_and_frozen():
 
 
 def test_unknown_key_is_named_with_the_known_ones():
-    with pytest.raises(RecipeError, match=r"unknown recipe key 'optim.lr'; known keys here: max_lr, min_lr_ratio, "
-                                          r"warmup_steps, weight_decay, betas, eps, grad_clip"):
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'optim.lr'; known keys here: name, max_lr, "
+                                          r"min_lr_ratio, warmup_steps, weight_decay, betas, eps, grad_clip"):
         load(TINY, ["optim.lr=1"])
     with pytest.raises(RecipeError, match="unknown recipe key 'checkpoint.export_live_fp32'"):
         load(TINY, ["checkpoint.export_live_fp32=true"])  # a test hook once, no longer a recipe key
@@ -163,5 +166,5 @@ def test_allow_change_names_must_be_changeable_keys():
     with pytest.raises(RecipeError, match="--allow-change model.n_layer: model.n_layer cannot change"):
         check_allowed_keys(["model.n_layer"])
     with pytest.raises(RecipeError, match="--allow-change optim.lr: not a recipe key that can change; known keys: "
-                                          "data.dir, deepspeed,"):
+                                          "data.dir, data.mix, deepspeed,"):
         check_allowed_keys(["optim.lr"])
