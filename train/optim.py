@@ -73,6 +73,10 @@ def build(model: torch.nn.Module, optim, device: str, offload: bool) -> Built:
     groups = param_groups(model, optim)
     name_of = {id(p): n for group in groups for n, p in zip(group.pop("names"), group["params"])}
     peak_lrs = [group.get("lr", optim.max_lr) for group in groups]
+    # Built at lr 0: set_lr gives every group its lr before each update, and DeepSpeed's ZeRO-0 bf16 wrapper takes
+    # one optimizer step on zero gradients at start-up, which at a real lr would decay every weight once.
+    for group in groups:
+        group["lr"] = 0.0
     if optim.name == "muon":
         for name, p in model.named_parameters():
             p.use_muon = uses_muon(name)
@@ -83,17 +87,28 @@ def build(model: torch.nn.Module, optim, device: str, offload: bool) -> Built:
     elif offload:
         # DeepSpeed's vectorised CPU AdamW: what ZeRO-Offload expects (torch's AdamW would be refused).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        optimizer = DeepSpeedCPUAdam(groups, lr=optim.max_lr, betas=optim.betas, eps=optim.eps, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(groups, lr=0.0, betas=optim.betas, eps=optim.eps, adamw_mode=True)
     else:
         # On CUDA torch's fused kernel: one launch updates every tensor (the default, foreach, launches several
         # per parameter group step). DeepSpeed's ZeRO 0-3 without offload call this optimizer's step() on GPU
         # tensors (fp32 master weights, or the bf16 weights themselves), all of which the fused kernel takes; not
         # measured on a GPU yet (docs/benchmarks.md). None elsewhere: torch's default on the CPU.
         fused = True if device.startswith("cuda") else None
-        optimizer = torch.optim.AdamW(groups, lr=optim.max_lr, betas=optim.betas, eps=optim.eps, fused=fused)
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=fused)
     # MuonWithAuxAdam sorts its Muon group by size: the names follow the optimizer's own order.
     names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     return Built(optimizer, peak_lrs, names)
+
+
+def forget_start_up_step(optimizer: torch.optim.Optimizer, zero_stage: int, bf16: bool) -> None:
+    """After deepspeed.initialize: drop the state of the start-up step DeepSpeed's ZeRO-0 bf16 wrapper takes.
+
+    That step on zero gradients (its initialize_optimizer_states) leaves AdamW's step count at 1, so the first real
+    update would use the second step's bias correction (0.73x the first update); with no state the first real
+    update is step 1, as in an fp32 or ZeRO 1-3 run. ZeRO 1-3 take no such step and may link state at start-up.
+    """
+    if zero_stage == 0 and bf16:
+        optimizer.state.clear()
 
 
 def check_grouping(model: torch.nn.Module, optim) -> None:
