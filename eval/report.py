@@ -67,13 +67,20 @@ def versus_reference(acc: float | None, stderr: float | None) -> str | None:
     return "above" if low > GPT2_124M_ACC_NORM else "below" if high < GPT2_124M_ACC_NORM else "within"
 
 
-def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
-    """(table rows sorted by step, [(tokens, val_loss)]); val lines carry no tokens: taken from train lines."""
+# A mixture's validation lines hold val_loss (overall) and val_loss/NAME for each of its datasets.
+PER_DATASET = "val_loss/"
+
+
+def collect(run: Path) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+    """(table rows sorted by step, {metrics key: [(tokens, loss)]} for val_loss and each val_loss/NAME); val lines
+    carry no tokens: taken from train lines."""
     train_lines, val_lines = read_metrics(run)
     results = read_jsonl(run / "eval" / "results.jsonl")
     train = {step: m["loss"] for step, m in train_lines.items()}
     tokens = {step: m["tokens"] for step, m in train_lines.items() if "tokens" in m}
     val = {step: m["val_loss"] for step, m in val_lines.items()}
+    keys = sorted({k for m in val_lines.values() for k in m if k.startswith(PER_DATASET)})
+    per_dataset = {k: {step: m[k] for step, m in val_lines.items() if k in m} for k in keys}
     rows = {}
     for r in results:
         step = r.get("step")
@@ -82,11 +89,14 @@ def collect(run: Path) -> tuple[list[dict], list[tuple[int, float]]]:
             "step": step, "tokens": r.get("tokens_seen") or (_at_or_before(tokens, step) if step is not None else None),
             "train_loss": _at_or_before(train, step) if step is not None else None,
             "val_loss": _at_or_before(val, step) if step is not None else None,
+            "val_by_dataset": {k.removeprefix(PER_DATASET): _at_or_before(series, step) if step is not None else None
+                               for k, series in per_dataset.items()},
             "acc": hs.get("acc"), "acc_stderr": hs.get("acc_stderr"),
             "acc_norm": hs.get("acc_norm"), "acc_norm_stderr": hs.get("acc_norm_stderr"), "n_docs": hs.get("n_docs"),
         }
-    val_curve = [(_at_or_before(tokens, s) or 0, v) for s, v in sorted(val.items())]
-    return sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0)), val_curve
+    curves = {key: [(_at_or_before(tokens, s) or 0, v) for s, v in sorted(series.items())]
+              for key, series in {"val_loss": val, **per_dataset}.items()}
+    return sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0)), curves
 
 
 def _fmt(value, spec):
@@ -100,29 +110,43 @@ def _with_interval(acc, stderr):
 
 
 def markdown(run: Path, rows: list[dict]) -> str:
+    names = sorted({name for r in rows for name in r.get("val_by_dataset", {})})
+    mixture = (" For a mixture, val loss is the mean of its datasets' val losses weighted by the mixture's shares, "
+               "and each dataset has its own column." if names else "")
     lines = [f"# Evaluation report: {run.name}", "",
              f"HellaSwag 0-shot (lm-eval-harness); GPT-2 124M reference acc_norm {GPT2_124M_ACC_NORM}. "
              f"± is {Z95} x lm-eval's standard error (a 95% interval): with few docs it is wide, and a score is "
              "above or below the reference only when the reference lies outside it. "
-             "Losses are the last logged at or before each checkpoint's step.", "",
-             "| step | tokens | train loss | val loss | HellaSwag acc | acc_norm | docs | vs GPT-2 124M |",
-             "|---:|---:|---:|---:|---:|---:|---:|:---|"]
+             f"Losses are the last logged at or before each checkpoint's step.{mixture}", "",
+             "| step | tokens | train loss | val loss | " + "".join(f"val loss {n} | " for n in names)
+             + "HellaSwag acc | acc_norm | docs | vs GPT-2 124M |",
+             "|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|:---|"]
     for r in rows:
+        by_dataset = r.get("val_by_dataset", {})
         lines.append(f"| {_fmt(r['step'], 'd')} | {_fmt(r['tokens'], ',d')} | {_fmt(r['train_loss'], '.4f')} | "
-                     f"{_fmt(r['val_loss'], '.4f')} | {_with_interval(r['acc'], r['acc_stderr'])} | "
+                     f"{_fmt(r['val_loss'], '.4f')} | "
+                     + "".join(f"{_fmt(by_dataset.get(n), '.4f')} | " for n in names)
+                     + f"{_with_interval(r['acc'], r['acc_stderr'])} | "
                      f"{_with_interval(r['acc_norm'], r['acc_norm_stderr'])} | {_fmt(r['n_docs'], 'd')} | "
                      f"{versus_reference(r['acc_norm'], r['acc_norm_stderr']) or '–'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, rows: list[dict], val_curve: list[tuple[int, float]], title: str) -> None:
+def plot(path: Path, rows: list[dict], curves: dict[str, list[tuple[int, float]]], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.8))
     try:
-        if val_curve:
-            ax_loss.plot(*zip(*val_curve), marker="o", ms=3, color="tab:blue", label="val loss")
+        for i, (key, curve) in enumerate(curves.items()):
+            if not curve:
+                continue
+            if key == "val_loss":
+                ax_loss.plot(*zip(*curve), marker="o", ms=3, color="tab:blue",
+                             label="val loss" + (" (mixture)" if len(curves) > 1 else ""))
+            else:  # colours C1, C2, ...: C0 is tab:blue, the overall curve's
+                ax_loss.plot(*zip(*curve), marker=".", ms=3, linestyle="--", linewidth=1, color=f"C{i}",
+                             label=f"val loss {key.removeprefix(PER_DATASET)}")
         ax_loss.set(xlabel="tokens", ylabel="validation loss", title="Validation loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
@@ -163,11 +187,11 @@ def write_report(run: Path) -> tuple[Path, Path]:
     run = Path(run).resolve()
     if not (run / "metrics.jsonl").exists() and not (run / "eval" / "results.jsonl").exists():
         raise EvalError(f"{run}: neither metrics.jsonl nor eval/results.jsonl; not a run directory?")
-    rows, val_curve = collect(run)
+    rows, curves = collect(run)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
     files.write_text(report, markdown(run, rows))
-    curves = out / "curves.png"
-    plot(curves, rows, val_curve, run.name)
-    return report, curves
+    curves_path = out / "curves.png"
+    plot(curves_path, rows, curves, run.name)
+    return report, curves_path

@@ -1,4 +1,4 @@
-"""Training runs made by the real `python -m train` on tiny_dataset, for train/eval/slurm tests (contract C5)."""
+"""Training runs made by the real `python -m train` on tiny_dataset, for train/eval/slurm tests."""
 import json
 import subprocess
 import sys
@@ -17,10 +17,11 @@ FAST = ["schedule.max_steps=6", "optim.warmup_steps=3", "batch.seq_len=32", "bat
 
 
 def train_command(run_dir, dataset, *overrides, nproc: int = 1, port: int | None = None,
-                  launcher: str = "torchrun") -> list[str]:
-    """`python -m train` alone (nproc 1), or with nproc CPU ranks (gloo) under torchrun or the deepspeed launcher."""
+                  launcher: str = "torchrun", module: str = "train") -> list[str]:
+    """`python -m train` alone (nproc 1), or with nproc CPU ranks (gloo) under torchrun or the deepspeed launcher;
+    module names a wrapper of train's CLI instead (tests.live_fp32_train)."""
     sets = [f"run_dir={run_dir}", f"data.dir={dataset}", *FAST, *overrides]
-    args = ["-m", "train", "--config", str(REPO / "configs/train/tiny-cpu.yaml")]
+    args = ["-m", module, "--config", str(REPO / "configs/train/tiny-cpu.yaml")]
     for s in sets:
         args += ["--set", s]
     if nproc == 1:

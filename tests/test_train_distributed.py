@@ -27,9 +27,9 @@ def zero_command(run_dir, dataset, stage):
     # ZeRO-3 also recomputes its blocks in backward: its parameters are gathered again for the recomputation.
     return train_command(run_dir, dataset, f"deepspeed=configs/deepspeed/zero{stage}.json",
                          f"schedule.max_steps={STEPS[stage]}", "checkpoint.every=2", "eval.every=2",
-                         f"sample.every={4 if stage == 3 else 0}", "checkpoint.export_live_fp32=true",
+                         f"sample.every={4 if stage == 3 else 0}",
                          f"activation_checkpointing={str(stage == 3).lower()}",
-                         nproc=2, port=free_port(), launcher=LAUNCHER[stage])
+                         nproc=2, port=free_port(), launcher=LAUNCHER[stage], module="tests.live_fp32_train")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_zero_stage_trains_and_its_checkpoint_consolidates_to_the_live_weights(z
         assert set(live) <= set(consolidated)
         for name, tensor in live.items():
             assert torch.equal(consolidated[name].float(), tensor), name
-    model, meta = load_model(run_dir)  # contract C4: what eval and `model sample` use
+    model, meta = load_model(run_dir)  # the loader eval and `model sample` use
     assert meta["step"] == steps and meta["tokens_seen"] == steps * 128
     state = model.state_dict()
     for name, tensor in live.items():
@@ -113,7 +113,8 @@ def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(ze
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
     out = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero2.json",
-                                  "schedule.max_steps=6", "checkpoint.every=2", "eval.every=2", "sample.every=0"))
+                                  "schedule.max_steps=6", "checkpoint.every=2", "eval.every=2", "sample.every=0")
+                    + ["--allow-change", "schedule.max_steps"])  # the run is extended from 4 steps to 6
     assert "resuming from" in out.stdout and "global_step4_universal at step 4" in out.stdout
     assert (run_dir / "checkpoints/global_step4_universal").is_dir()
     train, val = read_metrics(run_dir)

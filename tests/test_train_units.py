@@ -6,7 +6,7 @@ import pytest
 
 from prep.reader import Dataset
 from tests.conftest import REPO
-from train.config import RecipeError, batch_plan, deepspeed_config, load_recipe, parse_overrides
+from train.recipe import Mfu, RecipeError, batch_plan, deepspeed_config, load, parse_overrides
 from train.data import TrainLoader, val_batches, window_counts
 from train.launch import resolve_env
 from train.schedule import learning_rate
@@ -17,18 +17,18 @@ RECIPES = sorted((REPO / "configs/train").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_validates_and_divides(path):
-    recipe = load_recipe(path)
+    recipe = load(path)
     plan = batch_plan(recipe, world_size=1)
     ds = deepspeed_config(recipe, plan)
-    assert ds["train_batch_size"] * recipe["batch"]["seq_len"] == recipe["batch"]["total_tokens"]
-    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] == (recipe["precision"] == "bf16")
+    assert ds["train_batch_size"] * recipe.batch.seq_len == recipe.batch.total_tokens
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] == (recipe.precision == "bf16")
 
 
 def test_gpt2_124m_recipe_is_build_nanogpt():
-    r = load_recipe(REPO / "configs/train/gpt2-124m-edu10B.yaml")
+    r = load(REPO / "configs/train/gpt2-124m-edu10B.yaml")
     plan = batch_plan(r, world_size=8)
-    assert (plan.grad_accum, plan.max_steps, r["optim"]["warmup_steps"]) == (1, 19073, 715)
-    assert r["optim"]["max_lr"] * r["optim"]["min_lr_ratio"] == pytest.approx(6e-5)
+    assert (plan.grad_accum, plan.max_steps, r.optim.warmup_steps) == (1, 19073, 715)
+    assert r.optim.max_lr * r.optim.min_lr_ratio == pytest.approx(6e-5)
     assert batch_plan(r, world_size=1).grad_accum == 8
 
 
@@ -43,33 +43,33 @@ def test_deepspeed_files_bf16_overlap_clipping():
 
 def test_unknown_keys_and_bad_values_are_errors(tmp_path):
     with pytest.raises(RecipeError, match="unknown recipe key 'optim.lr'"):
-        load_recipe(TINY, ["optim.lr=1"])
+        load(TINY, ["optim.lr=1"])
     with pytest.raises(RecipeError, match="unknown recipe key 'bogus'"):
-        load_recipe(TINY, ["bogus=1"])
+        load(TINY, ["bogus=1"])
     with pytest.raises(RecipeError, match="model: unknown model config key"):
-        load_recipe(TINY, ["model.n_layers=3"])
+        load(TINY, ["model.n_layers=3"])
     with pytest.raises(RecipeError, match="exceeds the model's block_size"):
-        load_recipe(TINY, ["batch.seq_len=512"])
+        load(TINY, ["batch.seq_len=512"])
     with pytest.raises(RecipeError, match="exactly one of schedule.max_steps"):
-        load_recipe(TINY, ["schedule.max_tokens=1000"])
+        load(TINY, ["schedule.max_tokens=1000"])
     bad = tmp_path / "r.yaml"
     bad.write_text("run_dir: x\n")
     with pytest.raises(RecipeError, match="required"):
-        load_recipe(bad)
+        load(bad)
 
 
 def test_compile_and_activation_checkpointing_are_booleans_off_by_default():
-    r = load_recipe(TINY)
-    assert r["compile"] is False and r["activation_checkpointing"] is False
-    r = load_recipe(TINY, ["compile=true", "activation_checkpointing=true"])
-    assert r["compile"] is True and r["activation_checkpointing"] is True
+    r = load(TINY)
+    assert r.compile is False and r.activation_checkpointing is False
+    r = load(TINY, ["compile=true", "activation_checkpointing=true"])
+    assert r.compile is True and r.activation_checkpointing is True
     deepspeed_config(r, batch_plan(r, 1))  # ZeRO-1 (the recipe's): compile allowed
     with pytest.raises(RecipeError, match="compile must be true or false, got 1"):
-        load_recipe(TINY, ["compile=1"])
-    r = load_recipe(TINY, ["compile=true", "deepspeed=configs/deepspeed/zero3-offload.json"])
+        load(TINY, ["compile=1"])
+    r = load(TINY, ["compile=true", "deepspeed=configs/deepspeed/zero3-offload.json"])
     with pytest.raises(RecipeError, match=r"compile: true with ZeRO stage 3 \(configs/deepspeed/zero3-offload.json\)"):
         deepspeed_config(r, batch_plan(r, 1))
-    r = load_recipe(TINY, ["activation_checkpointing=true", "deepspeed=configs/deepspeed/zero3.json"])
+    r = load(TINY, ["activation_checkpointing=true", "deepspeed=configs/deepspeed/zero3.json"])
     assert deepspeed_config(r, batch_plan(r, 1))["zero_optimization"]["stage"] == 3  # checkpointing: any stage
 
 
@@ -77,12 +77,12 @@ def test_overrides_parse_yaml_values():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null", "e=text"]) == {"a": {"b": 3, "c": [1, 2]}, "d": None,
                                                                             "e": "text"}
     assert parse_overrides(["lr=1e-3", "big=3e30"]) == {"lr": 0.001, "big": 3e30}  # YAML 1.1 would say strings
-    r = load_recipe(TINY, ["optim.betas=[0.8, 0.9]", "schedule.max_steps=7"])
-    assert r["optim"]["betas"] == [0.8, 0.9] and r["schedule"]["max_steps"] == 7
+    r = load(TINY, ["optim.betas=[0.8, 0.9]", "schedule.max_steps=7"])
+    assert r.optim.betas == (0.8, 0.9) and r.schedule.max_steps == 7
 
 
 def test_batch_that_does_not_divide_shows_the_arithmetic():
-    r = load_recipe(TINY, ["batch.total_tokens=1000"])
+    r = load(TINY, ["batch.total_tokens=1000"])
     with pytest.raises(RecipeError) as err:
         batch_plan(r, world_size=3)
     assert "1000 is not a multiple of micro_batch 2 x seq_len 64 x world_size 3 = 384" in str(err.value)
@@ -91,7 +91,7 @@ def test_batch_that_does_not_divide_shows_the_arithmetic():
 def test_deepspeed_file_may_not_contradict_the_recipe(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99, "zero_optimization": {"stage": 1}}))
-    r = load_recipe(TINY, [f"deepspeed={ds}"])
+    r = load(TINY, [f"deepspeed={ds}"])
     with pytest.raises(RecipeError, match="train_micro_batch_size_per_gpu=99 but the recipe gives 2"):
         deepspeed_config(r, batch_plan(r, 1))
 
@@ -171,9 +171,9 @@ def test_mfu_uses_the_shared_flops_formula_and_peak_table():
     from model.flops import flops_per_token
     from train.metrics import mfu, peak_flops
     config = GPTConfig.preset("gpt2")
-    assert peak_flops({"gpu": "auto", "peak_tflops": None}, "cpu") is None
-    assert peak_flops({"gpu": "h100", "peak_tflops": None}, "cpu") == 989e12
-    assert peak_flops({"gpu": "auto", "peak_tflops": 100}, "cpu") == 100e12
+    assert peak_flops(Mfu(), "cpu") is None
+    assert peak_flops(Mfu(gpu="h100"), "cpu") == 989e12
+    assert peak_flops(Mfu(peak_tflops=100), "cpu") == 100e12
     # 8 GPUs at 1.75M tokens/s (llm.c's 124M on 8xA100): per-GPU FLOP/s over the A100 peak.
     expected = 1.75e6 * flops_per_token(config, 1024) / 8 / 312e12
     assert mfu(1.75e6, config, 1024, 8, 312e12) == pytest.approx(expected)
@@ -182,10 +182,11 @@ def test_mfu_uses_the_shared_flops_formula_and_peak_table():
 
 
 def test_rotation_keeps_the_newest_and_every_mth_and_never_an_unfinished_tag(tmp_path):
-    from train.checkpoint import complete_steps, rotate
+    # A run written before completion marks: `latest` says what is complete (marks: tests/test_checkpoint_faults.py).
+    from model.checkpoint import complete_tags, rotate
     for step in range(1, 11):
         (tmp_path / f"global_step{step}").mkdir()
     (tmp_path / "latest").write_text("global_step9")  # global_step10 is still being written
-    assert complete_steps(tmp_path) == list(range(1, 10))
+    assert [t.name for t in complete_tags(tmp_path)] == [f"global_step{s}" for s in range(1, 10)]
     assert rotate(tmp_path, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
     assert sorted(int(p.name[11:]) for p in tmp_path.glob("global_step*")) == [4, 8, 9, 10]

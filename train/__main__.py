@@ -18,6 +18,9 @@ def build_parser(stop: StopFlag) -> cli.Parser:
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set batch.micro_batch=8 (repeatable)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="on resume, accept this recipe key differing from the checkpoint's, e.g. "
+                             "--allow-change optim.max_lr (repeatable; recorded in RUN/recipe_history.jsonl)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and is what we use.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(run=lambda args: train(args, stop))
@@ -25,11 +28,11 @@ def build_parser(stop: StopFlag) -> cli.Parser:
 
 
 def train(args, stop: StopFlag) -> int:
-    from .config import load_recipe
-    recipe = load_recipe(args.config, args.overrides)
+    from .recipe import load
+    recipe = load(args.config, args.overrides)
     from .trainer import Trainer
     try:
-        return Trainer(recipe).run(stop)
+        return Trainer(recipe, allow_change=args.allow_change).run(stop)
     finally:
         close_process_group()
 

@@ -1,4 +1,5 @@
-"""Batches of (B, T+1) token windows from a prepared dataset (prep.reader.Dataset), read ahead in the background.
+"""Batches of (B, T+1) token windows from one prepared dataset or a weighted mixture of them, read ahead in the
+background.
 
 A shard of n tokens holds (n - 1) // T windows: window i is tokens [i*T, i*T + T] (inputs plus shifted targets),
 so at most T tokens per shard go unused. Each epoch visits every train window once in an order drawn from
@@ -7,6 +8,11 @@ block of B, so ranks never share a window. The order is a keyed permutation comp
 (FeistelOrder), so it costs no memory and no start-up whatever the dataset's size. The state is just
 (epoch, windows consumed): cheap to checkpoint, and independent of the world size.
 
+A mixture (MixLoader) numbers its draws globally: the world_size * B windows of a micro step are draws
+[d, d + world_size * B), rank r takes the r-th block of B, and each draw goes to the dataset whose count lags its
+weight most (Interleave); the j-th draw of dataset i is position j % n_i of its epoch j // n_i, in its own keyed
+order. The state is each dataset's draw count, again independent of the world size.
+
 Reading: a few threads read the next micro batches (pread releases the GIL) while the model computes; batches
 come back strictly in order, so prefetching changes no batch. Every batch is checked against the vocabulary
 before it is handed out.
@@ -14,13 +20,18 @@ before it is handed out.
 from __future__ import annotations
 
 import collections
+import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
 
 from prep.reader import Dataset, DatasetError, ShardFile
 from prep.shard import HEADER_BYTES, TOKEN_DTYPE
+
+from .recipe import MIX_RESOLUTION
 
 # Micro batches asked for ahead of the one being used, and the threads reading them (8 x 16 x 1025 tokens is about
 # 1 MiB). Two threads keep two cold reads in flight, so a slow read (milliseconds on a network filesystem) does not
@@ -39,6 +50,16 @@ def window_counts(dataset: Dataset, split: str, seq_len: int) -> list[int]:
     return [max(0, (s.tokens - 1) // seq_len) for s in dataset.split(split)]
 
 
+def as_tensors(rows: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) uint16 windows -> (inputs, targets) as int64 tensors, in pinned memory when `pin`."""
+    n, t = rows.shape[0], rows.shape[1] - 1
+    x = torch.empty((n, t), dtype=torch.int64, pin_memory=pin)
+    y = torch.empty((n, t), dtype=torch.int64, pin_memory=pin)
+    np.copyto(x.numpy(), rows[:, :-1])
+    np.copyto(y.numpy(), rows[:, 1:])
+    return x, y
+
+
 class WindowIndex:
     """Global window number -> (shard, start token) across the shards of one split; reads and checks windows."""
 
@@ -49,8 +70,8 @@ class WindowIndex:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total = int(self.offsets[-1])
 
-    def read(self, windows: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of the given windows as int64 tensors, in pinned memory when `pin`."""
+    def rows(self, windows: np.ndarray) -> np.ndarray:
+        """The given windows as (len(windows), T+1) uint16 rows, each token checked against the vocabulary."""
         shard = np.searchsorted(self.offsets, windows, side="right") - 1
         starts = (windows - self.offsets[shard]) * self.seq_len
         rows = np.empty((len(windows), self.seq_len + 1), dtype=TOKEN_DTYPE)
@@ -58,11 +79,11 @@ class WindowIndex:
             self.files[s].read_into(int(start), row)
         if rows.size and int(rows.max()) >= self.n_vocab:  # ~10 us for 16 x 1025 tokens (docs/train.md)
             self._refuse(rows, shard, starts)
-        x = torch.empty((len(windows), self.seq_len), dtype=torch.int64, pin_memory=pin)
-        y = torch.empty((len(windows), self.seq_len), dtype=torch.int64, pin_memory=pin)
-        np.copyto(x.numpy(), rows[:, :-1])
-        np.copyto(y.numpy(), rows[:, 1:])
-        return x, y
+        return rows
+
+    def read(self, windows: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the given windows as int64 tensors, in pinned memory when `pin`."""
+        return as_tensors(self.rows(windows), pin)
 
     def _refuse(self, rows: np.ndarray, shard: np.ndarray, starts: np.ndarray):
         row, col = np.unravel_index(int(np.argmax(rows >= self.n_vocab)), rows.shape)
@@ -78,16 +99,18 @@ class FeistelOrder:
 
     A balanced Feistel network over 2k-bit numbers (2^2k >= n, so the domain is below 4n) is a bijection whatever
     its round function; positions that land at or above n are encrypted again (cycle walking) until they fall
-    inside, which keeps it a bijection of range(n) and takes under 4 rounds of the network on average.
+    inside, which keeps it a bijection of range(n) and takes under 4 rounds of the network on average. `stream`
+    keys one dataset of a mixture apart from the others (the single-dataset order has none).
     """
 
     ROUNDS = 6
 
-    def __init__(self, n: int, seed: int, epoch: int):
+    def __init__(self, n: int, seed: int, epoch: int, stream: int | None = None):
         bits = max(2, (n - 1).bit_length())
         self.n, self.half = n, np.uint64((bits + 1) // 2)
         self.mask = np.uint64((1 << int(self.half)) - 1)
-        self.keys = np.random.SeedSequence([seed, epoch]).generate_state(self.ROUNDS, dtype=np.uint64)
+        key = [seed, epoch] if stream is None else [seed, epoch, stream]
+        self.keys = np.random.SeedSequence(key).generate_state(self.ROUNDS, dtype=np.uint64)
 
     def _round(self, right: np.ndarray, key: np.uint64) -> np.ndarray:
         # splitmix64's finaliser of (right ^ key): every output bit depends on every input bit.
@@ -125,15 +148,78 @@ class PermutationOrder:
 ORDERS = {"feistel": FeistelOrder, "permutation": PermutationOrder}
 
 
-class TrainLoader:
-    """This rank's micro batches, in order; `next()` returns (inputs, targets) on `device`.
+class _ReadAhead:
+    """Hands out micro batches in order, READ_THREADS threads reading up to `prefetch` of them ahead.
 
-    With prefetch > 0, READ_THREADS threads read up to `prefetch` batches ahead into pinned memory (on CUDA), and
-    next() starts a non-blocking copy to the GPU. state_dict() describes the batches handed out, never the ones
-    read ahead, so a checkpoint resumes at the next batch the model has not seen. close() cancels what is queued
-    and lets the threads end after the read in hand; a loader never closed only delays the process's exit by the
-    batches already asked for (at most `prefetch` reads).
+    A subclass keeps its position as `cursor` and says what the micro step at a cursor reads (_plan: the plan and
+    the cursor after it) and how to read a plan (_read, run in a reading thread). With prefetch > 0, batches are
+    read into pinned memory (on CUDA) and next() starts a non-blocking copy to the GPU. state_dict() describes the
+    batches handed out, never the ones read ahead, so a checkpoint resumes at the next batch the model has not
+    seen. close() cancels what is queued and lets the threads end after the read in hand; a loader never closed
+    only delays the process's exit by the batches already asked for (at most `prefetch` reads).
     """
+
+    cursor: tuple
+
+    def __init__(self, device: str, prefetch: int):
+        self.device, self.prefetch = device, prefetch
+        self.pin = device.startswith("cuda")
+        self._pool = None
+        self._pending = collections.deque()  # (future batch, cursor after it), oldest first
+        self._ahead = None  # cursor after the last batch asked for
+
+    def _plan(self, cursor: tuple):
+        raise NotImplementedError
+
+    def _read(self, plan, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_windows(self):
+        """The plan of the next micro step (its windows), consumed without reading it (the order alone)."""
+        self._drop_pending()
+        plan, self.cursor = self._plan(self.cursor)
+        return plan
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefetch == 0:
+            plan, cursor = self._plan(self.cursor)
+            x, y = self._read(plan, self.pin)
+        else:
+            if not self._pending:
+                self._fill()
+            future, cursor = self._pending.popleft()
+            x, y = future.result()  # a reader's error (a bad token id, a short read) is raised here, in order
+            # Refilled after the result: a reader woken by the new request would compete for the GIL first.
+            self._fill()
+        self.cursor = cursor
+        if self.device == "cpu":
+            return x, y
+        return x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
+
+    def _fill(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="train-loader")
+        if self._ahead is None:
+            self._ahead = self.cursor
+        while len(self._pending) < self.prefetch:
+            plan, self._ahead = self._plan(self._ahead)
+            self._pending.append((self._pool.submit(self._read, plan, self.pin), self._ahead))
+
+    def _drop_pending(self) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._ahead = None
+
+    def close(self) -> None:
+        self._drop_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class TrainLoader(_ReadAhead):
+    """This rank's micro batches of one dataset, in order; `next()` returns (inputs, targets) on `device`."""
 
     def __init__(self, dataset: Dataset, micro_batch: int, seq_len: int, rank: int, world_size: int, seed: int,
                  device: str = "cpu", prefetch: int = PREFETCH):
@@ -144,15 +230,19 @@ class TrainLoader:
             raise DatasetError(
                 f"{dataset.path}: the train split holds {self.index.total} windows of {seq_len + 1} tokens, fewer than "
                 f"one micro step needs (micro_batch {micro_batch} x world_size {world_size})")
-        self.device, self.prefetch = device, prefetch
-        self.pin = device.startswith("cuda")
+        super().__init__(device, prefetch)
         self.order_name = "feistel"
         self.epoch, self.position = 0, 0
         self._order = None  # (order name, epoch, order) of the last epoch asked for
         self._windows = {}  # (order name, epoch, position) -> this rank's windows, for the next few micro steps
-        self._pool = None
-        self._pending = collections.deque()  # (future batch, cursor after it), oldest first
-        self._ahead = None  # cursor after the last batch asked for
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        return self.epoch, self.position
+
+    @cursor.setter
+    def cursor(self, value: tuple[int, int]) -> None:
+        self.epoch, self.position = value
 
     # ---- the order ----------------------------------------------------------------------------------------------
     def _order_for(self, epoch: int):
@@ -160,7 +250,7 @@ class TrainLoader:
             self._order = (self.order_name, epoch, ORDERS[self.order_name](self.index.total, self.seed, epoch))
         return self._order[2]
 
-    def _windows_after(self, cursor: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    def _plan(self, cursor: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
         """This rank's windows for the micro step at `cursor` (epoch, position), and the cursor after it.
 
         The tail of an epoch shorter than one micro step is skipped: every rank must get a full batch.
@@ -181,49 +271,16 @@ class TrainLoader:
         windows = windows.reshape(steps, self.micro_batch)
         return {(self.order_name, epoch, position + k * self.per_step): windows[k] for k in range(steps)}
 
-    def next_windows(self) -> np.ndarray:
-        """The window numbers of the next micro step, consumed without reading them (the order alone)."""
-        self._drop_pending()
-        windows, (self.epoch, self.position) = self._windows_after((self.epoch, self.position))
-        return windows
+    def _read(self, windows: np.ndarray, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index.read(windows, pin)
 
-    # ---- reading ------------------------------------------------------------------------------------------------
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prefetch == 0:
-            windows, cursor = self._windows_after((self.epoch, self.position))
-            x, y = self.index.read(windows, self.pin)
-        else:
-            if not self._pending:
-                self._fill()
-            future, cursor = self._pending.popleft()
-            x, y = future.result()  # a reader's error (a bad token id, a short read) is raised here, in order
-            # Refilled after the result: a reader woken by the new request would compete for the GIL first.
-            self._fill()
-        self.epoch, self.position = cursor
-        if self.device == "cpu":
-            return x, y
-        return x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
+    def epochs(self, draws: int) -> float:
+        """Epochs that `draws` windows (a whole run's) take; each epoch's tail shorter than a micro step is skipped."""
+        return draws / (self.index.total // self.per_step * self.per_step)
 
-    def _fill(self) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="train-loader")
-        if self._ahead is None:
-            self._ahead = (self.epoch, self.position)
-        while len(self._pending) < self.prefetch:
-            windows, self._ahead = self._windows_after(self._ahead)
-            self._pending.append((self._pool.submit(self.index.read, windows, self.pin), self._ahead))
-
-    def _drop_pending(self) -> None:
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._ahead = None
-
-    def close(self) -> None:
-        self._drop_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def describe(self, draws: int) -> list[tuple[str, str]]:
+        """Start-up table rows: the epochs a run of `draws` windows takes."""
+        return [("data epochs", f"{self.epochs(draws):.3g} of {self.index.total:,} windows")]
 
     # ---- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -231,6 +288,9 @@ class TrainLoader:
                 "order": self.order_name}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mix" in state:
+            raise DatasetError(f"the checkpoint's loader drew from a mixture ({describe_mix(state)}), this recipe "
+                               f"reads one dataset (data.dir); a run cannot switch between them: use a new run_dir")
         if state["windows"] != self.index.total or state["seed"] != self.seed:
             raise DatasetError(
                 f"loader state does not match this dataset/seed ({state['windows']} windows, seed {state['seed']} in "
@@ -243,6 +303,237 @@ class TrainLoader:
                                f"(known: {', '.join(ORDERS)}); resume with the version that wrote the checkpoint")
         self._drop_pending()
         self.order_name, self.epoch, self.position = order, state["epoch"], state["position"]
+
+
+# ---- mixtures -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of the training data: its name in metrics (val_loss/<name>), the dataset, and its weight as the
+    recipe gives it (a mixture's shares are its weights normalised: Interleave.shares)."""
+    name: str
+    dataset: Dataset
+    weight: float
+
+
+def tokenizer_of(dataset: Dataset) -> tuple:
+    tok = dataset.manifest.get("tokenizer") or {}
+    return tok.get("name"), dataset.n_vocab, dataset.eot
+
+
+def open_sources(entries: list[tuple[str, str, float]]) -> list[Source]:
+    """(name, directory, weight) of each dataset -> opened Sources; the datasets of a mixture must share one
+    tokenizer (manifest name, n_vocab, eot), or their token ids would mean different things."""
+    sources = [Source(name, Dataset(path), weight) for name, path, weight in entries]
+    first = sources[0]
+    for other in sources[1:]:
+        if tokenizer_of(other.dataset) != tokenizer_of(first.dataset):
+            def told(s):
+                name, n_vocab, eot = tokenizer_of(s.dataset)
+                return f"{s.dataset.path} has {name} (n_vocab {n_vocab}, eot {eot})"
+            raise DatasetError(f"data.mix: the datasets were tokenized differently: {told(first)}, {told(other)}; "
+                               f"a mixture needs one tokenizer: prepare them all with the same one")
+    return sources
+
+
+class Interleave:
+    """Which dataset each draw of a mixture goes to: the one whose count lags its weight x draws most.
+
+    The weights become integers W_i with sum Q (exactly the weights as written when Q <= RESOLUTION: 0.7 / 0.3 is
+    7 / 3; otherwise rounded to RESOLUTION by largest remainder). With counts k_i after m draws, draw m + 1 goes to
+    argmax_i (W_i (m + 1) - Q k_i), the first such i on a tie. The dataset drawn has the largest lag-plus-share
+    e_i + w_i (e_i = w_i m - k_i, w_i = W_i / Q), and those sum to 1, so it is at least 1/n for n datasets and no
+    lag ever goes below -(1 - 1/n) (for two datasets, whose lags are opposite, |e_i| <= 1/2). After Q draws every
+    lag is an integer, so at least 0, and the lags sum to 0, so all are 0 again: the sequence repeats with period
+    Q, and one period (computed once at start-up: 0.07 s for two datasets at the finest resolution) gives the
+    dataset of any draw and the counts before it by arithmetic, for any rank, world size or resume point.
+
+    Unlike independent random draws, whose count after m draws is off by about sqrt(m w (1 - w)) windows, the
+    count of each dataset over any span of draws stays within span_error() windows of its share x span (exact:
+    the lags repeat with the period, so one period holds every value they take): at most 1 for two datasets (the
+    bound above), at most 1.92 measured over 280 random 3-decimal weightings of 2, 3, 4, 5, 8, 12 and 16 datasets, so
+    SPAN_TOLERANCE is 2 windows (tests/test_train_mix.py checks it over 1,000 steps of several mixtures).
+    """
+
+    RESOLUTION = MIX_RESOLUTION
+    SPAN_TOLERANCE = 2.0
+
+    def __init__(self, weights: list[float]):
+        self.units = integer_weights(weights, self.RESOLUTION)
+        self.period = sum(self.units)
+        n, q, units = len(self.units), self.period, self.units
+        choices, counts = np.empty(q, dtype=np.int64), [0] * n
+        for m in range(q):
+            best = max(range(n), key=lambda d: units[d] * (m + 1) - q * counts[d])
+            counts[best] += 1
+            choices[m] = best
+        self.choices = choices
+        self.prefix = np.zeros((q + 1, n), dtype=np.int64)  # counts among the first r draws of a period
+        np.cumsum(np.eye(n, dtype=np.int64)[choices], axis=0, out=self.prefix[1:])
+        self.units_array = np.asarray(units, dtype=np.int64)
+
+    @property
+    def shares(self) -> list[float]:
+        return [u / self.period for u in self.units]
+
+    def span_error(self) -> float:
+        """The largest difference, over every span of draws and every dataset, between its count and share x span."""
+        m = np.arange(self.period + 1)
+        lag = m[:, None] * self.units_array / self.period - self.prefix
+        return float((lag.max(axis=0) - lag.min(axis=0)).max())
+
+    def dataset(self, draws: np.ndarray) -> np.ndarray:
+        """The dataset of each 0-based draw number."""
+        return self.choices[np.asarray(draws) % self.period]
+
+    def counts(self, draws: np.ndarray) -> np.ndarray:
+        """(..., n) draws of each dataset among the first `draws` draws."""
+        whole, part = np.divmod(np.asarray(draws, dtype=np.int64), self.period)
+        return whole[..., None] * self.units_array + self.prefix[part]
+
+
+def integer_weights(weights: list[float], resolution: int) -> list[int]:
+    """Positive weights -> the smallest integers in their ratio, read as written (0.7 is 7/10, not the nearest
+    double); rounded to a total of `resolution` by largest remainder when their exact total would exceed it."""
+    exact = [Fraction(str(w)) if isinstance(w, float) else Fraction(w) for w in weights]
+    shares = [w / sum(exact) for w in exact]
+    period = math.lcm(*(s.denominator for s in shares))
+    if period <= resolution:
+        return [int(s * period) for s in shares]
+    scaled = [s * resolution for s in shares]
+    units = [math.floor(s) for s in scaled]
+    by_remainder = sorted(range(len(units)), key=lambda i: scaled[i] - units[i], reverse=True)
+    for i in by_remainder[:resolution - sum(units)]:
+        units[i] += 1
+    if min(units) == 0:
+        raise DatasetError(f"data.mix: a weight below 1/{resolution:,} of the total cannot be interleaved")
+    divisor = math.gcd(*units)
+    return [u // divisor for u in units]
+
+
+def describe_mix(state: dict) -> str:
+    return ", ".join(f"{d['name']} ({d['windows']} windows, weight {d['weight']:.4g})" for d in state["mix"])
+
+
+class MixLoader(_ReadAhead):
+    """This rank's micro batches of a weighted mixture of datasets; `next()` returns (inputs, targets).
+
+    cursor: each dataset's draws so far (since the run's start); its epoch is draws // windows. base: the cursor
+    where the current weights took effect (zeros unless a resume changed the weights), from which Interleave
+    counts, so new weights do not make the newly favoured dataset catch up on the past. Micro step s after base
+    holds draws [s x world_size x B, (s + 1) x world_size x B) and rank r takes the r-th block of B of them.
+    """
+
+    def __init__(self, sources: list[Source], micro_batch: int, seq_len: int, rank: int, world_size: int, seed: int,
+                 device: str = "cpu", prefetch: int = PREFETCH):
+        self.sources = sources
+        self.indexes = [WindowIndex(s.dataset, "train", seq_len) for s in sources]
+        self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
+        self.per_step = micro_batch * world_size
+        for source, index in zip(sources, self.indexes):
+            # Fewer windows than one micro step's draws could put one window on two ranks in the same step.
+            if index.total < self.per_step:
+                raise DatasetError(
+                    f"{source.dataset.path}: the train split holds {index.total} windows of {seq_len + 1} tokens, "
+                    f"fewer than one micro step draws (micro_batch {micro_batch} x world_size {world_size})")
+        super().__init__(device, prefetch)
+        self.interleave = Interleave([s.weight for s in sources])
+        self.totals = np.array([index.total for index in self.indexes], dtype=np.int64)
+        self.cursor = self.base = (0,) * len(sources)
+        self._orders = {}  # dataset -> (epoch, its FeistelOrder) of the last epoch asked for
+        self._chunk = {}  # cursor -> (plan, cursor after it), for the next few micro steps
+
+    def _order(self, d: int, epoch: int) -> FeistelOrder:
+        if self._orders.get(d, (None,))[0] != epoch:
+            self._orders[d] = (epoch, FeistelOrder(int(self.totals[d]), self.seed, epoch, stream=d))
+        return self._orders[d][1]
+
+    def _plan(self, cursor: tuple) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
+        """(datasets, windows) of this rank's B draws in the micro step at `cursor`, and the cursor after it."""
+        if cursor not in self._chunk:
+            self._chunk = self._plan_chunk(cursor)
+        return self._chunk[cursor]
+
+    def _plan_chunk(self, cursor: tuple) -> dict:
+        """The next ORDER_CHUNK micro steps from `cursor`, each order evaluated once per (dataset, epoch)."""
+        base = np.asarray(self.base, dtype=np.int64)
+        done = int(np.sum(np.asarray(cursor) - base))  # draws since base
+        steps = np.arange(ORDER_CHUNK)
+        draws = (done + steps * self.per_step + self.rank * self.micro_batch)[:, None] + np.arange(self.micro_batch)
+        datasets = self.interleave.dataset(draws)
+        # Each draw's number within its dataset, from the run's start: the draws of that dataset before it.
+        before = np.take_along_axis(self.interleave.counts(draws), datasets[..., None], axis=-1)[..., 0]
+        numbers = base[datasets] + before
+        epochs, positions = np.divmod(numbers, self.totals[datasets])
+        windows = np.empty_like(numbers)
+        for d, epoch in sorted(set(zip(datasets.ravel().tolist(), epochs.ravel().tolist()))):
+            here = (datasets == d) & (epochs == epoch)
+            windows[here] = self._order(d, epoch)(positions[here])
+        edges = base + self.interleave.counts(done + np.arange(ORDER_CHUNK + 1) * self.per_step)
+        cursors = [tuple(int(v) for v in row) for row in edges]
+        return {cursors[k]: ((datasets[k], windows[k]), cursors[k + 1]) for k in steps}
+
+    def _read(self, plan: tuple[np.ndarray, np.ndarray], pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        datasets, windows = plan
+        rows = np.empty((len(windows), self.indexes[0].seq_len + 1), dtype=TOKEN_DTYPE)
+        for d in np.unique(datasets):
+            mask = datasets == d
+            rows[mask] = self.indexes[d].rows(windows[mask])
+        return as_tensors(rows, pin)
+
+    @property
+    def shares(self) -> list[float]:
+        return self.interleave.shares
+
+    def epochs(self, draws: int) -> list[float]:
+        """Epochs of each dataset that `draws` windows (a whole run's) take at the mixture's shares."""
+        return [share * draws / int(total) for share, total in zip(self.interleave.shares, self.totals)]
+
+    def describe(self, draws: int) -> list[tuple[str, str]]:
+        """Start-up table rows: each dataset's share, and the epochs of it a run of `draws` windows takes."""
+        rows = [(f"data {s.name}", f"share {share:.4g}, {epochs:.3g} epochs of {int(total):,} windows")
+                for s, share, epochs, total in zip(self.sources, self.interleave.shares, self.epochs(draws),
+                                                   self.totals)]
+        return rows + [("data mix tolerance", f"each dataset's windows over any span of draws are within "
+                                              f"{self.interleave.span_error():.2f} of share x span")]
+
+    # ---- checkpoint state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "order": "feistel",
+                "mix": [{"name": s.name, "windows": int(total), "weight": s.weight, "drawn": c, "base": b}
+                        for s, total, c, b in zip(self.sources, self.totals, self.cursor, self.base)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        if "mix" not in state:
+            raise DatasetError(f"the checkpoint's loader read one dataset ({state.get('windows')} windows), this "
+                               f"recipe mixes {describe_mix(now)}; a run cannot switch between data.dir and "
+                               f"data.mix: use a new run_dir")
+        if ([(d["name"], d["windows"]) for d in state["mix"]] != [(d["name"], d["windows"]) for d in now["mix"]]
+                or state["seed"] != self.seed or state.get("order") != "feistel"):
+            raise DatasetError(f"loader state does not match this mixture/seed (the checkpoint drew from "
+                               f"{describe_mix(state)} with seed {state['seed']}; this recipe: {describe_mix(now)} "
+                               f"with seed {self.seed}); only the weights may change on resume")
+        drawn = tuple(int(d["drawn"]) for d in state["mix"])
+        base = tuple(int(d["base"]) for d in state["mix"])
+        if [d["weight"] for d in state["mix"]] == [s.weight for s in self.sources]:
+            since = np.asarray(drawn) - np.asarray(base)
+            if not np.array_equal(self.interleave.counts(int(since.sum())), since):
+                raise DatasetError(f"loader state: the draws {list(drawn)} are not what the interleaving of "
+                                   f"{describe_mix(now)} gives; the checkpoint was written by another version")
+        else:
+            base = drawn  # new weights count from here, so every span after the resume follows them
+        self._drop_pending()
+        self._chunk = {}
+        self.cursor, self.base = drawn, base
+
+
+def train_loader(sources: list[Source], micro_batch: int, seq_len: int, rank: int, world_size: int, seed: int,
+                 device: str = "cpu") -> TrainLoader | MixLoader:
+    """The loader of one dataset (data.dir) or of a mixture (data.mix)."""
+    if len(sources) == 1:
+        return TrainLoader(sources[0].dataset, micro_batch, seq_len, rank, world_size, seed, device=device)
+    return MixLoader(sources, micro_batch, seq_len, rank, world_size, seed, device=device)
 
 
 def val_batches(dataset: Dataset, micro_batch: int, seq_len: int, rank: int, world_size: int,

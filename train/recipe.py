@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from common.errors import PipelineError, UsageError
 from model.config import ConfigError as ModelConfigError
 from model.config import GPTConfig
 
+from .schedule import DECAY_SHAPES, KINDS, decay_steps
+
 
 class RecipeError(UsageError):
     """A recipe that cannot run; the message names the key and the problem (exit 2, like a bad flag)."""
@@ -33,13 +36,30 @@ class RecipeError(UsageError):
 
 REQUIRED = "<required>"
 
+OPTIMIZERS = ("adamw", "muon")
+
 # Keys earlier versions wrote into RUN/config.yaml and client states; ignored when reading a saved recipe.
 RETIRED_KEYS = ("checkpoint.export_live_fp32",)
 
 
 @dataclass(frozen=True)
-class Data:
+class MixEntry:
     dir: str = REQUIRED
+    weight: float = REQUIRED  # relative: the weights of a mix are normalised to sum to 1
+    name: str | None = None  # in metrics (val_loss/NAME) and the loader state; default: the directory's name
+
+
+@dataclass(frozen=True)
+class Data:
+    # Exactly one of dir (one prepared dataset) and mix (several, each drawn at its weight; docs/train.md, Mixtures).
+    dir: str | None = None
+    mix: tuple = field(default=(), metadata={"items": MixEntry})
+
+    def entries(self) -> list[tuple[str, str, float]]:
+        """(name, directory, weight as written) of each dataset the run reads."""
+        if not self.mix:
+            return [(Path(self.dir).name, self.dir, 1)]
+        return [(e.name if e.name is not None else Path(e.dir).name, e.dir, e.weight) for e in self.mix]
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class Optim:
+    # adamw: AdamW on every parameter. muon: Muon on the transformer blocks' weight matrices and AdamW (max_lr,
+    # betas, eps, weight_decay) on the rest: embeddings, biases, gains (train/optim.py, docs/train.md).
+    name: str = "adamw"
     max_lr: float = 6.0e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
@@ -58,6 +81,10 @@ class Optim:
     betas: tuple = (0.9, 0.95)
     eps: float = 1.0e-8
     grad_clip: float = 1.0
+    # Muon's peak lr, momentum (Nesterov) and decoupled weight decay: modded-nanogpt's Muon record of 2024-10-29.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,12 @@ class Schedule:
     # Exactly one of max_steps / max_tokens; max_tokens is rounded up to whole steps.
     max_steps: int | None = None
     max_tokens: int | None = None
+    # The lr multiplier over the run (train/schedule.py): cosine, or warmup-stable-decay with its decay over the
+    # last decay_fraction of the updates, linear or 1-sqrt. Warmup and the floor are optim.warmup_steps and
+    # optim.min_lr_ratio, for both.
+    kind: str = "cosine"
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -186,6 +219,12 @@ def _build(cls, values: dict, where: str):
             if not isinstance(value, dict):
                 raise RecipeError(f"{path} must be a mapping, got {value!r}")
             kwargs[key] = _build(type(default), value, f"{path}.")
+        elif "items" in fields[key].metadata:  # a list of sections (data.mix)
+            value = [] if value is None else value
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise RecipeError(f"{path} must be a list of mappings, got {value!r}")
+            item = fields[key].metadata["items"]
+            kwargs[key] = tuple(_build(item, v, f"{path}[{i}].") for i, v in enumerate(value))
         elif isinstance(default, dict):  # the free-form model section
             if not isinstance(value, dict):
                 raise RecipeError(f"{path} must be a mapping, got {value!r}")
@@ -305,7 +344,8 @@ def check(recipe: Recipe) -> None:
     for key, value in flatten(_plain(recipe)).items():
         if value == REQUIRED:
             raise RecipeError(f"recipe key {key} is required")
-    for key in ("run_dir", "data.dir", "deepspeed", "sample.prompt", "mfu.gpu"):
+    _check_data(recipe.data)
+    for key in ("run_dir", "deepspeed", "sample.prompt", "mfu.gpu"):
         if not isinstance(_get(recipe, key), str):
             raise RecipeError(f"{key} must be a string, got {_get(recipe, key)!r}")
     for key in ("batch.total_tokens", "batch.micro_batch", "batch.seq_len", "log.every", "eval.val_batches"):
@@ -319,7 +359,9 @@ def check(recipe: Recipe) -> None:
     if recipe.precision not in ("bf16", "fp32"):
         raise RecipeError(f"precision must be bf16 or fp32, got {recipe.precision!r}")
     optim = recipe.optim
-    for key in ("max_lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip"):
+    if optim.name not in OPTIMIZERS:
+        raise RecipeError(f"optim.name must be {' or '.join(OPTIMIZERS)}, got {optim.name!r}")
+    for key in ("max_lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "muon_lr", "muon_weight_decay"):
         value = getattr(optim, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise RecipeError(f"optim.{key} must be a non-negative number, got {value!r}")
@@ -329,12 +371,16 @@ def check(recipe: Recipe) -> None:
     if not (isinstance(betas, tuple) and len(betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {_plain(betas)!r}")
+    momentum = optim.muon_momentum
+    if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0 <= momentum < 1):
+        raise RecipeError(f"optim.muon_momentum must be a number in [0, 1), got {momentum!r}")
     schedule = recipe.schedule
     if (schedule.max_steps is None) == (schedule.max_tokens is None):
         raise RecipeError("give exactly one of schedule.max_steps and schedule.max_tokens")
     for key in ("max_steps", "max_tokens"):
         if getattr(schedule, key) is not None:
             _positive_int(recipe, f"schedule.{key}")
+    _check_lr_shape(recipe)
     if recipe.eval.command is not None and not isinstance(recipe.eval.command, str):
         raise RecipeError(f"eval.command must be a string or null, got {recipe.eval.command!r}")
     if recipe.checkpoint.keep_last < 1:
@@ -345,6 +391,74 @@ def check(recipe: Recipe) -> None:
     block = recipe.model_config().block_size  # raises on a bad model section
     if recipe.batch.seq_len > block:
         raise RecipeError(f"batch.seq_len ({recipe.batch.seq_len}) exceeds the model's block_size ({block})")
+
+
+# A dataset's name becomes a metrics key (val_loss/NAME) and a TensorBoard tag.
+DATASET_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# The finest share a mixture interleaves (train.data.Interleave.RESOLUTION).
+MIX_RESOLUTION = 65536
+
+
+def _check_data(data: Data) -> None:
+    if (data.dir is None) == (not data.mix):
+        both = ("; both are set (a recipe file's data.dir is cleared with --set data.dir=null)"
+                if data.dir is not None else "")
+        raise RecipeError(f"give exactly one of data.dir (one dataset) and data.mix (several, with weights){both}")
+    if data.dir is not None:
+        if not isinstance(data.dir, str):
+            raise RecipeError(f"data.dir must be a string, got {data.dir!r}")
+        return
+    if len(data.mix) < 2:
+        raise RecipeError("data.mix lists one dataset; a mixture needs two or more (one dataset is data.dir)")
+    names, dirs = {}, {}
+    for i, entry in enumerate(data.mix):
+        where = f"data.mix[{i}]"
+        if entry.dir == REQUIRED or not isinstance(entry.dir, str) or not entry.dir:
+            raise RecipeError(f"{where}.dir is required: the directory of a prepared dataset, got {entry.dir!r}")
+        weight = entry.weight
+        if weight == REQUIRED:
+            raise RecipeError(f"{where}.weight is required (a positive number; the weights are normalised)")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
+            raise RecipeError(f"{where}.weight must be a positive number, got {weight!r}")
+        name = entry.name if entry.name is not None else Path(entry.dir).name
+        if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+            raise RecipeError(f"{where}: the name {name!r} is not letters, digits, '.', '_' or '-'; set {where}.name")
+        if name in names:
+            raise RecipeError(f"{where}: the name {name!r} is data.mix[{names[name]}]'s too; set {where}.name")
+        resolved = Path(entry.dir).resolve()
+        if resolved in dirs:
+            raise RecipeError(f"{where}.dir {entry.dir} is data.mix[{dirs[resolved]}]'s too; list each dataset once, "
+                              f"with the weights added")
+        names[name], dirs[resolved] = i, i
+    total = sum(e.weight for e in data.mix)
+    for i, entry in enumerate(data.mix):
+        if entry.weight / total < 1 / MIX_RESOLUTION:
+            raise RecipeError(f"data.mix[{i}].weight {entry.weight} is below 1/{MIX_RESOLUTION:,} of the total "
+                              f"({total}), finer than the interleaving resolves")
+
+
+def _check_lr_shape(recipe: Recipe) -> None:
+    schedule = recipe.schedule
+    if schedule.kind not in KINDS:
+        raise RecipeError(f"schedule.kind must be {' or '.join(KINDS)}, got {schedule.kind!r}")
+    if schedule.decay_shape not in DECAY_SHAPES:
+        raise RecipeError(f"schedule.decay_shape must be {' or '.join(DECAY_SHAPES)}, got {schedule.decay_shape!r}")
+    fraction = schedule.decay_fraction
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+        raise RecipeError(f"schedule.decay_fraction must be a number in (0, 1], got {fraction!r}")
+    if schedule.kind == "wsd":
+        decay = decay_steps(recipe.max_steps, fraction)
+        if recipe.optim.warmup_steps + decay > recipe.max_steps:
+            raise RecipeError(f"schedule.kind wsd: the warmup ({recipe.optim.warmup_steps} updates) and the decay "
+                              f"({decay} updates, decay_fraction {fraction} of {recipe.max_steps}) overlap; "
+                              f"shorten optim.warmup_steps or schedule.decay_fraction")
+
+
+def schedule_shape(recipe: Recipe) -> dict:
+    """The arguments of train.schedule.lr_multiplier the recipe fixes (all but step and max_steps)."""
+    s = recipe.schedule
+    return {"warmup_steps": recipe.optim.warmup_steps, "min_lr_ratio": recipe.optim.min_lr_ratio, "kind": s.kind,
+            "decay_fraction": s.decay_fraction, "decay_shape": s.decay_shape}
 
 
 # ---- resuming with a changed recipe -------------------------------------------------------------------------
@@ -380,9 +494,12 @@ def check_allowed_keys(allowed: list[str]) -> None:
 def recipe_changes(saved: dict, recipe: Recipe) -> dict[str, tuple]:
     """{dotted key: (checkpoint's value, this recipe's value)} for every compared key that differs."""
     old, new = flatten(_plain(drop_retired(saved))), flatten(recipe.to_dict())
+    # A key the checkpoint's version did not have yet was added with a default that keeps the earlier behaviour
+    # (optim.name adamw, schedule.kind cosine, ...): absent means that default.
+    defaults = {k: v for k, v in flatten(_plain(Recipe())).items() if v != REQUIRED and not k.startswith("model.")}
     changes = {}
     for key in list(old) + [k for k in new if k not in old]:
-        before, after = old.get(key, ABSENT), new.get(key, ABSENT)
+        before, after = old.get(key, defaults.get(key, ABSENT)), new.get(key, ABSENT)
         if before != after and key not in NOT_COMPARED and not key.startswith("model."):
             changes[key] = (before, after)
     return changes
@@ -469,6 +586,11 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan) -> dict:
         ds.setdefault("bf16", {})["enabled"] = True
     if ds.get("fp16", {}).get("enabled"):
         raise RecipeError(f"deepspeed config {path} enables fp16; this trainer uses bf16 or fp32 (recipe precision)")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise RecipeError(f"deepspeed config {path} has an {key!r} section; the recipe's optim and schedule "
+                              f"sections build them (train/optim.py): remove it from the JSON")
+    check_muon(recipe, ds, path)
     if recipe.compile and zero_stage(ds) == 3:
         # Measured (2 CPU ranks): it trains, but dynamo traces into ZeRO-3's per-module parameter gather/release
         # hooks, hits its recompile limit and falls back to eager there, so compiling buys nothing and costs a
@@ -479,13 +601,56 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan) -> dict:
     return ds
 
 
+def optimizer_offload(ds_config: dict) -> bool:
+    """The DeepSpeed config keeps optimizer state in CPU memory or on NVMe (ZeRO-Offload)."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def bf16_optimizer(ds_config: dict) -> bool:
+    """DeepSpeed 0.19.8 wraps the optimizer in its BF16_Optimizer: bf16 with fp32 gradient accumulation at ZeRO 1."""
+    accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
+    return (ds_config.get("bf16", {}).get("enabled", False) and accum in ("fp32", "float32")
+            and zero_stage(ds_config) == 1 and not optimizer_offload(ds_config))
+
+
+def check_muon(recipe: Recipe, ds: dict, path) -> None:
+    """Refuse, in one line each, the combinations with Muon that DeepSpeed 0.19.8 runs other than as Muon + AdamW
+    (each checked by tests/test_muon.py against a reference; docs/train.md, Choosing an optimizer)."""
+    if recipe.optim.name != "muon":
+        return
+    stage = zero_stage(ds)
+    where = f"optim.name muon with {path} (ZeRO stage {stage}, {recipe.precision})"
+    if optimizer_offload(ds):
+        raise RecipeError(f"{where}: optimizer offload is not supported with Muon here (its CPU path is untested); "
+                          f"use a config without offload_optimizer")
+    if stage == 0 and recipe.precision == "bf16":
+        # Its wrapper for ZeRO 0 bf16 takes one optimizer step on zero gradients at start-up. For AdamW the
+        # trainer undoes it (train/optim.forget_start_up_step, tested); with Muon's mixed groups that is untested.
+        raise RecipeError(f"{where}: DeepSpeed's ZeRO-0 bf16 wrapper takes a dummy optimizer step at start-up, "
+                          f"which is undone for AdamW only; use ZeRO 1 (configs/deepspeed/zero1.json) or fp32")
+    if recipe.optim.grad_clip > 0 and stage > 0 and not bf16_optimizer(ds):
+        # There the Muon update is written into the gradient partitions before the norm is taken: the clip scales
+        # the orthogonalised update by grad_clip / (norm of updates and gradients) -- 0.025x in the tests.
+        raise RecipeError(f"{where}: DeepSpeed clips Muon's orthogonalised update here, not the gradient, which "
+                          f"shrinks every Muon step; set optim.grad_clip=0, or use bf16 with "
+                          f"data_types.grad_accum_dtype fp32 at ZeRO 1 (configs/deepspeed/zero1.json), which clips "
+                          f"the gradient first")
+    if stage == 3:
+        if ds["zero_optimization"].get("reduce_scatter", False):
+            raise RecipeError(f"{where}: DeepSpeed's ZeRO-3 Muon needs zero_optimization.reduce_scatter false; "
+                              f"remove it from the JSON or set it false")
+        ds["zero_optimization"]["reduce_scatter"] = False  # its default is true, which ZeRO-3 Muon refuses
+
+
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def startup_table(recipe: Recipe, plan: BatchPlan, ds_config: dict, n_params: int, compiled: bool = False,
-                  checkpointing: bool = False) -> str:
-    """The resolved recipe, then derived numbers; compiled / checkpointing are read back from the built engine."""
+                  checkpointing: bool = False, data_rows: list[tuple[str, str]] = ()) -> str:
+    """The resolved recipe, then derived numbers; compiled / checkpointing are read back from the built engine,
+    data_rows (the epochs of each dataset) from the loader."""
     rows = [("recipe key", "value")]
     for key, value in flatten(recipe.to_dict()).items():
         rows.append((key, json.dumps(value) if not isinstance(value, str) else value))
@@ -497,6 +662,7 @@ def startup_table(recipe: Recipe, plan: BatchPlan, ds_config: dict, n_params: in
                        f"= {plan.grad_accum}"),
         ("max_steps", str(plan.max_steps)),
         ("tokens total", f"{plan.max_steps * plan.total_tokens:,}"),
+        *data_rows,
         ("zero stage", str(zero_stage(ds_config))),
         ("bf16", str(ds_config.get("bf16", {}).get("enabled", False))),
         ("engine compiled", str(compiled)),

@@ -6,8 +6,8 @@ cleanly if any rank got SIGUSR1 or SIGTERM (save, exit PREEMPTED_EXIT).
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 import random
 import sys
 import time
@@ -19,31 +19,26 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from common import tokenizer
+from common import files, tokenizer
 from common.errors import PipelineError
 from model.gpt import GPT
 from prep.reader import Dataset
 
-from . import checkpoint as ckpt
-from . import launch
-from .config import batch_plan, deepspeed_config, model_config, startup_table, zero_stage
-from .data import TrainLoader, val_batches
+from model import checkpoint as ckpt
+
+from . import launch, optim
+from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
-from .schedule import learning_rate
+from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
+                     schedule_shape, startup_table, zero_stage)
+from .schedule import lr_multiplier
 from .stop import StopFlag
 
-PREEMPTED_EXIT = 99  # Slurm scripts requeue the job on this status (contract C3)
+PREEMPTED_EXIT = 99  # slurm/train.sbatch requeues the job on this status (docs/design.md, exit status)
 
 
 class TrainError(PipelineError):
     """A run that cannot start or continue; the message says why."""
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings (dim >= 2) only; biases and LayerNorm gains are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def rng_state(device: str) -> dict:
@@ -61,14 +56,8 @@ def set_rng_state(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_inputs(recipe: dict, dataset: Dataset) -> None:
-    config = model_config(recipe)
+def check_inputs(recipe: Recipe, dataset: Dataset) -> None:
+    config = recipe.model_config()
     if dataset.n_vocab > config.vocab_size:
         raise TrainError(f"dataset {dataset.path} has vocabulary {dataset.n_vocab} but the model's vocab_size is "
                          f"{config.vocab_size}; set model.vocab_size to {dataset.n_vocab}")
@@ -79,13 +68,13 @@ def check_inputs(recipe: dict, dataset: Dataset) -> None:
         raise TrainError(f"dataset {dataset.path} has no train shards")
 
 
-def resume_point(ckpt_dir: Path, recipe: dict) -> tuple[str | None, dict | None]:
-    """The newest complete tag and its client_state; refuses a checkpoint of another model shape."""
-    tag = ckpt.latest_tag(ckpt_dir)
-    if tag is None:
+def resume_point(ckpt_dir: Path, recipe: Recipe, log=print) -> tuple[str | None, dict | None]:
+    """The newest complete, readable tag and its client_state; refuses a checkpoint of another model shape."""
+    tag_dir, state = ckpt.resume_candidate(ckpt_dir, log)
+    if tag_dir is None:
         return None, None
-    state = ckpt.read_client_state(ckpt_dir / tag)
-    want = model_config(recipe).to_dict()
+    tag = tag_dir.name
+    want = recipe.model_config().to_dict()
     if state["model_config"] != want:
         diff = ", ".join(f"{k}: checkpoint {state['model_config'].get(k)!r} vs recipe {v!r}"
                          for k, v in want.items() if state["model_config"].get(k) != v)
@@ -95,53 +84,65 @@ def resume_point(ckpt_dir: Path, recipe: dict) -> tuple[str | None, dict | None]
 
 
 class Trainer:
-    def __init__(self, recipe: dict):
+    def __init__(self, recipe: Recipe, allow_change: list[str] = ()):
         self.recipe = recipe
         self.place = launch.setup()
         self.is_main = self.place.rank == 0
         self.plan = batch_plan(recipe, self.place.world_size)
-        self.dataset = Dataset(recipe["data"]["dir"])
-        check_inputs(recipe, self.dataset)
-        self.model_config = model_config(recipe)
+        # One dataset (data.dir) or a mixture (data.mix), whose datasets share one tokenizer.
+        self.sources = open_sources(recipe.data.entries())
+        for source in self.sources:
+            check_inputs(recipe, source.dataset)
+        self.model_config = recipe.model_config()
         self.ds_config = deepspeed_config(recipe, self.plan)
-        self.run_dir = Path(recipe["run_dir"])
+        self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.resume_tag, self.resume_state = resume_point(self.ckpt_dir, recipe)
+        self.resume_tag, self.resume_state = resume_point(
+            self.ckpt_dir, recipe, log=lambda line: print(line, flush=True) if self.is_main else None)
+        # Refused here, before any engine or file exists; accepted changes are recorded once training resumes.
+        check_allowed_keys(list(allow_change))
+        self.recipe_changes = {} if self.resume_state is None else check_resume(
+            self.resume_state.get("config") or {}, recipe, list(allow_change), self.ckpt_dir / self.resume_tag)
         saved_world = (self.resume_state or {}).get("world_size", self.place.world_size)
         # ZeRO partitions optimizer state by rank; without ZeRO it sits whole in the model-states file.
         self.universal = (self.resume_tag is not None and saved_world != self.place.world_size
                           and zero_stage(self.ds_config) > 0)
+        saved_optim = (((self.resume_state or {}).get("config") or {}).get("optim") or {}).get("name", "adamw")
+        if self.universal and saved_optim == "muon":
+            # Checked by hand on a 2-rank ZeRO-2 Muon checkpoint: ds_to_universal stops with KeyError 'exp_avg'
+            # (it expects Adam's state in every group; the Muon group holds momentum_buffer).
+            raise TrainError(f"{self.ckpt_dir / self.resume_tag} was trained with Muon on {saved_world} ranks; "
+                             f"DeepSpeed 0.19.8 cannot convert Muon's optimizer state to a universal checkpoint, "
+                             f"so resume it on {saved_world} ranks (this is {self.place.world_size})")
         if self.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         # Built before any collective so a bad recipe or dataset fails on every rank alike, with nothing written.
-        self.loader = TrainLoader(self.dataset, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
-                                  self.place.world_size, recipe["seed"])
-        self.val = val_batches(self.dataset, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
-                               self.place.world_size, recipe["eval"]["val_batches"])
-        self.peak = peak_flops(recipe["mfu"], self.place.device)
+        self.loader = train_loader(self.sources, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
+                                   self.place.world_size, recipe.seed, device=self.place.device)
+        # Dataset name -> this rank's val batches of it.
+        self.val = {s.name: val_batches(s.dataset, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
+                                        self.place.world_size, recipe.eval.val_batches) for s in self.sources}
+        self.peak = peak_flops(recipe.mfu, self.place.device)
         # Tokenize the sample prompt now: a missing BPE cache should stop the run before step 0, not at step N.
-        self.prompt_tokens = tokenizer.encode(recipe["sample"]["prompt"]) if recipe["sample"]["every"] else None
+        self.prompt_tokens = tokenizer.encode(recipe.sample.prompt) if recipe.sample.every else None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
         import deepspeed
         deepspeed.init_distributed(dist_backend=self.place.backend)
-        torch.manual_seed(self.recipe["seed"])  # identical initial weights on every rank
+        torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         model = GPT(self.model_config)
-        model.activation_checkpointing = self.recipe["activation_checkpointing"]
+        model.activation_checkpointing = self.recipe.activation_checkpointing
         self.n_params = model.num_params()
-        o = self.recipe["optim"]
-        groups = param_groups(model, o["weight_decay"])
-        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if offload in ("cpu", "nvme"):
-            # DeepSpeed's vectorised CPU AdamW: what ZeRO-Offload expects (torch's AdamW would be refused).
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            self.optimizer = DeepSpeedCPUAdam(groups, lr=o["max_lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                              adamw_mode=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=o["max_lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        built = optim.build(model, self.recipe.optim, self.place.device, offload=optimizer_offload(self.ds_config))
+        # param_names: each group's parameter names in the optimizer's order, which is the order of its fp32 master
+        # copies; checkpoints record them (client_state param_names) so the masters map to parameters by name.
+        self.optimizer, self.peak_lrs, self.param_names = built.optimizer, built.peak_lrs, built.param_names
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
-        if self.recipe["compile"]:
+        optim.forget_start_up_step(self.optimizer, zero_stage(self.ds_config),
+                                   bool(self.ds_config.get("bf16", {}).get("enabled")))
+        optim.check_grouping(self.engine.module, self.recipe.optim)
+        if self.recipe.compile:
             # nn.Module.compile in place (what engine.compile calls): the module stays a GPT with its own
             # parameter names, so checkpoints keep their keys. Compilation itself happens in the first forward;
             # validation (eval, no grad) gets a second graph; generate() calls GPT.features, not the module, so
@@ -154,9 +155,16 @@ class Trainer:
     def _load(self) -> None:
         tag = self.resume_tag
         if self.universal:
+            error = None
             if self.is_main:
-                ckpt.to_universal(self.ckpt_dir, tag)
-            dist.barrier()
+                try:
+                    ckpt.to_universal(self.ckpt_dir, tag)
+                except ckpt.CheckpointError as exc:
+                    error = str(exc)
+            errors = [None] * self.place.world_size  # every rank stops alike when rank 0's conversion fails
+            dist.all_gather_object(errors, error)
+            if errors[0]:
+                raise ckpt.CheckpointError(errors[0])
             tag = tag + ckpt.UNIVERSAL_SUFFIX
         path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:
@@ -167,7 +175,7 @@ class Trainer:
         if not self.universal and len(rng) == self.place.world_size:
             set_rng_state(rng[self.place.rank], self.place.device)
         else:
-            torch.manual_seed(self.recipe["seed"] + self.step + self.place.rank)
+            torch.manual_seed(self.recipe.seed + self.step + self.place.rank)
         self.resumed_from = tag
 
     # ---- pieces of a step ----------------------------------------------------------------------------------------
@@ -189,21 +197,23 @@ class Trainer:
                              f"({str(exc).strip().splitlines()[0]}); fix that or set compile: false") from None
 
     def train_step(self) -> dict:
-        lr = learning_rate(self.step, self.recipe["optim"]["max_lr"], self.recipe["optim"]["min_lr_ratio"],
-                           self.recipe["optim"]["warmup_steps"], self.plan.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        optim.set_lr(self.optimizer, self.peak_lrs, lr_multiplier(self.step, self.plan.max_steps,
+                                                                  **schedule_shape(self.recipe)))
         started = time.perf_counter()
+        data_wait = 0.0  # seconds this step's micro batches kept the loop waiting for the loader
         loss_sum = torch.zeros((), device=self.engine.device)
         for micro in range(self.plan.grad_accum):
-            loss = self._forward(*self.loader.next())
+            waiting = time.perf_counter()
+            x, y = self.loader.next()
+            data_wait += time.perf_counter() - waiting
+            loss = self._forward(x, y)
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro == self.plan.grad_accum - 1:
                 mean_loss = self._all_mean(loss_sum / self.plan.grad_accum)
                 if not math.isfinite(mean_loss):
                     raise TrainError(f"loss is {mean_loss} in update {self.step + 1} (after step {self.step}); stopped before it "
-                                     f"(last good checkpoint: {ckpt.latest_tag(self.ckpt_dir) or 'none'})")
+                                     f"(last good checkpoint: {self._last_good()})")
             self.engine.step()
         if self.place.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -212,57 +222,75 @@ class Trainer:
         self.tokens_seen += self.plan.total_tokens
         grad_norm = self.engine.get_global_grad_norm()
         tokens_per_s = self.plan.total_tokens / step_time
-        return {"step": self.step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
+        # lr: group 0's (AdamW's) as DeepSpeed's optimizer holds it, i.e. what was applied; muon_lr likewise.
+        lrs = {"lr": self.engine.get_lr()[0]}
+        if self.recipe.optim.name == "muon":
+            lrs["muon_lr"] = self.engine.get_lr()[-1]
+        return {"step": self.step, "loss": mean_loss, **lrs,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": self.tokens_seen,
-                "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                "tokens_per_s": tokens_per_s, "step_time_s": step_time, "data_wait_ms": data_wait * 1e3,
                 "mfu": mfu(tokens_per_s, self.model_config, self.plan.seq_len, self.place.world_size, self.peak),
                 "peak_mem_mb": peak_memory_mb(self.place.device)}
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> dict:
+        """{"val_loss": mean over ranks}; with a mixture also "val_loss/NAME" for each dataset, and val_loss is then
+        their mean weighted by the mixture's shares: the loss on the distribution the run trains on."""
         self.engine.eval()
-        total = torch.zeros((), device=self.engine.device)
-        for x, y in self.val:
-            total += self._forward(x, y).float()
+        totals = torch.zeros(len(self.val), device=self.engine.device)
+        for i, batches in enumerate(self.val.values()):
+            for x, y in batches:
+                totals[i] += self._forward(x, y).float()
         self.engine.train()
-        return self._all_mean(total / len(self.val))
+        sizes = torch.tensor([len(b) for b in self.val.values()], dtype=totals.dtype, device=totals.device)
+        means = totals / sizes
+        dist.all_reduce(means)  # one collective for every dataset
+        losses = [value / self.place.world_size for value in means.tolist()]
+        if len(losses) == 1:
+            return {"val_loss": losses[0]}
+        overall = sum(share * loss for share, loss in zip(self.loader.shares, losses))
+        return {"val_loss": overall, **{f"val_loss/{name}": loss for name, loss in zip(self.val, losses)}}
 
     @torch.no_grad()
     def sample(self) -> list[str]:
         # Every rank generates (ZeRO-3 gathers parameters collectively in forward); rank 0 records the text.
-        s = self.recipe["sample"]
-        prompt = torch.tensor([self.prompt_tokens] * s["num"], device=self.engine.device)
-        generator = torch.Generator(device=self.engine.device).manual_seed(self.recipe["seed"] + self.step)
+        s = self.recipe.sample
+        prompt = torch.tensor([self.prompt_tokens] * s.num, device=self.engine.device)
+        generator = torch.Generator(device=self.engine.device).manual_seed(self.recipe.seed + self.step)
         self.engine.eval()
-        out = self.engine.module.generate(prompt, s["max_new_tokens"], top_k=50, generator=generator)
+        out = self.engine.module.generate(prompt, s.max_new_tokens, top_k=50, generator=generator)
         self.engine.train()
         return [tokenizer.decode(row[prompt.size(1):].tolist()) for row in out]
 
     def save(self) -> None:
         states = [None] * self.place.world_size
         dist.all_gather_object(states, rng_state(self.place.device))
-        client_state = {"model_config": self.model_config.to_dict(), "config": self.recipe, "step": self.step,
+        client_state = {"model_config": self.model_config.to_dict(), "config": self.recipe.to_dict(), "step": self.step,
                         "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "rng": states,
                         "world_size": self.place.world_size}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=ckpt.tag_for(self.step), client_state=client_state)
-        dist.barrier()
+        client_state["param_names"] = self.param_names
+        # Every rank's files, fsynced, then rank 0's completion mark; a failed write on any rank stops all of them.
+        ckpt.save(self.engine, self.ckpt_dir, self.step, client_state, self.place.rank, self.place.world_size)
         if self.is_main:
-            c = self.recipe["checkpoint"]
-            ckpt.rotate(self.ckpt_dir, c["keep_last"], c["keep_every"])
+            c = self.recipe.checkpoint
+            ckpt.rotate(self.ckpt_dir, c.keep_last, c.keep_every)
         dist.barrier()
 
-    def export_live_fp32(self) -> None:
-        """The fp32 master weights as the optimizer holds them now, for auditing checkpoint consolidation."""
-        from deepspeed.utils import safe_get_full_fp32_param
-        weights = {}
-        for name, p in self.engine.module.named_parameters():
-            full = safe_get_full_fp32_param(p)
-            weights[name] = (p.detach() if full is None else full).float().cpu().clone()
-        if self.is_main:
-            path = self.run_dir / f"live_fp32_step{self.step}.pt"
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(weights, tmp)
-            os.replace(tmp, path)
+    def _last_good(self) -> str:
+        newest = ckpt.newest_complete(self.ckpt_dir)
+        return newest.name if newest is not None else "none"
+
+    def _record_recipe(self) -> None:
+        """RUN/config.yaml is the recipe the newest checkpoint continues: written at the start of a run, and on a
+        resume only when the user allowed changes, which RUN/recipe_history.jsonl then records."""
+        config = self.run_dir / "config.yaml"
+        if self.resume_tag is not None and not self.recipe_changes and config.exists():
+            return
+        if self.recipe_changes:
+            files.append_line(self.run_dir / "recipe_history.jsonl", json.dumps({
+                "step": self.step, "time": round(time.time(), 3), "checkpoint": self.resume_tag,
+                "changes": {k: {"old": old, "new": new} for k, (old, new) in self.recipe_changes.items()}}))
+        files.write_text(config, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def _any_rank(self, flag: bool) -> bool:
@@ -280,42 +308,46 @@ class Trainer:
         r = self.recipe
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(r, sort_keys=False))
+            self._record_recipe()
+            draws = self.plan.max_steps * self.plan.total_tokens // self.plan.seq_len
             print(startup_table(r, self.plan, self.ds_config, self.n_params, compiled=self.engine.is_compiled,
-                                checkpointing=self.engine.module.activation_checkpointing), flush=True)
+                                checkpointing=self.engine.module.activation_checkpointing,
+                                data_rows=self.loader.describe(draws)), flush=True)
             if self.resume_tag:
                 print(f"resuming from {self.ckpt_dir / self.resumed_from} at step {self.step}", flush=True)
-        log = RunLog(self.run_dir, r["log"]["tensorboard"]) if self.is_main else None
+        # resumed_step: TensorBoard drops what the killed run logged after the checkpoint (logged again now).
+        log = RunLog(self.run_dir, r.log.tensorboard,
+                     resumed_step=self.step if self.resume_tag else None) if self.is_main else None
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.is_main, file=sys.stderr)
         try:
             while self.step < self.plan.max_steps:
                 record = self.train_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if log and (record["step"] % r["log"]["every"] == 0 or self.step == self.plan.max_steps):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                data_wait=f"{record['data_wait_ms']:.1f}ms")
+                if log and (record["step"] % r.log.every == 0 or self.step == self.plan.max_steps):
                     log.write(record)
                 last = self.step == self.plan.max_steps
-                if r["eval"]["every"] and (self.step % r["eval"]["every"] == 0 or last):
-                    val_loss = self.validate()
+                if r.eval.every and (self.step % r.eval.every == 0 or last):
+                    val = self.validate()
                     if log:
-                        log.write({"step": self.step, "val_loss": val_loss})
-                if r["sample"]["every"] and (self.step % r["sample"]["every"] == 0 or last):
+                        log.write({"step": self.step, **val})
+                if r.sample.every and (self.step % r.sample.every == 0 or last):
                     texts = self.sample()
                     if log:
-                        log.write_samples(self.step, r["sample"]["prompt"], texts)
+                        log.write_samples(self.step, r.sample.prompt, texts)
                 preempted = self._any_rank(stop.signal is not None)
-                if last or preempted or (r["checkpoint"]["every"] and self.step % r["checkpoint"]["every"] == 0):
+                if last or preempted or (r.checkpoint.every and self.step % r.checkpoint.every == 0):
                     self.save()
                 if preempted and not last:
                     if self.is_main:
                         print(f"preempted ({stop.signal or 'signal on another rank'}): saved "
                               f"{ckpt.tag_for(self.step)}, exiting with status {PREEMPTED_EXIT}", flush=True)
                     return PREEMPTED_EXIT
-            if r["checkpoint"]["export_live_fp32"]:
-                self.export_live_fp32()
             return 0
         finally:
+            self.loader.close()
             bar.close()
             if log:
                 log.close()
