@@ -7,6 +7,7 @@ import sys
 from common import cli
 
 from . import download, evaldata, finalize, tokenize, verify
+from .workdir import check_task_flags
 
 
 def _add_tokenize(sub) -> None:
@@ -33,11 +34,22 @@ def _add_tokenize(sub) -> None:
 
 
 def _add_finalize(sub) -> None:
-    p = sub.add_parser("finalize", help="after all array tasks: write the shards and manifest.json")
+    p = sub.add_parser("finalize", help="after all tokenize tasks: write the shards and manifest.json")
     p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--task-index", type=int,
+                   help="this Slurm array task (0-based): write only its share of the train shards; with --task-count")
+    p.add_argument("--task-count", type=int,
+                   help="number of array tasks sharing the shards; the last to finish writes manifest.json")
+    p.add_argument("--verify", action="store_true",
+                   help="the process that writes manifest.json then checks every shard as `prep verify` does")
     p.add_argument("--wait", action="store_true",
                    help="wait for another prep process working on --out to finish, instead of stopping")
-    p.set_defaults(run=lambda a: finalize.finalize(a.out, a.wait))
+    p.set_defaults(run=_finalize)
+
+
+def _finalize(args) -> int:
+    check_task_flags(args.task_index, args.task_count)
+    return finalize.finalize(args.out, args.wait, args.task_index, args.task_count, args.verify)
 
 
 def _add_verify_info(sub) -> None:

@@ -15,7 +15,7 @@ from common.errors import PipelineError
 
 from . import UsageError
 from .inputs import HASHED_EDGE_BYTES, InputError, auto_unit_bytes, discover, file_fingerprint, plan_units
-from .workdir import load_json, work_dir
+from .workdir import check_task_flags, load_json, work_dir
 
 FORMAT_VERSION = 1
 # The shard header stores the token count as an int32.
@@ -41,10 +41,7 @@ def build(args) -> tuple[dict, list, list]:
         raise UsageError(f"--val-tokens must be >= 0, got {args.val_tokens}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if (args.task_index is None) != (args.task_count is None):
-        raise UsageError("--task-index and --task-count go together")
-    if args.task_count is not None and not 0 <= args.task_index < args.task_count:
-        raise UsageError(f"--task-index {args.task_index} is outside 0..{args.task_count - 1}")
+    check_task_flags(args.task_index, args.task_count)
     files = discover(args.input)
     skipped: list[dict] = []
     if args.unit_bytes < 0:

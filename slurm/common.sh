@@ -47,6 +47,7 @@ load_pipeline() {
     PREP_SAMPLE="${PREP_SAMPLE:-10BT}"
     PREP_TASKS="${PREP_TASKS:-1}"
     PREP_WORKERS="${PREP_WORKERS:-1}"
+    FINALIZE_TASKS="${FINALIZE_TASKS:-64}"   # at most this many finalize array tasks (submit.sh sizes the array)
     PREP_SHARD_TOKENS="${PREP_SHARD_TOKENS:-100000000}"
     PREP_VAL_TOKENS="${PREP_VAL_TOKENS:-10000000}"
     NODES="${NODES:-1}"

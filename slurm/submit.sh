@@ -1,6 +1,8 @@
 #!/bin/bash
 # Submit the whole pipeline: download -> tokenize (array) -> finalize -> train (multi-node) -> eval watch,
-# chained with --dependency=afterok. Everything is checked before the first sbatch, so a bad input never
+# chained with --dependency=afterok. With EVAL_MODE=jobs (the default) the eval watcher is a CPU-only job that
+# submits one short GPU job per complete checkpoint (slurm/eval.sbatch); EVAL_MODE=watch scores them itself on a
+# GPU it holds for as long as training runs. Everything is checked before the first sbatch, so a bad input never
 # leaves a half-submitted chain; a prepared dataset with the same recipe is reused (no prep jobs).
 #
 #   slurm/submit.sh PIPELINE.env             submit to Slurm (site settings: the SITE file the pipeline names)
@@ -39,9 +41,13 @@ is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 
 validate() {
     local key
-    for key in NODES GPUS_PER_NODE PREP_TASKS PREP_WORKERS; do
+    for key in NODES GPUS_PER_NODE PREP_TASKS PREP_WORKERS FINALIZE_TASKS; do
         is_count "${!key}" || die "$key must be a positive whole number, got '${!key}'"
     done
+    case "$EVAL_MODE" in
+        jobs|watch) ;;
+        *) die "EVAL_MODE must be jobs (a short eval job per checkpoint) or watch (one eval job beside training), got '$EVAL_MODE'" ;;
+    esac
     if [ "$MODE" = slurm ]; then
         # (a SITE that names a missing file is refused by load_pipeline, for jobs and --local alike)
         [ -n "${SITE:-}" ] || die "$PIPELINE_FILE sets no SITE: copy slurm/site.env.example to slurm/site.env, edit it, set SITE=slurm/site.env"
@@ -117,21 +123,49 @@ plan_stages() {
     if [ "$PREP_NEEDED" = 1 ]; then
         [ "$PREP_SOURCE" = local ] || STAGES+=(prep_download)
         STAGES+=(prep_tokenize prep_finalize)
+        finalize_tasks
     fi
     STAGES+=(train eval_watch)
+}
+
+# FINALIZE_N: the finalize array's size, one task per FINALIZE_SHARDS_PER_TASK train shards of the dataset to
+# come, at most FINALIZE_TASKS. A task copies a 100M-token shard in a few seconds (docs/benchmarks.md), so 16 of
+# them keep its start-up (Python, reading the units' markers and the shard layout) a small part of its time. The
+# dataset does not exist yet, so its size is estimated: a Hub sample by its name (10BT: 1e10 tokens), local
+# inputs at one token per 2 bytes on disk (text runs 4-5 bytes a GPT-2 token; compressed inputs fewer). A wrong
+# guess costs only balance: an extra task finds no shard of its own and exits, a missing one leaves more to each.
+FINALIZE_SHARDS_PER_TASK=16
+finalize_tasks() {
+    local tokens
+    if [ "$PREP_SOURCE" = local ]; then
+        tokenize_inputs
+        tokens=$(( $(du -sbLc "${TOKENIZE_INPUTS[@]}" | tail -n 1 | cut -f1) / 2 ))
+    elif [[ "$PREP_SAMPLE" =~ ^([0-9]+)BT$ ]]; then
+        tokens=$(( BASH_REMATCH[1] * 1000000000 ))
+    else
+        FINALIZE_N=$FINALIZE_TASKS
+        return
+    fi
+    local shards=$(( (tokens + PREP_SHARD_TOKENS - 1) / PREP_SHARD_TOKENS ))
+    FINALIZE_N=$(( (shards + FINALIZE_SHARDS_PER_TASK - 1) / FINALIZE_SHARDS_PER_TASK ))
+    [ "$FINALIZE_N" -ge 1 ] || FINALIZE_N=1
+    [ "$FINALIZE_N" -le "$FINALIZE_TASKS" ] || FINALIZE_N=$FINALIZE_TASKS
 }
 
 # --- local: the same scripts, one after another ----------------------------------------------------------
 run_local() {
     mkdir -p "$LOG_DIR"
-    local stage log status i
+    local stage log status i tasks
     for stage in "${STAGES[@]}"; do
         log="$LOG_DIR/$stage-local.out"
         : > "$log"
-        if [ "$stage" = prep_tokenize ]; then   # the array's tasks, in turn
-            for ((i = 0; i < PREP_TASKS; i++)); do
+        tasks=0   # an array's tasks run in turn (a 1-task finalize array runs as the plain command)
+        [ "$stage" != prep_tokenize ] || tasks=$PREP_TASKS
+        [ "$stage" != prep_finalize ] || [ "$FINALIZE_N" = 1 ] || tasks=$FINALIZE_N
+        if [ "$tasks" -gt 0 ]; then
+            for ((i = 0; i < tasks; i++)); do
                 status=0
-                TASK_INDEX=$i TASK_COUNT=$PREP_TASKS STAGE_LOG="$log" \
+                TASK_INDEX=$i TASK_COUNT=$tasks STAGE_LOG="$log" \
                     bash "$SLURM_DIR/$stage.sbatch" "$PIPELINE_FILE" 2>&1 | tee -a "$log" || status=$?
                 [ "$status" = 0 ] || break
             done
@@ -176,15 +210,23 @@ stage_flags() {
             STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%A_%a.out" --array="0-$((PREP_TASKS - 1))"
                          --nodes=1 --ntasks=1 --cpus-per-task="$PREP_WORKERS" --time="${SITE_TIME_PREP:-04:00:00}") ;;
         prep_finalize)
-            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_PREP:-04:00:00}") ;;
+            STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%A_%a.out" --array="0-$((FINALIZE_N - 1))"
+                         --nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_PREP:-04:00:00}") ;;
         train)
             STAGE_FLAGS+=(--nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE"
                           --cpus-per-task=$((SITE_CPUS_PER_NODE / GPUS_PER_NODE > 0 ? SITE_CPUS_PER_NODE / GPUS_PER_NODE : 1))
                           --time="${SITE_TIME_TRAIN:-48:00:00}" --signal=USR1@"$SITE_SIGNAL_SECONDS"
                           --requeue --open-mode=append)
             [ "$SITE_GPUS_PER_NODE" = 0 ] || STAGE_FLAGS+=(--gpus-per-node="$gpu:$GPUS_PER_NODE") ;;
-        eval_watch)
-            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task="${SITE_EVAL_CPUS:-1}" --time="${SITE_TIME_EVAL:-48:00:00}")
+        eval_watch)   # runs as long as training; with EVAL_MODE=jobs it only submits, so no GPU
+            if [ "$EVAL_MODE" = jobs ]; then
+                STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_EVAL:-48:00:00}")
+            else
+                STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task="${SITE_EVAL_CPUS:-1}" --time="${SITE_TIME_EVAL:-48:00:00}")
+                [ "$SITE_GPUS_PER_NODE" = 0 ] || STAGE_FLAGS+=(--gpus-per-node="$gpu:1")
+            fi ;;
+        eval)         # one checkpoint's evaluation, submitted by eval_watch (EVAL_MODE=jobs)
+            STAGE_FLAGS+=(--nodes=1 --ntasks=1 --cpus-per-task="${SITE_EVAL_CPUS:-1}" --time="${SITE_TIME_EVAL_JOB:-01:00:00}")
             [ "$SITE_GPUS_PER_NODE" = 0 ] || STAGE_FLAGS+=(--gpus-per-node="$gpu:1") ;;
     esac
 }
@@ -194,6 +236,18 @@ show_cmd() {
     local out="" a
     for a in "$@"; do out+="$(printf '%q' "$a") "; done
     echo "${out% }"
+}
+
+# EVAL_MODE=jobs: the sbatch line of one checkpoint's eval job, less its TAG, as the shell words the watcher
+# splits again (`eval watch --submit`; Python's shlex reads bash's ${a@Q} quoting).
+eval_job_submit() {
+    stage_flags eval
+    local cmd=(sbatch "${SITE_FLAGS[@]}" "${STAGE_FLAGS[@]}" "$SLURM_DIR/eval.sbatch" "$1") quoted=() a
+    for a in "${cmd[@]}"; do
+        [[ "$a" != *[[:cntrl:]]* ]] || die "an sbatch argument of the eval jobs holds a control character: ${a@Q}"
+        quoted+=("${a@Q}")
+    done
+    EVAL_JOB_SUBMIT="${quoted[*]}"
 }
 
 SUBMITTED=()   # job ids so far: cancelled if a later sbatch fails, so no half-submitted chain survives
@@ -207,6 +261,15 @@ submit_chain() {
         cp "$PIPELINE_FILE" "$job_pipeline"
     fi
     site_flags
+    if [ "$EVAL_MODE" = jobs ]; then
+        eval_job_submit "$job_pipeline"
+        if [ "$DRY_RUN" = 1 ]; then
+            echo "eval jobs (EVAL_MODE=jobs; eval_watch submits one per complete checkpoint): $EVAL_JOB_SUBMIT TAG"
+        else   # the watcher job reads its copy of the pipeline, so the line travels in it
+            printf '\n# added by submit.sh: the sbatch line of the per-checkpoint eval jobs, less the tag\nEVAL_JOB_SUBMIT=%s\n' \
+                "${EVAL_JOB_SUBMIT@Q}" >> "$job_pipeline"
+        fi
+    fi
     declare -A JOB
     local stage dep waits cmd id
     local previous=""
@@ -254,9 +317,12 @@ show_config() {
     [ "$DRY_RUN" = 0 ] || mode+=" (dry run)"
     printf '%-14s %s\n' "pipeline" "$PIPELINE_FILE" "mode" "$mode" "site" "${SITE:-none}" \
         "source" "$PREP_SOURCE${PREP_SOURCE:+ }$( [ "$PREP_SOURCE" = local ] && echo "${PREP_INPUT[*]}" || echo "$PREP_SAMPLE -> $RAW_DIR")" \
-        "dataset" "$DATASET_DIR" "prep tasks" "$PREP_TASKS x $PREP_WORKERS worker(s)" "recipe" "$TRAIN_RECIPE" \
+        "dataset" "$DATASET_DIR" "prep tasks" "$PREP_TASKS x $PREP_WORKERS worker(s)${FINALIZE_N:+, finalize $FINALIZE_N task(s)}" \
+        "recipe" "$TRAIN_RECIPE" \
         "overrides" "${TRAIN_SET_FLAGS[*]:4}" "run" "$RUN_DIR" "processes" "$NODES node(s) x $GPUS_PER_NODE" \
-        "hellaswag" "$HELLASWAG${EVAL_LIMIT:+ (first $EVAL_LIMIT docs)}" "logs" "$LOG_DIR"
+        "hellaswag" "$HELLASWAG${EVAL_LIMIT:+ (first $EVAL_LIMIT docs)}" \
+        "eval mode" "$EVAL_MODE$( [ "$MODE" = local ] && [ "$EVAL_MODE" = jobs ] && echo " (scored in turn: --local submits no jobs)")" \
+        "logs" "$LOG_DIR"
 }
 
 validate

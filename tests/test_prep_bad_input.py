@@ -184,7 +184,7 @@ def test_disk_full_during_tokenize_and_finalize_leaves_no_partial_output(tmp_pat
     # Units fit under 120 KB but a 100k-token shard (200 KB) does not: finalize fails after the units are done.
     r = _run_with_file_size_limit(120_000, args)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"error: {tmp_path / 'ds' / 'train_000000.bin'}: File too large" in r.stderr, r.stderr
+    assert f"error: {tmp_path / 'ds' / '.work' / 'shards' / 'train_000000.bin'}: File too large" in r.stderr, r.stderr
     assert_no_dataset(tmp_path / "ds")
     assert len(list((tmp_path / "ds" / ".work" / "units").glob("u*.json"))) == 6
     # With room again the rerun reuses the six units and produces what a clean run produces.

@@ -40,12 +40,13 @@ def test_sigkill_at_random_points_then_rerun_is_byte_identical(tmp_path, fineweb
     markers = lambda: len(list(units.glob("u*.json"))) if units.exists() else 0  # noqa: E731
     # Random points chosen by progress, not by clock, so they land mid-run on a fast or a loaded machine alike:
     # once k1 units are committed plus a few ms (other units are then half-written), once k2 more are, and the
-    # moment the first shard file appears (finalize).
+    # moment the first shard file appears (finalize writes them under .work/shards/ until its last step).
     k1 = rng.randrange(0, 8)
     k2 = k1 + rng.randrange(1, 6)
     plans = [(lambda: markers() >= k1 and units.exists(), rng.uniform(0, 0.05)),
              (lambda: markers() >= k2, rng.uniform(0, 0.05)),
-             (lambda: any(p.name.startswith((".train_", "train_")) for p in out.iterdir()), 0.0)]
+             (lambda: any(p.name.startswith((".train_", "train_")) for p in (out / ".work" / "shards").glob("*")),
+              0.0)]
     for condition, delay in plans:
         proc = start_tokenize(fineweb_parquet, out)
         wait_for(condition, proc)
