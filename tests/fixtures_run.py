@@ -1,14 +1,17 @@
 """Training runs made by the real `python -m train` on tiny_dataset, for train/eval/slurm tests."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import PYTHON, REPO
 
-__all__ = ["tiny_run", "train_command", "run_train", "read_metrics"]
+__all__ = ["tiny_run", "train_command", "run_train", "read_metrics", "sigkill_after_step"]
 
 # Shapes small enough that one optimizer step takes about a second on a busy 2-core CPU.
 FAST = ["schedule.max_steps=6", "optim.warmup_steps=3", "batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128",
@@ -40,6 +43,24 @@ def run_train(cmd, check_rc: int | None = 0, timeout: int = 300, **kwargs) -> su
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-6000:])
         raise AssertionError(f"train exited {result.returncode}, expected {check_rc}: {' '.join(map(str, cmd))}")
     return result
+
+
+def sigkill_after_step(cmd, run_dir: Path, step: int, timeout: float = 240) -> int:
+    """Start a training command, SIGKILL every process of it once metrics.jsonl logs `step` (no chance to
+    save), and return the step of the checkpoint `latest` names then."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and f'"step": {step}, "loss"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    # torchrun puts each rank in its own session: kill the ranks themselves, then torchrun.
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return int((Path(run_dir) / "checkpoints/latest").read_text().strip().removeprefix("global_step"))
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

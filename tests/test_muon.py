@@ -4,19 +4,15 @@ and AdamW to the embeddings; exact resume after SIGKILL; a world-size change ref
 import json
 import math
 import shutil
-import signal
-import subprocess
-import time
 from types import SimpleNamespace
 
-import psutil
 import pytest
 import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
 from tests.conftest import PYTHON, REPO
-from tests.fixtures_run import FAST, read_metrics, run_train, train_command
+from tests.fixtures_run import FAST, read_metrics, run_train, sigkill_after_step, train_command
 from tests.test_train_distributed import free_port
 from train.optim import build, param_groups, uses_muon
 from train.recipe import RecipeError, batch_plan, deepspeed_config, load
@@ -257,23 +253,12 @@ def test_muon_sigkill_and_resume_log_bitwise_identical_losses(muon_run, tiny_dat
     baseline = {r["step"]: r["loss"] for r in read_metrics(muon_run)[0]}
     run_dir = tmp_path / "run"
     cmd = muon_command(run_dir, tiny_dataset)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 3, "loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.send_signal(signal.SIGKILL)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = (run_dir / "checkpoints/latest").read_text().strip()
-    assert killed_at in ("global_step2", "global_step4"), killed_at
+    killed_at = sigkill_after_step(cmd, run_dir, 3)
+    assert killed_at in (2, 4), killed_at
     run_train(cmd)
     lines = read_metrics(run_dir)[0]
     assert max(r["step"] for r in lines) == STEPS
-    assert [r["step"] for r in lines].count(int(killed_at.removeprefix("global_step"))) >= 1
+    assert [r["step"] for r in lines].count(killed_at) >= 1
     for r in lines:  # the killed run's lines and the resumed run's alike
         assert r["loss"] == baseline[r["step"]], (r["step"], r["loss"], baseline[r["step"]])
 

@@ -15,7 +15,22 @@ from prep.__main__ import main as prep_main
 from prep.download import DownloadError, fetch, file_status, parse_files
 
 
-class RangeHandler(http.server.BaseHTTPRequestHandler):
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A handler that sends whole bodies and logs nothing."""
+
+    def send_body(self, code: int, body: bytes, content_type: str | None = None):
+        self.send_response(code)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class RangeHandler(QuietHandler):
     """Serves one in-memory file with HTTP range support, like the Hub's CDN; records the Range headers it saw."""
     payload = b""
     honour_ranges = True
@@ -25,14 +40,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         type(self).seen.append(rng)
         start = int(rng.split("=")[1].split("-")[0]) if rng and self.honour_ranges else 0
-        body = self.payload[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_body(206 if start else 200, self.payload[start:])
 
 
 @pytest.fixture
@@ -198,7 +206,7 @@ def test_tokenize_records_the_download_source(tmp_path, shakespeare_docs, capsys
         "dump": None, "revision": "a" * 40, "pattern": "sample/10BT/*.parquet", "files_listed": 2, "files_used": 1}
 
 
-class FakeHub(http.server.BaseHTTPRequestHandler):
+class FakeHub(QuietHandler):
     """The Hub's API and file endpoints for one dataset: the listing it is given, file downloads redirected to a
     second server (as the Hub redirects to its CDN). Records the Authorization header of every request."""
     listing: list = []
@@ -221,23 +229,12 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path.startswith("/signed/"):  # the CDN
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(self.payload)))
-            self.end_headers()
-            self.wfile.write(self.payload)
+            self.send_body(200, self.payload)
         else:
             self.send_error(404)
 
     def _json(self, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_body(200, json.dumps(obj).encode(), "application/json")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 from model.checkpoint import load_model
 from tests.conftest import REPO
-from tests.fixtures_run import read_metrics, run_train, train_command
+from tests.fixtures_run import read_metrics, run_train, sigkill_after_step, train_command
 
 STEPS = {0: 4, 1: 6, 2: 4, 3: 4}  # ZeRO-1's run is also the uninterrupted baseline of the exactness test
 LAUNCHER = {0: "deepspeed", 1: "torchrun", 2: "torchrun", 3: "torchrun"}  # both multi-process launchers covered
@@ -82,21 +82,8 @@ def test_sigkill_and_resume_log_bitwise_identical_losses(zero_runs, tiny_dataset
     baseline = {r["step"]: r["loss"] for r in read_metrics(zero_runs(1))[0]}
     run_dir = tmp_path / "run"
     cmd = zero_command(run_dir, tiny_dataset, 1)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 3, "loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    # torchrun puts each rank in its own session: SIGKILL the ranks themselves, then torchrun; no chance to save.
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.send_signal(signal.SIGKILL)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = (run_dir / "checkpoints/latest").read_text().strip()
-    assert killed_at in ("global_step2", "global_step4"), killed_at
-    k = int(killed_at.removeprefix("global_step"))
+    k = sigkill_after_step(cmd, run_dir, 3)
+    assert k in (2, 4), k
 
     run_train(cmd)
     lines = read_metrics(run_dir)[0]

@@ -125,12 +125,18 @@ def patch_token(dataset_dir, seq_len, window, offset, value):
     return path, position
 
 
-def test_a_token_id_above_the_vocabulary_is_refused_at_its_batch_naming_shard_and_position(tmp_path, tiny_dataset):
+def patched_copy(tiny_dataset, tmp_path, seed: int, micro_step: int, row: int, offset: int):
+    """A copy of tiny_dataset whose window `row` of micro step `micro_step` (batch 2 x 32, this seed) holds id
+    50300 at `offset`; returns (dataset dir, shard path, token position)."""
     ds_dir = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds_dir)
-    order = TrainLoader(Dataset(ds_dir), 2, 32, 0, 1, seed=5, prefetch=0)
-    fourth = [order.next_windows() for _ in range(4)][3]
-    path, position = patch_token(ds_dir, 32, int(fourth[1]), 17, 50300)
+    order = TrainLoader(Dataset(ds_dir), 2, 32, 0, 1, seed=seed, prefetch=0)
+    windows = [order.next_windows() for _ in range(micro_step + 1)][micro_step]
+    return (ds_dir, *patch_token(ds_dir, 32, int(windows[row]), offset, 50300))
+
+
+def test_a_token_id_above_the_vocabulary_is_refused_at_its_batch_naming_shard_and_position(tmp_path, tiny_dataset):
+    ds_dir, path, position = patched_copy(tiny_dataset, tmp_path, seed=5, micro_step=3, row=1, offset=17)
     loader = TrainLoader(Dataset(ds_dir), 2, 32, 0, 1, seed=5)
     for _ in range(3):
         loader.next()  # read ahead of the bad one, without complaint
@@ -145,11 +151,7 @@ def test_a_token_id_above_the_vocabulary_is_refused_at_its_batch_naming_shard_an
 
 def test_train_stops_before_the_bad_batch_reaches_the_model(tmp_path, tiny_dataset):
     # FAST: micro batch 2 x 32, 2 micro steps per update; the patched window is in update 2's first micro step.
-    ds_dir = tmp_path / "ds"
-    shutil.copytree(tiny_dataset, ds_dir)
-    order = TrainLoader(Dataset(ds_dir), 2, 32, 0, 1, seed=1337, prefetch=0)
-    third = [order.next_windows() for _ in range(3)][2]
-    path, position = patch_token(ds_dir, 32, int(third[0]), 0, 50300)
+    ds_dir, path, position = patched_copy(tiny_dataset, tmp_path, seed=1337, micro_step=2, row=0, offset=0)
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, ds_dir, "seed=1337", "eval.every=0", "sample.every=0"), check_rc=None)
     assert result.returncode == 1, result.stderr[-3000:]
