@@ -14,7 +14,7 @@
 # A bare GPU image has torch but neither DeepSpeed nor lm-eval, and often no network. DeepSpeed is published only
 # as a source package: `prepare` builds it into a wheel here (pure Python; its CUDA ops compile on first use), and
 # downloads the other missing packages as wheels for the GPU machine's Python (GPU_PYTHON_VERSION, default 3.12).
-# Carry the whole .gpu/ folder to the GPU machine (keep it out of git: echo /.gpu/ >> .git/info/exclude). It also
+# Carry the whole .gpu/ folder to the GPU machine (.gitignore keeps it out of git). It also
 # holds the inputs the tests read from ../shared: tiktoken's GPT-2 files, Tiny Shakespeare, HellaSwag.
 set -euo pipefail
 cd "$(dirname "$0")/.."
