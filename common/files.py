@@ -221,9 +221,24 @@ def _record_holder(f) -> None:
     f.flush()
 
 
-def _holder(f) -> str:
-    f.seek(0)
-    return f.read().strip() or "another process"
+def _holder(f, wanted_shared: bool) -> str:
+    """Who holds the lock on f (which we failed to take): an exclusive holder's record, once it is written."""
+    if not wanted_shared:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            exclusive = False  # only shared holders, which record no name
+        except BlockingIOError:
+            exclusive = True
+    else:
+        exclusive = True  # a shared request is refused only by an exclusive holder
+    # An exclusive holder writes its record just after taking the lock: wait briefly rather than report nobody.
+    deadline = time.monotonic() + (2.0 if exclusive else 0.0)
+    while True:
+        f.seek(0)
+        text = f.read().strip()
+        if text or time.monotonic() >= deadline:
+            return text or "another process"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -244,7 +259,7 @@ def lock(path, what: str, wait: bool = False, shared: bool = False):
             if _still_named(f, path):
                 break
         except BlockingIOError:
-            holder = _holder(f)
+            holder = _holder(f, shared)
             f.close()
             raise Locked(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or pass --wait") \
                 from None

@@ -165,3 +165,21 @@ def test_a_child_given_the_lock_file_keeps_the_lock_after_its_parent_lets_go(tmp
         child.wait()
     with files.try_lock(path) as again:
         assert again is not None
+
+
+def test_a_lock_taken_just_now_names_its_holder_once_it_has_written_its_record(tmp_path):
+    # An exclusive holder writes its name just after taking the lock; a process refused in between must still
+    # name it, not report nobody (seen as a flaky "in use by array tasks" from prep).
+    import fcntl
+    path = tmp_path / "lock"
+    holder = open(path, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: the same process is refused too
+    record = threading.Timer(0.2, lambda: (holder.write("host h pid 42 since then\n"), holder.flush()))
+    record.start()
+    try:
+        with pytest.raises(files.Locked, match="in use by host h pid 42 since then"):
+            with files.lock(path, "the thing"):
+                pass
+    finally:
+        record.join()
+        holder.close()
