@@ -81,7 +81,10 @@ class GPTConfig:
             values = values["model"]
         if not isinstance(values, dict):
             raise ConfigError(f"{path} holds no model mapping (preset, n_layer, n_head, n_embd, ...)")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

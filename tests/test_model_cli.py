@@ -114,8 +114,10 @@ def yaml_model(tmp_path):
     ("n_layer: 2\nn_head: 3\nn_embd: 64\n", "n_embd (64) is not divisible by n_head (3)"),
 ])
 def test_info_bad_model_config(capsys, yaml_model, text, message):
-    code, out, err = cli(capsys, "info", "--model", yaml_model(text))
+    path = yaml_model(text)
+    code, out, err = cli(capsys, "info", "--model", path)
     assert code == 1 and out == ""
+    assert one_error_line(err).startswith(f"error: {path}: ")  # names the file
     assert message in one_error_line(err)
 
 
