@@ -134,6 +134,14 @@ def test_the_repository_deepspeed_configs_are_read(repo_root):
                      str(repo_root / "configs/deepspeed/zero3.json"))["zero"] == 2  # a flag overrides the file
 
 
+def test_a_deepspeed_file_with_exponent_numbers_reads_as_train_reads_it(tmp_path):
+    # JSON's 5e7 is a number; YAML 1.1 alone reads it as the string "5e7" (the one YAML rule, common.yamlfile).
+    ds = tmp_path / "zero2.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "overlap_comm": true, "reduce_bucket_size": 5e7}}')
+    plan = plan_json("--model", "gpt2", "--gpus", "8", "--deepspeed", str(ds))
+    assert plan["memory_detail"]["deepspeed_buckets"] == 2 * 2 * 50_000_000
+
+
 def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)  # the recipe names its DeepSpeed config relative to the checkout
     recipe = str(repo_root / "configs/train/gpt2-124m-edu10B.yaml")

@@ -16,7 +16,7 @@ import math
 import re
 from pathlib import Path
 
-from common import cli
+from common import cli, yamlfile
 from common.errors import UsageError
 from common.hardware import GPUS, GPUSpec, gpu_spec
 
@@ -288,10 +288,12 @@ def resolve_model(args) -> GPTConfig:
 
 
 def read_mapping(path: str, what: str) -> dict:
-    """A JSON or YAML file holding one mapping (YAML is a superset of JSON), or a PlanError naming it."""
+    """A JSON or YAML file holding one mapping (YAML is a superset of JSON), or a PlanError naming it.
+
+    Through the one YAML rule, so a DeepSpeed JSON's `"reduce_bucket_size": 5e8` is a number here too."""
     import yaml
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yamlfile.parse(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PlanError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
