@@ -494,8 +494,9 @@ def _load_deepspeed(tag_dir: Path):
         raise CheckpointError(f"partial checkpoint {tag_dir}: {len(model_files)} of {world} "
                               f"*model_states.pt files (ZeRO stage 3, {world} ranks)")
 
-    with torch.device("meta"):  # shapes only
-        shapes = {name: p.shape for name, p in GPT(config).named_parameters()}
+    with torch.device("meta"):  # no random init: every weight is about to be replaced
+        model = GPT(config)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
     names = states.get("param_names")  # absent in checkpoints written before it was recorded
     optims = [safe_load(f)["optimizer_state_dict"] for f in sorted(optim_files, key=_rank)]
     if optims and _is_bf16_optimizer(optims[0]):
@@ -507,7 +508,6 @@ def _load_deepspeed(tag_dir: Path):
 
     if "transformer.wte.weight" in state:
         state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied: one fp32 master for both
-    model = GPT(config)
     _load_weights(model, state, tag_dir)
     meta = {"kind": "deepspeed", "path": str(tag_dir), "tag": tag_dir.name,
             "step": states.get("step"), "tokens_seen": states.get("tokens_seen"),
@@ -641,4 +641,4 @@ def _load_weights(model, state: dict, where: Path) -> None:
         if value.shape != ours[key].shape:
             raise CheckpointError(f"{where}: {key} has shape {tuple(value.shape)}, model_config expects "
                                   f"{tuple(ours[key].shape)}")
-    model.load_state_dict(state)
+    model.load_weights({key: value.to(ours[key].dtype).contiguous() for key, value in state.items()})  # fp32

@@ -127,9 +127,7 @@ def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
     if missing:
         raise HFFormatError(f"missing weights: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     loaded["lm_head.weight"] = loaded["transformer.wte.weight"]
-    model.load_state_dict(loaded, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True gives each name its own Parameter: re-tie
-    return model
+    return model.load_weights(loaded)
 
 
 def hf_config_dict(config: GPTConfig) -> dict:
