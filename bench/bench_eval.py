@@ -4,8 +4,8 @@
       .venv/bin/python bench/bench_eval.py --hellaswag-file ../shared/data/hellaswag_val.jsonl [--limit N]
 
 Runs, in one process and in this order: ours at --batch-size, `hf` at --batch-size, `hf` at its default batch
-size 1. Each run scores the same docs of the offline HellaSwag task; docs/s counts only simple_evaluate (model
-loading excluded). The model is --checkpoint (anything model.checkpoint.load_model reads) or, by default, a
+size 1. Each run scores the same docs of the offline HellaSwag task; docs/s counts only eval.harness.run_tasks (lm-eval's
+evaluate; model loading excluded). The model is --checkpoint (anything model.checkpoint.load_model reads) or, by default, a
 freshly initialised --preset: speed does not depend on the weights. All three must give the same accuracy.
 """
 from __future__ import annotations

@@ -69,15 +69,25 @@ def load_tasks(names: list[str], hellaswag_file: Path | None = None) -> dict:
 
 
 def run_tasks(lm, tasks: dict, limit: int | None = None, log_samples: bool = False) -> dict:
-    """Evaluate `lm` (an lm-eval LM) 0-shot on `tasks` ({name: Task}); lm-eval's raw output dict."""
-    from lm_eval import simple_evaluate
+    """Evaluate `lm` (an lm-eval LM) 0-shot on `tasks` ({name: Task}); lm-eval's raw output dict.
+
+    lm-eval's `evaluate`, given the task objects as `simple_evaluate` would hand them to it (0-shot where the task
+    sets no num_fewshot). Not `simple_evaluate` itself: after scoring it collects an environment report (pip list,
+    nvidia-smi, git describe: about 0.7 s here, more on a GPU node), paid by every per-checkpoint eval job and
+    recorded nowhere by us. tests/test_eval.py compares the two entry points' results on the same docs.
+    """
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    # The tasks are already loaded; without a manager of our own, simple_evaluate would index every built-in
-    # task YAML again (about 15 s per call, paid per checkpoint by `eval watch`).
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=log_samples,
-                           task_manager=manager)
+    # The tasks are already loaded: a manager of our own, so that nothing indexes lm-eval's thousands of
+    # built-in task YAMLs (about 15 s per call).
+    loaded = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(list(tasks.values()))
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)  # simple_evaluate's default: the same few-shot examples
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples)
 
 
 def summarize(raw: dict, tasks: dict) -> dict:
