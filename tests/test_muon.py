@@ -14,7 +14,7 @@ from model.gpt import GPT
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import FAST, read_metrics, run_train, sigkill_after_step, train_command
 from tests.test_train_distributed import free_port
-from train.optim import build, param_groups, uses_muon
+from train.optim import NS_METHOD, build, param_groups, uses_muon
 from train.recipe import RecipeError, batch_plan, deepspeed_config, load
 
 TINY = REPO / "configs/train/tiny-cpu.yaml"
@@ -154,6 +154,14 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X.T if tall else X
 
 
+def deepspeed_iteration(update: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's own Newton-Schulz of `update`, in the dtype it picks on this machine (fp16 where oneDNN has it)."""
+    from deepspeed.runtime.zero.muon.original_muon import (zeropower_via_gram_newtonschulz,
+                                                           zeropower_via_newtonschulz5)
+    iterate = zeropower_via_gram_newtonschulz if NS_METHOD == "gram" else zeropower_via_newtonschulz5
+    return iterate(update.float(), steps=5).double()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -177,7 +185,9 @@ def test_hidden_matrices_get_newton_schulz_of_their_momentum_and_wte_gets_adamw(
     """Replays the two updates from the gradients the tool recorded: Muon (Nesterov momentum, the reference
     iteration, the sqrt(max(1, rows/cols)) scale, decoupled weight decay) on the hidden matrices, AdamW on wte.
 
-    Tolerance: fp32 1e-4 relative (measured <= 4e-5; the iteration runs in fp32 on this CPU). bf16: the gradient
+    Tolerance: fp32 1e-4 relative (measured <= 4e-5) where DeepSpeed iterates in fp32; on a CPU whose oneDNN has
+    fp16 (DeepSpeed then iterates in fp16: Intel Xeons with AVX512-FP16/AMX) 4x the difference between DeepSpeed's
+    own iteration of the exact update and the float64 reference (measured about 0.009 there). bf16: the gradient
     itself is rounded to bf16 at least once (accumulation, reduction), and Newton-Schulz amplifies that in the
     gradient's small singular directions: NS of the bf16-rounded gradient differs from NS of the exact one by
     1-5% for these matrices. The applied update must lie within 4x that difference (measured <= 2.5x). The
@@ -202,12 +212,13 @@ def test_hidden_matrices_get_newton_schulz_of_their_momentum_and_wte_gets_adamw(
             scale = math.sqrt(max(1.0, w0.size(0) / w0.size(1)))
             ref = newton_schulz5(nesterov) * scale
             applied = (w0 * (1 - lr_muon * o["muon_weight_decay"]) - w1) / lr_muon
+            rounding = rel(deepspeed_iteration(nesterov) * scale, ref)
             if bf16:
                 g16 = g.float().bfloat16().double()
                 sensitivity = rel(newton_schulz5(nesterov - (1 - beta ** 2) * (g - g16)) * scale, ref)
-                tolerance = 4 * sensitivity
+                tolerance = 4 * (sensitivity + rounding)
             else:
-                tolerance = 1e-4
+                tolerance = max(1e-4, 4 * rounding)
             assert rel(applied, ref) < tolerance, (case, t, name, rel(applied, ref), tolerance)
             assert rel(applied, nesterov * ref.norm() / nesterov.norm()) > 0.5  # it was orthogonalised
         name = "transformer.wte.weight"
