@@ -467,8 +467,6 @@ def resolve_tag(path) -> Path:
 
 
 def _load_deepspeed(tag_dir: Path):
-    import torch
-
     from .config import ConfigError, GPTConfig
     from .gpt import GPT
     model_files = sorted(tag_dir.glob("*model_states.pt"))
@@ -494,8 +492,7 @@ def _load_deepspeed(tag_dir: Path):
         raise CheckpointError(f"partial checkpoint {tag_dir}: {len(model_files)} of {world} "
                               f"*model_states.pt files (ZeRO stage 3, {world} ranks)")
 
-    with torch.device("meta"):  # no random init: every weight is about to be replaced
-        model = GPT(config)
+    model = GPT.empty(config)  # every weight is about to be replaced
     shapes = {name: p.shape for name, p in model.named_parameters()}
     names = states.get("param_names")  # absent in checkpoints written before it was recorded
     optims = [safe_load(f)["optimizer_state_dict"] for f in sorted(optim_files, key=_rank)]

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
@@ -58,6 +59,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _SkipInit(TorchFunctionMode):
+    """Inside, torch.nn.init's in-place fills (normal_, kaiming_uniform_, zeros_, ...) leave their tensor as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -81,10 +92,17 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def empty(cls, config: GPTConfig) -> "GPT":
+        """The network on the meta device, shapes only: for loaders, which then call load_weights. A random init
+        they would overwrite costs about 2 s for 124M on CPU and grows with size, paid again by every eval job;
+        even on meta, normal_ runs through torch's Python reference kernels, whose first use imports TorchDynamo
+        (0.8 s), so the init's fills are skipped altogether."""
+        with torch.device("meta"), _SkipInit():
+            return cls(config)
+
     def load_weights(self, state: dict) -> "GPT":
-        """Take `state`'s tensors as the parameters (no copy), the tied head included. Loaders build the model on
-        the meta device and call this: a random init they would overwrite costs about 2 s for 124M on CPU and
-        grows with size, paid again by every eval job."""
+        """Take `state`'s tensors as the parameters (no copy), the tied head included."""
         self.load_state_dict(state, assign=True)
         self.lm_head.weight = self.transformer.wte.weight  # assign gives each name its own Parameter: re-tie
         return self

@@ -101,8 +101,7 @@ def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
         config = _infer_config(state)
     if overrides:
         config = GPTConfig.from_dict({**config.to_dict(), **overrides})
-    with torch.device("meta"):  # shapes only: every weight is about to be replaced, so skip the random init
-        model = cls(config)
+    model = cls.empty(config)  # every weight is about to be replaced
     ours = model.state_dict()
     loaded = {}
     for key, value in state.items():

@@ -24,11 +24,8 @@ COMPONENTS = [
 
 def parameter_table(config: GPTConfig) -> dict:
     """{"components": [{name, per_block, params}], "total", "padding"}; the tied head counts once, in wte."""
-    import torch
-
     from .gpt import GPT
-    with torch.device("meta"):
-        model = GPT(config)
+    model = GPT.empty(config)
     counts = {name: 0 for name, _ in COMPONENTS}
     for param_name, p in model.named_parameters():  # yields the tied weight once, as wte
         component = next(name for name, pattern in COMPONENTS if re.match(pattern, param_name))

@@ -56,6 +56,25 @@ def test_gpt2_initialisation():
             assert torch.all(p == 0), name
 
 
+def test_empty_model_takes_loaded_weights_and_leaves_init_alone():
+    """GPT.empty: shapes only, on meta, tied; load_weights gives the source's function; init outside is untouched."""
+    config = GPTConfig(**SMALL, padded_vocab_size=320)
+    torch.manual_seed(0)
+    source = GPT(config).eval()
+    empty = GPT.empty(config)
+    assert all(p.is_meta for p in empty.parameters())
+    assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in source.named_parameters()}
+    loaded = empty.load_weights({k: v.clone() for k, v in source.state_dict().items()}).eval()
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert not any(p.is_meta for p in loaded.parameters())
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], source(idx)[0])
+    after = GPT(config)  # the skipped init is only inside GPT.empty
+    assert after.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.all(after.transformer.ln_f.weight == 1)
+
+
 def test_dropout_on_embeddings_attention_and_residuals():
     config = GPTConfig(**SMALL, dropout=0.5)
     model = GPT(config)
