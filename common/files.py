@@ -7,7 +7,8 @@ Readers (and a rerun after SIGKILL) see either the old content or the complete n
 - append_line: one whole line under an exclusive lock; a partial last line left by a killed writer is cut off
   first, so a fragment never merges into the next record.
 - lock / try_lock: an advisory exclusive lock (fcntl.flock) on a lock file that records who holds it; the
-  kernel drops it when the last process holding the open lock file ends.
+  kernel drops it when the last process holding the open lock file ends. A filesystem without flock is an
+  error (LocksUnsupported), never a reason to go on unlocked.
 Files and directories get the permissions the umask gives (0644 / 0755 under umask 022), unlike mkstemp and
 mkdtemp, which make them owner-only.
 """
@@ -213,6 +214,25 @@ class Locked(PipelineError):
     """Another process holds the lock."""
 
 
+class LocksUnsupported(PipelineError):
+    """The filesystem refuses flock: running on unlocked would let two processes interleave their writes."""
+
+
+def _flock(f, path: Path, operation: int) -> None:
+    """fcntl.flock, with a filesystem that has no locks said in one line (BlockingIOError passes through)."""
+    try:
+        fcntl.flock(f, operation)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        raise LocksUnsupported(
+            f"cannot lock {path}: its filesystem refuses file locks ({exc.strerror or exc}), as Lustre mounted "
+            f"without -o flock and some NFS mounts do; mount it with locks (Lustre: -o flock; NFS: lockd running, "
+            f"no 'nolock'), or put the dataset or run directory on a filesystem that has them") from exc
+
+
 def _record_holder(f) -> None:
     f.seek(0)
     f.truncate()
@@ -250,12 +270,13 @@ def lock(path, what: str, wait: bool = False, shared: bool = False):
     one; they record no holder (the file then names nobody). The lock file normally stays: removing it would let
     a third process lock a different inode. A holder may still remove it together with what it guards (prep
     removes DS/.work that way); whoever then gets the removed file's lock takes the lock again on the path.
+    A filesystem that refuses flock raises LocksUnsupported naming the lock file.
     """
     path = Path(path)
     while True:
         f = open(path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            _flock(f, path, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             if _still_named(f, path):
                 break
         except BlockingIOError:
@@ -292,10 +313,11 @@ def try_lock(path):
 
     The holder is recorded in the file. A child started with pass_fds=[f.fileno()] shares the lock: it stays held
     until the last of them ends, so an orphan of a killed process keeps others out until it finishes.
+    A filesystem that refuses flock raises LocksUnsupported, as lock() does.
     """
     with open(path, "a+", encoding="utf-8") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(f, Path(path), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield None
             return

@@ -183,3 +183,47 @@ def test_a_lock_taken_just_now_names_its_holder_once_it_has_written_its_record(t
     finally:
         record.join()
         holder.close()
+
+
+@pytest.fixture
+def flock_without_locks(monkeypatch):
+    """fcntl.flock failing as on Lustre mounted without -o flock (ENOLCK; some NFS mounts give ENOSYS or
+    EOPNOTSUPP). Injected: every filesystem this machine has supports flock, so the error cannot be had for real."""
+    import fcntl
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", refuse)
+
+
+def assert_no_locks_line(err, lock_file):
+    assert err.count("\n") == 1 and err.startswith("error: cannot lock "), err
+    assert f"cannot lock {lock_file}:" in err and "No locks available" in err and "-o flock" in err, err
+
+
+def test_a_filesystem_without_locks_stops_prep_in_one_line_before_anything_is_written(
+        tmp_path, capsys, flock_without_locks):
+    from prep.__main__ import main
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "a", "text": "To be, or not to be"}) + "\n")
+    out = tmp_path / "ds"
+    rc = main(["tokenize", "--input", str(docs), "--out", str(out)])
+    assert rc == 1
+    assert_no_locks_line(capsys.readouterr().err, out / ".work" / "lock")
+    # Never run unlocked: nothing beside the (empty) lock file itself.
+    assert [p.relative_to(out).as_posix() for p in sorted(out.rglob("*"))] == [".work", ".work/lock"]
+    assert (out / ".work" / "lock").read_text() == ""
+
+
+def test_a_filesystem_without_locks_stops_eval_watch_in_one_line_before_scoring(
+        tmp_path, capsys, shared_dir, flock_without_locks):
+    from eval.__main__ import main
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # never read: the lock comes first
+    (run / "checkpoints" / "latest").write_text("global_step1")  # complete by the rule for runs without marks
+    rc = main(["watch", str(run), "--once", "--hellaswag-file", str(shared_dir / "data" / "hellaswag_val.jsonl")])
+    assert rc == 1
+    assert_no_locks_line(capsys.readouterr().err, run / "eval" / ".watch" / "global_step1.lock")
+    assert not (run / "eval" / "global_step1.json").exists() and not (run / "eval" / "results.jsonl").exists()
