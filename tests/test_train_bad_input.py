@@ -5,8 +5,8 @@ import shutil
 
 import torch
 
-from tests.fixtures_run import run_train, train_command
 from model.checkpoint import read_client_state
+from tests.fixtures_run import run_train, train_command
 
 
 def assert_one_line_error(result, rc, *needles):
@@ -92,3 +92,23 @@ def test_a_failing_compiler_stops_with_one_line_before_any_update(tmp_path, tiny
     assert_one_line_error(result, 1, "torch.compile failed in update 1", "C++ compiler", "set compile: false")
     metrics = run_dir / "metrics.jsonl"  # created at the first record, or empty
     assert not (run_dir / "checkpoints").exists() and (not metrics.exists() or not metrics.read_text())
+
+
+def test_muon_without_a_working_compiler_stops_with_one_line_before_any_update(tmp_path, tiny_dataset):
+    # DeepSpeed 0.19.8 torch.compiles Muon's update whatever `compile` says: a broken `g++` (inductor's
+    # compiler, as above) and a fresh inductor cache, so that its kernels must really be built.
+    fake = tmp_path / "bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    muon = ["optim.name=muon", "optim.grad_clip=0", "schedule.max_steps=2", "eval.every=0", "sample.every=0"]
+    run_dir = tmp_path / "run"
+    result = run_train(train_command(run_dir, tiny_dataset, *muon), check_rc=None, env=env)
+    assert_one_line_error(result, 1, "optim.name muon", "torch.compile", "C++ compiler", "TORCHDYNAMO_DISABLE=1",
+                          "optim.name adamw")
+    assert not run_dir.exists()  # stopped before the engine, so before anything of the run is written
+    # The way out the line offers: the same run, uncompiled, trains.
+    run_train(train_command(run_dir, tiny_dataset, *muon), env=dict(env, TORCHDYNAMO_DISABLE="1"))
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

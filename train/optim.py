@@ -12,10 +12,13 @@ too) runs only for an optimizer named in the DeepSpeed JSON, which train.recipe 
 after deepspeed.initialize that the flags are still ours.
 
 The optimizer is DeepSpeed's MuonWithAuxAdam, the class its ZeRO 1-3 and BF16 paths recognise, with torch's
-AdamW as the auxiliary optimizer of the non-Muon groups (the same AdamW an adamw run uses).
+AdamW as the auxiliary optimizer of the non-Muon groups (the same AdamW an adamw run uses). DeepSpeed 0.19.8 wraps
+Muon's update (muon_update, both Newton-Schulz iterations) in torch.compile whatever the recipe's `compile` says,
+so a muon run needs inductor's toolchain: muon_compile_problem checks it before the engine is built.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,36 @@ MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 
 class GroupingError(PipelineError):
     """The parameters' Muon/AdamW assignment is not the one this module made."""
+
+
+class ToolchainError(PipelineError):
+    """torch.compile cannot build kernels here, and DeepSpeed's Muon update is compiled."""
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1  # pointwise: inductor generates (and must compile) a kernel for it, C++ or Triton
+
+
+def muon_compile_problem(device: str) -> str | None:
+    """None if torch.compile builds a kernel on `device`; else one line saying what failed and what to do.
+
+    Without a compiler the first Muon update dies inside DeepSpeed (in backward at ZeRO 1-2, where it
+    orthogonalises gradient partitions; in step otherwise) with an inductor traceback. A trivial function
+    compiled here goes through the same toolchain (inductor's C++ compiler on a CPU; Triton, which builds its
+    launcher with a C compiler, on a GPU) before any engine exists, and leaves Muon's own compiled code alone.
+    Any exception counts: nothing in compiling x * 2 + 1 can fail but the toolchain.
+    """
+    try:
+        torch.compile(_probe, dynamic=False)(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 -- see the docstring
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        needs = "a working C++ compiler (g++ on PATH, or CXX)" if device == "cpu" else \
+            "Triton and a working C compiler (gcc on PATH, or CC)"
+        return (f"optim.name muon: DeepSpeed compiles Muon's update with torch.compile, which cannot build kernels "
+                f"on {device} of {socket.gethostname()} ({first}); it needs {needs} on every node, e.g. "
+                f"`module load gcc` in SITE_ENV_SETUP, or set TORCHDYNAMO_DISABLE=1 to run it uncompiled "
+                f"(slower), or use optim.name adamw")
+    return None
 
 
 def uses_muon(name: str) -> bool:

@@ -134,6 +134,13 @@ class Trainer:
         model = GPT(self.model_config)
         model.activation_checkpointing = self.recipe.activation_checkpointing
         self.n_params = model.num_params()
+        if self.recipe.optim.name == "muon":
+            # Every rank probes its own node, and all stop alike, before any update or collective of the engine.
+            problems = [None] * self.place.world_size
+            dist.all_gather_object(problems, optim.muon_compile_problem(self.place.device))
+            problem = next((p for p in problems if p), None)
+            if problem:
+                raise optim.ToolchainError(problem)
         built = optim.build(model, self.recipe.optim, self.place.device, offload=optimizer_offload(self.ds_config))
         # param_names: each group's parameter names in the optimizer's order, which is the order of its fp32 master
         # copies; checkpoints record them (client_state param_names) so the masters map to parameters by name.
