@@ -8,6 +8,9 @@ eval job's mode; eval.dispatch submits those jobs instead of scoring. Work is sh
 through one lock file per checkpoint (fcntl, released by the kernel if a watcher dies), and results.jsonl is the
 record of what is done. The scoring child shares the lock and
 dies with its watcher, so a killed watcher leaves no evaluation behind that a later one would repeat.
+eval.command runs at most once and is never dropped: the watcher writes a claim, the command's own process marks
+that it started before it execs the shell (start_mark), and a later watcher runs a claimed command only if no
+start mark is there.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +32,7 @@ from model.checkpoint import CheckpointError, complete_tags, incomplete_reason
 from train.recipe import read_run_recipe
 
 from .harness import EvalError
+
 
 def complete_checkpoints(run: Path) -> dict[str, Path]:
     """{tag: dir} of the run's complete checkpoints, oldest first."""
@@ -73,6 +78,21 @@ def die_with_parent(parent_pid: int):
     return preexec
 
 
+def start_mark(mark: Path, command: str, lock_fd: int):
+    """A preexec_fn for eval.command's process: write `mark`, then let go of the checkpoint's lock, then exec.
+
+    The child got the lock file (pass_fds) so that the lock stays held from the watcher's claim until the mark
+    exists, even if the watcher dies in between: a later watcher that gets the lock sees either the mark (the
+    command runs, or ran) or no child at all. Closed before exec, so the command, which may outlive its watcher,
+    does not keep the next watcher waiting. A mark it cannot write (a full disk) fails the start: nothing runs.
+    """
+    def preexec():
+        files.write_text(mark, f"host {socket.gethostname()} pid {os.getpid()} since "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{command}\n")
+        os.close(lock_fd)
+    return preexec
+
+
 class Watcher:
     def __init__(self, run: Path, eval_args: list[str], max_attempts: int = 3, python: str = sys.executable,
                  log=print, only: list[str] | None = None):
@@ -99,9 +119,28 @@ class Watcher:
         path = self._attempts_file(tag)
         return int(path.read_text() or 0) if path.exists() else 0
 
-    def _command_file(self, tag: str) -> Path:
-        """Present while eval.command runs for `tag`: a watcher that finds it under the lock knows it started."""
+    def _claim_file(self, tag: str) -> Path:
+        """The watcher's claim to run eval.command for `tag`, written just before it starts the command."""
         return self.out / ".watch" / f"{tag}.command"
+
+    def _started_file(self, tag: str) -> Path:
+        """Written by the command's own process before it execs: the command ran, or runs."""
+        return self.out / ".watch" / f"{tag}.command.started"
+
+    def _claimed_by(self, tag: str) -> str | None:
+        """Who claimed eval.command for `tag` (None: nobody); "" for a marker an earlier version left.
+
+        Earlier versions wrote <tag>.command (the command's text) just before starting the command and had no
+        start mark, so such a marker may mean it ran: it is read as started, never run again.
+        """
+        claim = self._claim_file(tag)
+        if not claim.exists():
+            return None
+        try:
+            who = files.read_json(claim).get("claimed_by")
+        except (ValueError, AttributeError):
+            return ""
+        return who if isinstance(who, str) and who else ""
 
     def final_tag(self) -> str | None:
         return f"global_step{self.max_steps}" if self.max_steps else None
@@ -166,10 +205,10 @@ class Watcher:
             to_score = [item for item in mine if not (self.out / f"{item[0]}.json").exists()]
             rc = self._score(to_score) if to_score else 0
             blamed = False
-            for tag, path, attempts, _ in mine:
+            for tag, path, attempts, lock_file in mine:
                 per_ckpt = self.out / f"{tag}.json"
                 if per_ckpt.exists():
-                    self._record(tag, path, per_ckpt)
+                    self._record(tag, path, per_ckpt, lock_file)
                 elif not path.exists():
                     self._note(tag, "rotated", "rotated away while it was being evaluated; skipped")
                 elif not blamed:
@@ -197,33 +236,49 @@ class Watcher:
         self.log(f"eval watch: scoring {tags} (pid {child.pid})")
         return child.wait()
 
-    def _record(self, tag: str, path: Path, per_ckpt: Path) -> None:
+    def _record(self, tag: str, path: Path, per_ckpt: Path, lock_file) -> None:
         """Append the scored checkpoint to results.jsonl (with eval.command's outcome): done, under its lock."""
         record = json.loads(per_ckpt.read_text())
         if self.command:
-            record["command"] = self._run_command(tag, path)
+            record["command"] = self._run_command(tag, path, lock_file)
         files.append_json_line(self.results, record)
-        self._command_file(tag).unlink(missing_ok=True)  # results.jsonl records it now
+        for marker in (self._started_file(tag), self._claim_file(tag)):  # results.jsonl records it now
+            marker.unlink(missing_ok=True)
         self.finished[tag] = "scored"
         scores = ", ".join(f"{name} acc_norm {m.get('acc_norm', float('nan')):.4f}"
                            for name, m in record.get("tasks", {}).items())
         self.log(f"eval watch: {tag} scored: {scores}")
 
-    def _run_command(self, tag: str, path: Path) -> dict:
-        """The recipe's eval.command for this checkpoint, at most once: its exit status is recorded, never retried.
+    def _run_command(self, tag: str, path: Path, lock_file) -> dict:
+        """The recipe's eval.command for this checkpoint, once: its exit status is recorded, never retried.
 
-        A command file left by a watcher killed while the command ran means it started (it may still be
-        running, as the orphan of that watcher): it is recorded as such, not started again.
+        Called under the checkpoint's lock, so whoever claimed the command before is gone. Its start mark means
+        the command started (it may still be running, as the orphan of that watcher): recorded as such, not
+        started again. A claim without a start mark means that watcher died before the command's process got
+        going: the command never ran, so it runs now. Only the command's own process killed in the instant between
+        its mark and its exec (Slurm ending the whole job) is marked without having run: never twice comes first.
         """
         command = fill_command(self.command, path, self.run)
-        marker = self._command_file(tag)
-        if marker.exists():
+        started = self._started_file(tag)
+        claimed_by = self._claimed_by(tag)
+        if started.exists() or claimed_by == "":
             self.log(f"eval watch: {tag}: eval.command was started by a watcher killed before it finished; "
                      f"not run again: {command}")
             return {"cmd": command, "returncode": None,
                     "note": "started by a watcher that was killed before it finished; not run again"}
-        files.write_text(marker, command + "\n")
-        rc = subprocess.run(command, shell=True, cwd=self.run).returncode
+        if claimed_by is not None:
+            self.log(f"eval watch: {tag}: eval.command was claimed by a watcher killed before it started it "
+                     f"({claimed_by}); running it now")
+        files.write_json(self._claim_file(tag), {
+            "command": command, "claimed_by": f"host {socket.gethostname()} pid {os.getpid()}",
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            child = subprocess.Popen(command, shell=True, cwd=self.run, pass_fds=[lock_file.fileno()],
+                                     preexec_fn=start_mark(started, command, lock_file.fileno()))
+        except subprocess.SubprocessError as exc:  # the start mark could not be written: nothing ran
+            raise EvalError(f"eval.command for {tag} not started: cannot write its start mark {started} ({exc}); "
+                            f"free space there and rerun the watcher") from exc
+        rc = child.wait()
         if rc != 0:
             self.log(f"eval watch: eval.command exited with status {rc}: {command}")
         return {"cmd": command, "returncode": rc}

@@ -306,6 +306,101 @@ def test_a_watcher_killed_while_eval_command_runs_does_not_run_it_again(tiny_run
     assert "not run again" in out
 
 
+def claim(run, tag, command):
+    """RUN/eval/.watch/<tag>.command as a watcher writes it just before starting eval.command."""
+    watch = run / "eval" / ".watch"
+    watch.mkdir(parents=True, exist_ok=True)
+    (watch / f"{tag.name}.command").write_text(json.dumps(
+        {"command": command, "claimed_by": "host gone pid 4242", "since": "2026-01-01 00:00:00"}))
+    return watch
+
+
+def test_a_claim_whose_watcher_died_before_the_command_started_runs_it_once(tiny_run, hellaswag_file, tmp_path):
+    """A watcher killed after its claim and before the command's process marked its start: the command never
+    ran, so the next watcher runs it -- but only once the claimer is gone, which the checkpoint's lock tells."""
+    from common import files
+    run = tmp_path / "run"
+    tag = one_checkpoint_run(tiny_run, run, "echo {ckpt} >> {run}/command.log", scored=True)
+    watch = claim(run, tag, f"echo {tag} >> {run}/command.log")
+    with files.try_lock(watch / f"{tag.name}.lock") as held:  # the claimer still alive: hands off
+        assert held is not None
+        rc, out = Watcher(run, hellaswag_file, "--once").finish()
+    assert rc == 0, out
+    assert not (run / "command.log").exists() and not (run / "eval" / "results.jsonl").exists()
+    rc, out = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final").finish()
+    assert rc == 0, out
+    assert (run / "command.log").read_text() == f"{tag}\n"  # run, and once
+    assert "claimed by a watcher killed before it started it (host gone pid 4242); running it now" in out
+    [result] = results_of(run)
+    assert result["command"]["returncode"] == 0
+    assert not list(watch.glob("*.command*"))  # results.jsonl records it now
+
+
+def test_a_command_marked_started_is_not_run_again(tiny_run, hellaswag_file, tmp_path):
+    """The command's own process wrote its start mark before exec: it ran (or runs), whatever its watcher did."""
+    run = tmp_path / "run"
+    tag = one_checkpoint_run(tiny_run, run, "echo {ckpt} >> {run}/command.log", scored=True)
+    watch = claim(run, tag, f"echo {tag} >> {run}/command.log")
+    (watch / f"{tag.name}.command.started").write_text(f"host gone pid 4243 since then\necho {tag}\n")
+    rc, out = Watcher(run, hellaswag_file, "--poll", "0.5", "--until-final").finish()
+    assert rc == 0, out
+    assert not (run / "command.log").exists()
+    [result] = results_of(run)
+    assert result["command"]["returncode"] is None and "not run again" in result["command"]["note"]
+
+
+def test_a_requeued_watcher_job_carries_on_without_scoring_or_running_anything_twice(
+        tiny_run, hellaswag_file, tmp_path):
+    """slurm/eval_watch.sbatch is submitted with --requeue: Slurm stops a run of it with SIGTERM (to the script and
+    the watcher) and later starts the same script again. Here the real script runs under bash twice with the
+    variables Slurm and submit.sh set (no Slurm on this machine: the training job's state cannot be asked, which
+    the script takes as "still there"); a cluster test would only add Slurm's own requeue, which
+    tests/test_slurm_cluster.py shows for training. The second run scores only what the first had not, and
+    eval.command runs once per checkpoint."""
+    from tests.slurm_cluster import write_env_file
+    script = REPO / "slurm" / "eval_watch.sbatch"
+    assert "#SBATCH --requeue\n" in script.read_text()
+    run = tmp_path / "run"
+    sources = tag_dirs(tiny_run)
+    a, c = (run / "checkpoints" / src.name for src in (sources[0], sources[-1]))
+    one_checkpoint_run(tiny_run, run, "echo {ckpt} >> {run}/command.log")  # the final one, c: not there yet
+    shutil.rmtree(c)
+    shutil.copytree(sources[0], a)
+    set_latest(run, a.name)
+    pipeline = write_env_file(tmp_path / "pipeline.env", {
+        "RUN_DIR": run, "DATASET_DIR": tmp_path / "unused", "TRAIN_RECIPE": REPO / "configs/train/tiny-cpu.yaml",
+        "HELLASWAG": hellaswag_file, "EVAL_LIMIT": WATCH_LIMIT, "EVAL_POLL": 0.5, "EVAL_MODE": "watch"})
+    env = dict(os.environ, PYTHON=PYTHON, SLURM_JOB_ID="4242", TRAIN_JOB_ID="4241")
+    env.pop("SLURM_RESTART_COUNT", None)
+
+    def start(log):
+        return subprocess.Popen(["bash", str(script), str(pipeline)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    with open(tmp_path / "first.log", "w") as log:
+        first = start(log)
+        deadline = time.time() + 240
+        while not (run / "eval" / "results.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert [r["tag"] for r in results_of(run)] == [a.name], (tmp_path / "first.log").read_text()
+        os.killpg(first.pid, signal.SIGTERM)  # what Slurm does to the job at a requeue
+        assert first.wait(timeout=60) == 143, (tmp_path / "first.log").read_text()
+    summary = (run / "logs" / "summary.txt").read_text()
+    assert " eval_watch 4242 stopped by Slurm (SIGTERM) " in summary and " ok " not in summary, summary
+    shutil.copytree(sources[-1], c)  # training went on meanwhile: the final checkpoint
+    set_latest(run, c.name)
+    with open(tmp_path / "second.log", "w") as log:
+        env["SLURM_RESTART_COUNT"] = "1"
+        second = start(log)
+        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
+    out = (tmp_path / "second.log").read_text()
+    assert out.count("eval watch: scoring ") == 1 and f"scoring {c.name} " in out, out  # a was not scored again
+    assert [r["tag"] for r in results_of(run)] == [a.name, c.name]
+    assert (run / "command.log").read_text().split() == [str(a), str(c)]
+    assert (run / "eval" / "report.md").exists()
+    assert (run / "logs" / "summary.txt").read_text().splitlines()[-1].split()[1:4] == ["eval_watch", "4242", "ok"]
+
+
 def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     from eval.__main__ import main
     run = tmp_path / "run"
