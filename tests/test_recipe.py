@@ -165,6 +165,8 @@ def test_allow_change_names_must_be_changeable_keys():
         check_allowed_keys(["seed"])
     with pytest.raises(RecipeError, match="--allow-change model.n_layer: model.n_layer cannot change"):
         check_allowed_keys(["model.n_layer"])
+    with pytest.raises(RecipeError, match="--allow-change optim.name: optim.name cannot change on resume"):
+        check_allowed_keys(["optim.name"])
     with pytest.raises(RecipeError, match="--allow-change optim.lr: not a recipe key that can change; known keys: "
                                           "data.dir, data.mix, deepspeed,"):
         check_allowed_keys(["optim.lr"])

@@ -34,3 +34,27 @@ def test_changed_recipe_is_refused_unless_allowed_then_recorded(tmp_path, tiny_r
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["schedule"]["max_steps"] == 7 and config["optim"]["max_lr"] == 0.001
     assert read_client_state(run_dir / "checkpoints/global_step7")["config"] == config
+
+
+def saved_param_groups(tag_dir):
+    """The optimizer's param groups as the checkpoint saved them (ZeRO-1: the base optimizer's state)."""
+    from model.checkpoint import safe_load
+    optim_file = sorted(tag_dir.glob("*optim_states.pt"))[0]
+    return safe_load(optim_file)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+
+
+def test_allowed_optimizer_option_changes_are_applied_not_only_recorded(tmp_path, tiny_run, tiny_dataset):
+    """torch's load_state_dict takes every option of the saved param groups: a resume that allowed new weight
+    decay, betas and eps must still train (and save) with the new ones."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(tiny_run / "config.yaml", run_dir / "config.yaml")
+    before = saved_param_groups(run_dir / "checkpoints/global_step6")
+    assert [g["weight_decay"] for g in before] == [0.1, 0.0] and {tuple(g["betas"]) for g in before} == {(0.9, 0.95)}
+    changed = ["optim.weight_decay=0.05", "optim.betas=[0.8, 0.9]", "optim.eps=1e-6"]
+    run_train(train_command(run_dir, tiny_dataset, "schedule.max_steps=7", *changed)
+              + [arg for key in ("schedule.max_steps", "optim.weight_decay", "optim.betas", "optim.eps")
+                 for arg in ("--allow-change", key)])
+    after = saved_param_groups(run_dir / "checkpoints/global_step7")
+    assert [g["weight_decay"] for g in after] == [0.05, 0.0]  # the no-decay group stays at 0
+    assert all(tuple(g["betas"]) == (0.8, 0.9) and g["eps"] == 1e-6 for g in after), after

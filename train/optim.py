@@ -75,6 +75,11 @@ class Built:
     optimizer: torch.optim.Optimizer
     peak_lrs: list[float]          # per param group, in order: the lr the schedule's multiplier scales
     param_names: list[list[str]]   # per param group, in the optimizer's order (checkpoints record it)
+    hyperparameters: list[dict]    # per param group, in that order: the recipe's options other than lr
+
+
+# The options a param group takes from the recipe (lr comes from the schedule before each update).
+RECIPE_OPTIONS = ("weight_decay", "betas", "eps", "momentum")
 
 
 def param_groups(model: torch.nn.Module, optim) -> list[dict]:
@@ -130,7 +135,22 @@ def build(model: torch.nn.Module, optim, device: str, offload: bool) -> Built:
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=fused)
     # MuonWithAuxAdam sorts its Muon group by size: the names follow the optimizer's own order.
     names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    return Built(optimizer, peak_lrs, names)
+    options = [{k: group[k] for k in RECIPE_OPTIONS if k in group} for group in optimizer.param_groups]
+    return Built(optimizer, peak_lrs, names, options)
+
+
+def restore_hyperparameters(optimizer: torch.optim.Optimizer, hyperparameters: list[dict]) -> None:
+    """After a checkpoint load: each param group's options as the recipe says, not as the checkpoint saved them.
+
+    torch's Optimizer.load_state_dict (which DeepSpeed calls at every ZeRO stage) takes every option of the saved
+    groups, so a change a resume allowed with --allow-change (optim.weight_decay, betas, eps, muon_momentum,
+    muon_weight_decay) would otherwise be recorded in recipe_history.jsonl and silently not applied. In place:
+    MuonWithAuxAdam's auxiliary AdamW shares these group dicts.
+    """
+    if len(optimizer.param_groups) != len(hyperparameters):
+        raise RuntimeError(f"{len(optimizer.param_groups)} param groups for {len(hyperparameters)} option sets")
+    for group, options in zip(optimizer.param_groups, hyperparameters):
+        group.update(options)
 
 
 def forget_start_up_step(optimizer: torch.optim.Optimizer, zero_stage: int, bf16: bool) -> None:

@@ -467,7 +467,9 @@ def schedule_shape(recipe: Recipe) -> dict:
 NOT_COMPARED = ("run_dir",)
 # The model's shape is compared as a whole (resolved GPTConfig) by the trainer; seq_len and seed fix the loader's
 # window numbering and order, which its saved position counts in: none of them can change on resume.
-FIXED_ON_RESUME = ("model", "batch.seq_len", "seed")
+# optim.name: the saved optimizer state is another optimizer's (AdamW's moments, Muon's momentum buffers), in
+# another number of param groups; DeepSpeed would fail deep inside its load, or mix the two.
+FIXED_ON_RESUME = ("model", "batch.seq_len", "seed", "optim.name")
 ABSENT = "<absent>"
 
 

@@ -145,6 +145,7 @@ class Trainer:
         # param_names: each group's parameter names in the optimizer's order, which is the order of its fp32 master
         # copies; checkpoints record them (client_state param_names) so the masters map to parameters by name.
         self.optimizer, self.peak_lrs, self.param_names = built.optimizer, built.peak_lrs, built.param_names
+        self.hyperparameters = built.hyperparameters
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         optim.forget_start_up_step(self.optimizer, zero_stage(self.ds_config),
                                    bool(self.ds_config.get("bf16", {}).get("enabled")))
@@ -176,6 +177,7 @@ class Trainer:
         path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:
             raise TrainError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
+        optim.restore_hyperparameters(self.optimizer, self.hyperparameters)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
         rng = state.get("rng") or []
