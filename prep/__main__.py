@@ -55,7 +55,10 @@ def _finalize(args) -> int:
 def _add_verify_info(sub) -> None:
     p = sub.add_parser("verify", help="re-check headers, sizes, token ranges and sha256 against the manifest")
     p.add_argument("dataset")
-    p.set_defaults(run=lambda a: verify.verify(a.dataset))
+    p.add_argument("--workers", type=cli.positive_int, default=None,
+                   help="processes checking whole shards (default: the CPUs this process may use, e.g. Slurm's "
+                        "allocation, at most one per shard; 1: check in this process)")
+    p.set_defaults(run=lambda a: verify.verify(a.dataset, a.workers))
     p = sub.add_parser("info", help="print a dataset's summary")
     p.add_argument("dataset")
     p.set_defaults(run=lambda a: verify.info(a.dataset))

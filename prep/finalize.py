@@ -65,8 +65,9 @@ def finalize(out: Path, wait: bool = False, task_index: int | None = None, task_
              verify: bool = False) -> int:
     """The `prep finalize` command: everything under the exclusive dataset lock, or one array task's shards.
 
-    verify=True: the process that writes the manifest then checks every shard as `prep verify` does (the others,
-    and runs that find the dataset finished, check nothing), so an array verifies once.
+    verify=True: the process that writes the manifest then checks every shard as `prep verify` does, with a worker
+    per CPU it may use (the others, and runs that find the dataset finished, check nothing), so an array verifies
+    once.
     """
     out = Path(out).resolve()
     if (out / MANIFEST).exists() and not work_dir(out).exists():

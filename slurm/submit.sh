@@ -210,8 +210,10 @@ stage_flags() {
             STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%A_%a.out" --array="0-$((PREP_TASKS - 1))"
                          --nodes=1 --ntasks=1 --cpus-per-task="$PREP_WORKERS" --time="${SITE_TIME_PREP:-04:00:00}") ;;
         prep_finalize)
+            # PREP_WORKERS CPUs, as a tokenize task: finalizing a share takes one, but the task that completes the
+            # dataset then verifies all of it (700 GB at 350BT) with a process per CPU it was given.
             STAGE_FLAGS=(--job-name="$stage" --output="$LOG_DIR/$stage-%A_%a.out" --array="0-$((FINALIZE_N - 1))"
-                         --nodes=1 --ntasks=1 --cpus-per-task=1 --time="${SITE_TIME_PREP:-04:00:00}") ;;
+                         --nodes=1 --ntasks=1 --cpus-per-task="$PREP_WORKERS" --time="${SITE_TIME_PREP:-04:00:00}") ;;
         train)
             STAGE_FLAGS+=(--nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE"
                           --cpus-per-task=$((SITE_CPUS_PER_NODE / GPUS_PER_NODE > 0 ? SITE_CPUS_PER_NODE / GPUS_PER_NODE : 1))
