@@ -142,6 +142,9 @@ if (run / "metrics.jsonl").exists():
               f"({100 * med('data_wait_ms') / (1e3 * med('step_time_s')):.2f}% of the step) |")
 if hs.exists():
     r = json.loads(hs.read_text())
-    print(f"| python -m eval checkpoint, full HellaSwag, batch 64 | {json.dumps({k: r[k] for k in r if k in ('wall_time_s', 'results')})[:400]} |")
+    h = r["tasks"]["hellaswag"]
+    print(f"| python -m eval checkpoint, full HellaSwag, batch 64 | {h['n_docs']} docs | acc_norm {h['acc_norm']:.4f} "
+          f"+- {1.96 * h['acc_norm_stderr']:.4f} | wall {r['wall_time_s']:.1f} s (tasks {r['timings']['tasks_s']:.1f}, "
+          f"model {r['timings']['model_s']:.1f}, scoring {r['timings']['score_s']:.1f}) |")
 EOF
 say "done in $(( $(date +%s) - started )) s; the whole log: $LOG"
