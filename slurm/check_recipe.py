@@ -2,13 +2,16 @@
 
 Uses the trainer's own recipe code (train.recipe), so a recipe passes here exactly when `python -m train` would
 accept it: known keys, a valid model shape, a DeepSpeed file that exists, and a total batch that divides evenly
-over micro_batch x seq_len x (nodes x GPUs per node).
+over micro_batch x seq_len x (nodes x GPUs per node). For a mixture (data.mix), the datasets already prepared must
+share one tokenizer, as train requires when it opens them (one the pipeline is still to prepare is not read).
 
     python slurm/check_recipe.py --config configs/train/tiny-cpu.yaml --world-size 2 [--set key=value ...]
 """
 import sys
+from pathlib import Path
 
 from common import cli
+from prep.reader import MANIFEST
 from train.recipe import batch_plan, deepspeed_config, load
 
 
@@ -16,6 +19,10 @@ def check(args) -> int:
     recipe = load(args.config, args.set)
     plan = batch_plan(recipe, args.world_size)
     deepspeed_config(recipe, plan)
+    prepared = [e for e in recipe.data.entries() if (Path(e[1]) / MANIFEST).exists()]
+    if recipe.data.mix and len(prepared) > 1:
+        from train.data import open_sources  # torch: only a mixture needs it here
+        open_sources(prepared)
     print(f"recipe ok: {plan.world_size} processes x micro_batch {plan.micro_batch} x seq_len {plan.seq_len} "
           f"x grad_accum {plan.grad_accum} = {plan.total_tokens} tokens/step, {plan.max_steps} steps")
     return 0

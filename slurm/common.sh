@@ -85,16 +85,68 @@ tokenize_flags() {
     TOKENIZE_FLAGS=(--shard-tokens "$PREP_SHARD_TOKENS" --val-tokens "$PREP_VAL_TOKENS")
 }
 
-# TRAIN_OVERRIDES as `--set k=v` arguments: a bash array keeps values with spaces; a string splits on spaces.
-train_set_flags() {
-    local overrides=() o
-    if declare -p TRAIN_OVERRIDES 2>/dev/null | grep -q '^declare -a'; then
-        overrides=("${TRAIN_OVERRIDES[@]}")
+# pipeline_list KEY: the pipeline list KEY (TRAIN_OVERRIDES, TRAIN_MIX) as PIPELINE_LIST; a bash array keeps
+# items with spaces, a string splits on spaces.
+pipeline_list() {
+    PIPELINE_LIST=()
+    if declare -p "$1" 2>/dev/null | grep -q '^declare -a'; then
+        local -n list="$1"
+        PIPELINE_LIST=(${list[@]+"${list[@]}"})
     else
-        read -r -a overrides <<< "${TRAIN_OVERRIDES:-}"
+        read -r -a PIPELINE_LIST <<< "${!1:-}"
     fi
-    TRAIN_SET_FLAGS=(--set "run_dir=$RUN_DIR" --set "data.dir=$DATASET_DIR")
-    for o in "${overrides[@]}"; do
+}
+
+# A weight as train reads it: decimal, no leading zeros (YAML takes 010 for octal 8), a non-zero digit.
+is_mix_weight() {
+    [[ "$1" =~ ^((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ "${1%%[eE]*}" == *[1-9]* ]]
+}
+
+# A YAML single-quoted scalar: nothing in it is special but the quote, which is doubled.
+yaml_quote() {
+    local q="'"
+    printf '%s' "'${1//$q/$q$q}'"
+}
+
+# TRAIN_MIX (entries DIR=WEIGHT or DIR=WEIGHT=NAME, in order data.mix[0], [1], ...) as TRAIN_MIX_DIRS (absolute)
+# and TRAIN_MIX_VALUE, the flow list train reads as data.mix; both empty without TRAIN_MIX. A DIR may hold '=':
+# fields are taken from the right, and a last field that is not a number is the NAME.
+train_mix() {
+    pipeline_list TRAIN_MIX
+    TRAIN_MIX_DIRS=() TRAIN_MIX_VALUE=""
+    local entry dir weight name items=() i=0
+    for entry in ${PIPELINE_LIST[@]+"${PIPELINE_LIST[@]}"}; do
+        # A newline would end the one-line error and fold inside the quoted path.
+        [[ "$entry" != *[[:cntrl:]]* ]] || die "TRAIN_MIX[$i] holds a control character: ${entry@Q}"
+        name="" weight="${entry##*=}" dir="${entry%=*}"
+        if [ "$dir" != "$entry" ] && ! is_mix_weight "$weight" && [[ "$dir" == *=* ]]; then
+            name="$weight" weight="${dir##*=}" dir="${dir%=*}"
+        fi
+        if [ "$dir" = "$entry" ] || [ -z "$dir" ] || ! is_mix_weight "$weight"; then
+            die "TRAIN_MIX[$i] '$entry' is not DIR=WEIGHT or DIR=WEIGHT=NAME with WEIGHT a positive number (0.7, 3)"
+        fi
+        dir="$(abspath "$dir")"
+        TRAIN_MIX_DIRS+=("$dir")
+        items+=("{dir: $(yaml_quote "$dir"), weight: $weight${name:+, name: $(yaml_quote "$name")}}")
+        i=$((i + 1))
+    done
+    [ "$i" = 0 ] || TRAIN_MIX_VALUE="[$(IFS=,; echo "${items[*]}")]"
+}
+
+# The recipe's run_dir and data (DATASET_DIR, or the TRAIN_MIX mixture), then TRAIN_OVERRIDES, as `--set k=v`
+# arguments; TRAIN_OVERRIDES_AT is the index where TRAIN_OVERRIDES begin.
+train_set_flags() {
+    train_mix
+    TRAIN_SET_FLAGS=(--set "run_dir=$RUN_DIR")
+    if [ -n "$TRAIN_MIX_VALUE" ]; then
+        TRAIN_SET_FLAGS+=(--set data.dir=null --set "data.mix=$TRAIN_MIX_VALUE")
+    else
+        TRAIN_SET_FLAGS+=(--set "data.dir=$DATASET_DIR")
+    fi
+    TRAIN_OVERRIDES_AT=${#TRAIN_SET_FLAGS[@]}
+    pipeline_list TRAIN_OVERRIDES
+    local o
+    for o in ${PIPELINE_LIST[@]+"${PIPELINE_LIST[@]}"}; do
         TRAIN_SET_FLAGS+=(--set "$o")
     done
 }

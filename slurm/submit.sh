@@ -71,8 +71,25 @@ validate() {
         fineweb|fineweb-edu) ;;
         *) die "PREP_SOURCE must be fineweb-edu, fineweb or local, got '$PREP_SOURCE'" ;;
     esac
+    check_mix
     check_recipe
     check_dataset
+}
+
+# TRAIN_MIX: train reads DATASET_DIR and datasets prepared before. This pipeline prepares only DATASET_DIR, so
+# it must be one of the mix, and every other one must be finished now: a missing one would fail the train job
+# after prep had run for hours.
+check_mix() {
+    train_mix
+    [ -n "$TRAIN_MIX_VALUE" ] || return 0
+    local d own listed=0
+    own="$(realpath -m "$DATASET_DIR")"
+    for d in "${TRAIN_MIX_DIRS[@]}"; do [ "$(realpath -m "$d")" != "$own" ] || listed=1; done
+    [ "$listed" = 1 ] || die "TRAIN_MIX does not list DATASET_DIR ($DATASET_DIR), the dataset this pipeline prepares: add it as an entry (\"\$DATASET_DIR=WEIGHT\")"
+    for d in "${TRAIN_MIX_DIRS[@]}"; do
+        [ "$(realpath -m "$d")" = "$own" ] || [ -f "$d/manifest.json" ] \
+            || die "TRAIN_MIX: $d is not a finished dataset (no manifest.json); this pipeline prepares only DATASET_DIR, so prepare $d first (python -m prep tokenize --input ... --out $d)"
+    done
 }
 
 # A stage's one-line `error: ...` message (every Python entry point prints one), or its last line when it died
@@ -320,8 +337,8 @@ show_config() {
     printf '%-14s %s\n' "pipeline" "$PIPELINE_FILE" "mode" "$mode" "site" "${SITE:-none}" \
         "source" "$PREP_SOURCE${PREP_SOURCE:+ }$( [ "$PREP_SOURCE" = local ] && echo "${PREP_INPUT[*]}" || echo "$PREP_SAMPLE -> $RAW_DIR")" \
         "dataset" "$DATASET_DIR" "prep tasks" "$PREP_TASKS x $PREP_WORKERS worker(s)${FINALIZE_N:+, finalize $FINALIZE_N task(s)}" \
-        "recipe" "$TRAIN_RECIPE" \
-        "overrides" "${TRAIN_SET_FLAGS[*]:4}" "run" "$RUN_DIR" "processes" "$NODES node(s) x $GPUS_PER_NODE" \
+        "recipe" "$TRAIN_RECIPE" "train data" "${TRAIN_MIX_VALUE:-$DATASET_DIR}" \
+        "overrides" "${TRAIN_SET_FLAGS[*]:$TRAIN_OVERRIDES_AT}" "run" "$RUN_DIR" "processes" "$NODES node(s) x $GPUS_PER_NODE" \
         "hellaswag" "$HELLASWAG${EVAL_LIMIT:+ (first $EVAL_LIMIT docs)}" \
         "eval mode" "$EVAL_MODE$( [ "$MODE" = local ] && [ "$EVAL_MODE" = jobs ] && echo " (scored in turn: --local submits no jobs)")" \
         "logs" "$LOG_DIR"

@@ -3,10 +3,12 @@ does), --dry-run shows the chain, and bad input is refused before anything runs.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 
 import pytest
 
+from common import yamlfile
 from tests.conftest import PYTHON, REPO, SHARED
 from tests.slurm_cluster import split_inputs, write_env_file
 
@@ -219,3 +221,102 @@ def test_a_local_source_needs_no_raw_dir_and_a_hub_source_does(workdir):
     done = submit(no_input, "--local", "--dry-run")
     assert done.returncode == 1
     assert done.stderr == "error: PREP_SOURCE=local needs PREP_INPUT (files or directories)\n"
+
+
+# ---- TRAIN_MIX: training on a mixture of the pipeline's dataset and datasets prepared before ------------------
+
+def mix_entry(path, weight, name=None):
+    return f"{path}={weight}" + (f"={name}" if name else "")
+
+
+@pytest.fixture(scope="module")
+def dictionary_docs(workdir):
+    """GCIDE dictionary entries as jsonl documents: the text the mix pipeline prepares (not Shakespeare, so its
+    val loss differs from tiny_dataset's)."""
+    with open(SHARED / "data" / "gcide.txt", encoding="utf-8", errors="replace") as f:
+        f.seek(2_000_000)
+        text = f.read(300_000)
+    (workdir / "gcide.txt").write_text(text, encoding="utf-8")
+    return split_inputs(REPO, workdir / "gcide.txt", workdir / "dictionary docs", files=1)
+
+
+def mix_pipeline(workdir, name, mix, **extra):
+    return pipeline_file(workdir, name, PREP_TASKS=1, TRAIN_MIX=mix, RUN_DIR=workdir / f"{name} run", **extra)
+
+
+def test_a_local_pipeline_trains_on_its_dataset_mixed_with_one_prepared_before(workdir, dictionary_docs,
+                                                                             tiny_dataset):
+    # The pipeline's own dataset has a space, a quote, a comma and brackets in its path, so the flow list train
+    # reads as data.mix must quote it; its entry names it (its directory name is no metrics name).
+    own = workdir / "it's the [dictionary], mixed"
+    pipeline = mix_pipeline(workdir, "mix", [mix_entry(own, 0.7, "dict"), mix_entry(tiny_dataset, 0.3)],
+                            DATASET_DIR=own, PREP_INPUT=dictionary_docs,
+                            TRAIN_OVERRIDES=["schedule.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=4",
+                                             "eval.every=2", "eval.val_batches=2", "sample.every=0"])
+    done = submit(pipeline, "--local")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stages: prep_tokenize prep_finalize train eval_watch" in done.stdout   # it prepared its own dataset
+    run = workdir / "mix run"
+    assert yamlfile.load(run / "config.yaml")["data"] == {"dir": None, "mix": [{"dir": str(own), "weight": 0.7, "name": "dict"},
+                                          {"dir": str(tiny_dataset), "weight": 0.3, "name": None}]}
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [r["step"] for r in val] == [2, 4]
+    for r in val:
+        assert r["val_loss"] == pytest.approx(0.7 * r["val_loss/dict"] + 0.3 * r["val_loss/ds"], rel=1e-12)
+        assert r["val_loss/dict"] != r["val_loss/ds"]
+    train_log = (run / "logs" / "train-local.out").read_text()
+    assert "data dict" in train_log and "share 0.7" in train_log and "data ds" in train_log
+    assert (run / "eval" / "report.md").exists()
+
+
+@pytest.mark.parametrize("problem", ["no weight", "weight 0", "weight not a number", "not prepared",
+                                     "DATASET_DIR not listed", "tokenizers differ"])
+def test_a_bad_train_mix_is_refused_in_one_line_before_anything_runs(workdir, tiny_dataset, problem):
+    own = workdir / "mix-data"
+    missing = workdir / "never prepared"
+    other = workdir / "other-tokenizer"
+    if problem == "tokenizers differ" and not other.exists():
+        shutil.copytree(tiny_dataset, other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        manifest["tokenizer"] = {**manifest["tokenizer"], "name": "r50k_base"}
+        (other / "manifest.json").write_text(json.dumps(manifest))
+    good = [mix_entry(own, 0.7), mix_entry(tiny_dataset, 0.3)]
+    mix, expected = {
+        "no weight": ([str(own), good[1]], f"TRAIN_MIX[0] '{own}' is not DIR=WEIGHT or DIR=WEIGHT=NAME"),
+        "weight 0": ([good[0], mix_entry(tiny_dataset, 0)],
+                     f"TRAIN_MIX[1] '{tiny_dataset}=0' is not DIR=WEIGHT or DIR=WEIGHT=NAME"),
+        "weight not a number": ([mix_entry(own, "0.7x"), good[1]],
+                                f"TRAIN_MIX[0] '{own}=0.7x' is not DIR=WEIGHT or DIR=WEIGHT=NAME"),
+        "not prepared": ([*good, mix_entry(missing, 1)],
+                         f"TRAIN_MIX: {missing} is not a finished dataset (no manifest.json); this pipeline "
+                         f"prepares only DATASET_DIR, so prepare {missing} first"),
+        "DATASET_DIR not listed": ([good[1], mix_entry(missing, 0.5)],
+                                   f"TRAIN_MIX does not list DATASET_DIR ({own}), the dataset this pipeline prepares"),
+        # own is not prepared yet: the two datasets that are must still agree, as train will require.
+        "tokenizers differ": ([*good, mix_entry(other, 0.2)],
+                              f"recipe {REPO / 'configs/train/tiny-cpu.yaml'} fails for 1 node(s) x 1 process(es): "
+                              f"data.mix: the datasets were tokenized differently: {tiny_dataset} has gpt2"),
+    }[problem]
+    done = submit(mix_pipeline(workdir, "bad mix", mix, DATASET_DIR=own), "--local", "--dry-run")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"error: {expected}"), done.stderr
+    assert not (workdir / "bad mix run").exists() and not own.exists() and not missing.exists()
+
+
+def test_train_mix_paths_with_spaces_quotes_and_equals_signs_reach_the_recipe_whole(workdir, tiny_dataset):
+    """A prepared dataset at a path holding a space, a quote, '=', ',', '#' and brackets: the recipe check (the
+    trainer's own loader, which opens each prepared dataset of a mix) finds it, and train's data.mix names it."""
+    odd = workdir / "it's = a, [set] #1"
+    if not odd.exists():
+        shutil.copytree(tiny_dataset, odd)
+    own = workdir / "mix-data"
+    done = submit(mix_pipeline(workdir, "odd mix", [mix_entry(own, 7), mix_entry(odd, 2, "odd"),
+                                                    mix_entry(tiny_dataset, 1)], DATASET_DIR=own),
+                  "--local", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "recipe ok:" in done.stdout and "stages: prep_tokenize prep_finalize train eval_watch" in done.stdout
+    shown = next(line for line in done.stdout.splitlines() if line.startswith("train data"))
+    assert yamlfile.parse(shown.split(None, 2)[2]) == [{"dir": str(own), "weight": 7},
+                                               {"dir": str(odd), "weight": 2, "name": "odd"},
+                                               {"dir": str(tiny_dataset), "weight": 1}]
+    assert not own.exists() and not (workdir / "odd mix run").exists()
