@@ -42,6 +42,7 @@ DEMO_DOCS ?= 2000
 
 demo: export TIKTOKEN_CACHE_DIR ?= $(abspath demo/cache/tiktoken)
 demo: $(VENV)/.installed
+	@cxx="$${CXX:-c++}"; "$$cxx" --version >/dev/null 2>&1 || { echo "error: make demo trains on CPU, where DeepSpeed needs a C++ compiler at start-up ('$$cxx --version' failed): install one (Debian/Ubuntu: apt-get install g++) or set CXX" >&2; exit 1; }
 	$(PY) slurm/demo_data.py demo/input --files 2 $(if $(DEMO_TEXT),--text "$(DEMO_TEXT)",--docs $(DEMO_DOCS))
 	test -f demo/eval/hellaswag_val.jsonl || \
 		$(PY) -m prep eval-data --out demo/eval $(if $(DEMO_HELLASWAG),--from "$(DEMO_HELLASWAG)")

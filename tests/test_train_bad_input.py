@@ -112,3 +112,19 @@ def test_muon_without_a_working_compiler_stops_with_one_line_before_any_update(t
     # The way out the line offers: the same run, uncompiled, trains.
     run_train(train_command(run_dir, tiny_dataset, *muon), env=dict(env, TORCHDYNAMO_DISABLE="1"))
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_cpu_run_without_a_working_cpp_compiler_is_one_line(tmp_path, tiny_dataset):
+    # On CPU DeepSpeed builds (or re-checks) its shared-memory communication op with c++ whenever it makes a
+    # process group: a machine without a compiler (a fresh one running the demo) got torch's cpp_extension traceback.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for compiler in ("c++", "g++", "gcc", "cc"):
+        (fake / compiler).write_text("#!/bin/sh\nexit 1\n")
+        (fake / compiler).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env["PATH"] = f"{fake}{os.pathsep}{os.environ['PATH']}"
+    run_dir = tmp_path / "run"
+    result = run_train(train_command(run_dir, tiny_dataset, "eval.every=0", "sample.every=0"), check_rc=None, env=env)
+    assert_one_line_error(result, 1, "training on CPU needs a C++ compiler", "apt-get install g++", "c++")
+    assert not run_dir.exists()

@@ -85,3 +85,27 @@ def setup(env=None) -> Placement:
     # DeepSpeed picks its CPU accelerator on its own when torch has no CUDA; say so explicitly for clarity.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Placement(rank, local_rank, world, "cpu", "gloo")
+
+
+def init_distributed(place: Placement) -> None:
+    """deepspeed.init_distributed, with a failed build of DeepSpeed's CPU op said in one line.
+
+    On CPU, DeepSpeed JIT-builds its shared-memory communication op (deepspeed_shm_comm) whenever it makes a
+    process group, with torch's cpp_extension, which asks the C++ compiler for its version even when the build is
+    cached; a machine without g++ died here with that traceback. Only errors raised from inside the build are
+    translated: a rendezvous failure stays what it is.
+    """
+    import traceback
+
+    import deepspeed
+    try:
+        deepspeed.init_distributed(dist_backend=place.backend)
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        frames = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+        if place.device != "cpu" or not any("op_builder" in f or "cpp_extension" in f for f in frames):
+            raise
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LaunchError(
+            f"training on CPU needs a C++ compiler: DeepSpeed builds its CPU communication op with one (and ninja) "
+            f"at start-up, and that failed ({cause}); install one (Debian/Ubuntu: apt-get install g++; or set CXX "
+            f"to one) and rerun") from None

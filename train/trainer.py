@@ -129,7 +129,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
         import deepspeed
-        deepspeed.init_distributed(dist_backend=self.place.backend)
+        launch.init_distributed(self.place)
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         model = GPT(self.model_config)
         model.activation_checkpointing = self.recipe.activation_checkpointing
