@@ -109,10 +109,12 @@ def read_json(path):
         return json.load(f)
 
 
-def fsync_tree(directory: Path) -> None:
-    """fsync every file and directory under `directory` (before it is renamed into place)."""
+def fsync_tree(directory: Path, keep=None) -> None:
+    """fsync every file (those for which keep(path) is true, if given) and directory under `directory`."""
     for root, _dirs, files in os.walk(directory):
         for name in files:
+            if keep is not None and not keep(Path(root, name)):
+                continue
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
