@@ -78,15 +78,22 @@ def test_compile_with_zero3_is_refused_before_anything_is_written(tmp_path, tiny
     assert not (tmp_path / "run").exists()
 
 
-def test_a_failing_compiler_stops_with_one_line_before_any_update(tmp_path, tiny_dataset):
-    # A fresh inductor cache, so kernels must really be built, and a broken `g++` first on PATH: inductor's
-    # compiler. (Not CXX: DeepSpeed's CPU comm op would rebuild with it, in the shared torch_extensions cache.)
-    fake = tmp_path / "bin" / "g++"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
+def broken_compilers_env(tmp_path, *names: str) -> dict:
+    """os.environ with each named compiler a script that exits 1, first on PATH, CXX unset, and a fresh inductor
+    cache (so that kernels must really be built)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in names:
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
-    env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.update(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    return env
+
+
+def test_a_failing_compiler_stops_with_one_line_before_any_update(tmp_path, tiny_dataset):
+    # A broken `g++`: inductor's compiler. (Not c++ or CXX: DeepSpeed's CPU comm op needs that one, see below.)
+    env = broken_compilers_env(tmp_path, "g++")
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, tiny_dataset, "compile=true"), check_rc=None, env=env)
     assert_one_line_error(result, 1, "torch.compile failed in update 1", "C++ compiler", "set compile: false")
@@ -96,13 +103,8 @@ def test_a_failing_compiler_stops_with_one_line_before_any_update(tmp_path, tiny
 
 def test_muon_without_a_working_compiler_stops_with_one_line_before_any_update(tmp_path, tiny_dataset):
     # DeepSpeed 0.19.8 torch.compiles Muon's update whatever `compile` says: a broken `g++` (inductor's
-    # compiler, as above) and a fresh inductor cache, so that its kernels must really be built.
-    fake = tmp_path / "bin" / "g++"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "CXX"}
-    env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    # compiler, as above).
+    env = broken_compilers_env(tmp_path, "g++")
     muon = ["optim.name=muon", "optim.grad_clip=0", "schedule.max_steps=2", "eval.every=0", "sample.every=0"]
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, tiny_dataset, *muon), check_rc=None, env=env)
@@ -117,13 +119,7 @@ def test_muon_without_a_working_compiler_stops_with_one_line_before_any_update(t
 def test_a_cpu_run_without_a_working_cpp_compiler_is_one_line(tmp_path, tiny_dataset):
     # On CPU DeepSpeed builds (or re-checks) its shared-memory communication op with c++ whenever it makes a
     # process group: a machine without a compiler (a fresh one running the demo) got torch's cpp_extension traceback.
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    for compiler in ("c++", "g++", "gcc", "cc"):
-        (fake / compiler).write_text("#!/bin/sh\nexit 1\n")
-        (fake / compiler).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "CXX"}
-    env["PATH"] = f"{fake}{os.pathsep}{os.environ['PATH']}"
+    env = broken_compilers_env(tmp_path, "c++", "g++", "gcc", "cc")
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, tiny_dataset, "eval.every=0", "sample.every=0"), check_rc=None, env=env)
     assert_one_line_error(result, 1, "training on CPU needs a C++ compiler", "apt-get install g++", "c++")
