@@ -10,19 +10,36 @@ share one tokenizer, as train requires when it opens them (one the pipeline is s
 import sys
 from pathlib import Path
 
-from common import cli
+from common import cli, tokenizer
 from prep.reader import MANIFEST
 from train.recipe import batch_plan, deepspeed_config, load
+
+
+def check_mix_tokenizers(entries) -> None:
+    """The datasets of a mixture that exist share one tokenizer, as train requires; one still to be prepared (the
+    pipeline's own) will have prep's, so the others must have that one too: else train would refuse the mixture
+    only after the prep stages had run."""
+    from train.data import DatasetError, open_sources, tokenizer_of  # torch: only a mixture needs it here
+    prepared = [e for e in entries if (Path(e[1]) / MANIFEST).exists()]
+    pending = [e[1] for e in entries if e not in prepared]
+    if not prepared:
+        return
+    first = open_sources(prepared)[0].dataset
+    prep_makes = (tokenizer.ENCODING_NAME, tokenizer.N_VOCAB, tokenizer.EOT_TOKEN)
+    if pending and tokenizer_of(first) != prep_makes:
+        name, n_vocab, eot = tokenizer_of(first)
+        raise DatasetError(f"data.mix: the datasets would be tokenized differently: {first.path} has {name} "
+                           f"(n_vocab {n_vocab}, eot {eot}), {pending[0]} is still to be prepared, by prep with "
+                           f"{prep_makes[0]} (n_vocab {prep_makes[1]}, eot {prep_makes[2]}); a mixture needs one "
+                           f"tokenizer")
 
 
 def check(args) -> int:
     recipe = load(args.config, args.set)
     plan = batch_plan(recipe, args.world_size)
     deepspeed_config(recipe, plan)
-    prepared = [e for e in recipe.data.entries() if (Path(e[1]) / MANIFEST).exists()]
-    if recipe.data.mix and len(prepared) > 1:
-        from train.data import open_sources  # torch: only a mixture needs it here
-        open_sources(prepared)
+    if recipe.data.mix:
+        check_mix_tokenizers(recipe.data.entries())
     print(f"recipe ok: {plan.world_size} processes x micro_batch {plan.micro_batch} x seq_len {plan.seq_len} "
           f"x grad_accum {plan.grad_accum} = {plan.total_tokens} tokens/step, {plan.max_steps} steps")
     return 0

@@ -270,12 +270,12 @@ def test_a_local_pipeline_trains_on_its_dataset_mixed_with_one_prepared_before(w
 
 
 @pytest.mark.parametrize("problem", ["no weight", "weight 0", "weight not a number", "not prepared",
-                                     "DATASET_DIR not listed", "tokenizers differ"])
+                                     "DATASET_DIR not listed", "tokenizers differ", "not prep's tokenizer"])
 def test_a_bad_train_mix_is_refused_in_one_line_before_anything_runs(workdir, tiny_dataset, problem):
     own = workdir / "mix-data"
     missing = workdir / "never prepared"
     other = workdir / "other-tokenizer"
-    if problem == "tokenizers differ" and not other.exists():
+    if problem in ("tokenizers differ", "not prep's tokenizer") and not other.exists():
         shutil.copytree(tiny_dataset, other)
         manifest = json.loads((other / "manifest.json").read_text())
         manifest["tokenizer"] = {**manifest["tokenizer"], "name": "r50k_base"}
@@ -296,6 +296,11 @@ def test_a_bad_train_mix_is_refused_in_one_line_before_anything_runs(workdir, ti
         "tokenizers differ": ([*good, mix_entry(other, 0.2)],
                               f"recipe {REPO / 'configs/train/tiny-cpu.yaml'} fails for 1 node(s) x 1 process(es): "
                               f"data.mix: the datasets were tokenized differently: {tiny_dataset} has gpt2"),
+        # own, still to be prepared, will have prep's gpt2: the one prepared dataset must have it too.
+        "not prep's tokenizer": ([mix_entry(own, 0.7), mix_entry(other, 0.3)],
+                                 f"recipe {REPO / 'configs/train/tiny-cpu.yaml'} fails for 1 node(s) x 1 process(es): "
+                                 f"data.mix: the datasets would be tokenized differently: {other} has r50k_base "
+                                 f"(n_vocab 50257, eot 50256), {own} is still to be prepared, by prep with gpt2"),
     }[problem]
     done = submit(mix_pipeline(workdir, "bad mix", mix, DATASET_DIR=own), "--local", "--dry-run")
     assert done.returncode == 1, done.stdout + done.stderr
