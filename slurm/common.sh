@@ -12,6 +12,12 @@ die() {
     exit 1
 }
 
+# ${x@Q} quoting (bash 4.4) carries paths with spaces into eval jobs' command lines; older bash (RHEL 7's 4.2)
+# would fail mid-way with "bad substitution".
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+    die "slurm/ scripts need bash 4.4 or newer; this is bash $BASH_VERSION"
+fi
+
 # job_field JOB FIELD: FIELD of JOB as the controller sees it now (e.g. JobState, Restarts), or nothing once
 # the controller has forgotten the job or does not answer.
 job_field() {
