@@ -235,11 +235,16 @@ def _flock(f, path: Path, operation: int) -> None:
             f"no 'nolock'), or put the dataset or run directory on a filesystem that has them") from exc
 
 
+def this_process() -> str:
+    """'host H pid P since T': how lock files and other markers name the process that wrote them."""
+    return (f"host {socket.gethostname()} pid {os.getpid()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}")
+
+
 def _record_holder(f) -> None:
     f.seek(0)
     f.truncate()
-    f.write(f"host {socket.gethostname()} pid {os.getpid()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+    f.write(this_process() + "\n")
     f.flush()
 
 

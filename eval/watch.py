@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -87,8 +86,7 @@ def start_mark(mark: Path, command: str, lock_fd: int):
     does not keep the next watcher waiting. A mark it cannot write (a full disk) fails the start: nothing runs.
     """
     def preexec():
-        files.write_text(mark, f"host {socket.gethostname()} pid {os.getpid()} since "
-                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{command}\n")
+        files.write_text(mark, f"{files.this_process()}\n{command}\n")
         os.close(lock_fd)
     return preexec
 
@@ -269,9 +267,7 @@ class Watcher:
         if claimed_by is not None:
             self.log(f"eval watch: {tag}: eval.command was claimed by a watcher killed before it started it "
                      f"({claimed_by}); running it now")
-        files.write_json(self._claim_file(tag), {
-            "command": command, "claimed_by": f"host {socket.gethostname()} pid {os.getpid()}",
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        files.write_json(self._claim_file(tag), {"command": command, "claimed_by": files.this_process()})
         try:
             child = subprocess.Popen(command, shell=True, cwd=self.run, pass_fds=[lock_file.fileno()],
                                      preexec_fn=start_mark(started, command, lock_file.fileno()))
