@@ -21,7 +21,7 @@ class LaunchError(PipelineError):
 @dataclass(frozen=True)
 class Placement:
     rank: int
-    local_rank: int
+    local_rank: int    # on CUDA, the index of this process's GPU among those it sees (LOCAL_RANK as exported)
     world_size: int
     device: str    # "cuda:N" or "cpu"
     backend: str   # "nccl" or "gloo"
@@ -78,10 +78,14 @@ def setup(env=None) -> Placement:
     os.environ.update(resolved)
     rank, local_rank, world = int(resolved["RANK"]), int(resolved["LOCAL_RANK"]), int(resolved["WORLD_SIZE"])
     if torch.cuda.is_available():
-        # `srun --gpus-per-task 1` leaves each task one visible GPU (index 0) whatever its local rank.
+        # `srun --gpus-per-task 1` leaves each task one visible GPU (index 0) whatever its local rank. DeepSpeed
+        # 0.19.8 binds the GPU from LOCAL_RANK itself (init_process_group's device_id in comm/torch.py, the
+        # engine's set_device and device in _set_distributed_vars, ZeRO-3's local device), so LOCAL_RANK is
+        # exported as the index used here: left at SLURM_LOCALID it names a GPU the task cannot see.
         index = local_rank % torch.cuda.device_count()
+        os.environ["LOCAL_RANK"] = str(index)
         torch.cuda.set_device(index)
-        return Placement(rank, local_rank, world, f"cuda:{index}", "nccl")
+        return Placement(rank, index, world, f"cuda:{index}", "nccl")
     # DeepSpeed picks its CPU accelerator on its own when torch has no CUDA; say so explicitly for clarity.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Placement(rank, local_rank, world, "cpu", "gloo")
