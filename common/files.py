@@ -6,6 +6,9 @@ Readers (and a rerun after SIGKILL) see either the old content or the complete n
 - atomic_dir: the same for a directory built in a temporary sibling.
 - append_line: one whole line under an exclusive lock; a partial last line left by a killed writer is cut off
   first, so a fragment never merges into the next record.
+- read_json / read_json_lines: the readers of JSON and JSON-lines files, with one error policy (a missing file is
+  the OSError naming it; a malformed file or line is one error naming file:line; a partial last line of an
+  append-only file is skipped).
 - lock / try_lock: an advisory exclusive lock (fcntl.flock) on a lock file that records who holds it; the
   kernel drops it when the last process holding the open lock file ends. A filesystem without flock is an
   error (LocksUnsupported), never a reason to go on unlocked.
@@ -104,9 +107,56 @@ def write_json(path, obj, indent: int | None = 1) -> None:
         f.write("\n")
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+class MalformedJSON(PipelineError, ValueError):
+    """A JSON file, or a line of a JSON-lines file, that is not UTF-8 JSON (a ValueError, as json's own error is)."""
+
+
+def read_json(path, error: type[PipelineError] = MalformedJSON, hint: str = ""):
+    """A whole JSON file: the one reader of every JSON file, with one error policy.
+
+    Missing or unreadable: the OSError, which names the file (common.cli prints it as one line); not UTF-8 or not
+    JSON: `error`, naming the file and line, then `hint` (what damaged it, what to do).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(_malformed(path, f"invalid UTF-8 at byte {exc.start + 1}", hint)) from None
+    except json.JSONDecodeError as exc:
+        raise error(_malformed(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg}, column {exc.colno})",
+                               hint)) from None
+
+
+def read_json_lines(path, error: type[PipelineError] = MalformedJSON, append_only: bool = True, hint: str = ""):
+    """Yield (line number, record) for each non-blank line of a JSON-lines file, streamed.
+
+    Missing: FileNotFoundError, as read_json. A line that is not UTF-8 JSON: `error`, naming file:line. For an
+    append-only file (append_line's), a last line without its newline is a killed writer's partial line, or a live
+    writer's line half-written: it is skipped, as the next append cuts it off; elsewhere it is read like any other.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if append_only and not raw.endswith(b"\n"):
+                return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(_malformed(f"{path}:{lineno}", f"invalid UTF-8 at byte {exc.start + 1} of the line",
+                                       hint)) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(_malformed(f"{path}:{lineno}", f"not valid JSON ({exc.msg}, column {exc.colno})",
+                                       hint)) from None
+            yield lineno, record
+
+
+def _malformed(where, what: str, hint: str) -> str:
+    return f"{where}: {what}" + (f"; {hint}" if hint else "")
 
 
 def fsync_tree(directory: Path, keep=None) -> None:

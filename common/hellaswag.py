@@ -7,9 +7,9 @@ fields (ctx, ind, split, ...) are kept and not checked.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from . import files
 from .errors import PipelineError
 
 TEXT_FIELDS = ("activity_label", "ctx_a", "ctx_b")
@@ -57,21 +57,9 @@ def check_file(path) -> int:
     """Check every non-blank line of a jsonl file; returns the number of documents."""
     path = Path(path)
     n = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise HellaSwagError(f"{where}: invalid UTF-8 at byte {exc.start + 1} of the line") from None
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HellaSwagError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            check_doc(doc, where)
-            n += 1
+    for lineno, doc in files.read_json_lines(path, HellaSwagError, append_only=False):
+        check_doc(doc, f"{path}:{lineno}")
+        n += 1
     if n == 0:
         raise HellaSwagError(f"HellaSwag file {path} holds no docs")
     return n

@@ -1,7 +1,6 @@
 """`eval report RUN`: RUN/eval/report.md (a table per scored checkpoint) and RUN/eval/curves.png."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from common import files
@@ -16,18 +15,10 @@ Z95 = 1.96
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
+    """The records of an append-only JSON-lines file of the run; none while it does not exist yet."""
     if not path.exists():
-        return rows
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A line cut short by a crash is the only expected damage: report it, keep the rest.
-            print(f"warning: {path}:{lineno}: not JSON, ignored")
-    return rows
+        return []
+    return [record for _, record in files.read_json_lines(path, EvalError) if isinstance(record, dict)]
 
 
 def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:

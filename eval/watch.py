@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import shlex
@@ -41,11 +40,7 @@ def complete_checkpoints(run: Path) -> dict[str, Path]:
 def scored_tags(results: Path) -> set[str]:
     if not results.exists():
         return set()
-    tags = set()
-    for line in results.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError, AttributeError):
-            tags.add(json.loads(line).get("tag"))
-    return tags
+    return {record.get("tag") for _, record in files.read_json_lines(results, EvalError) if isinstance(record, dict)}
 
 
 PLACEHOLDER = re.compile(r"\{(ckpt|run)\}")
@@ -236,7 +231,7 @@ class Watcher:
 
     def _record(self, tag: str, path: Path, per_ckpt: Path, lock_file) -> None:
         """Append the scored checkpoint to results.jsonl (with eval.command's outcome): done, under its lock."""
-        record = json.loads(per_ckpt.read_text())
+        record = files.read_json(per_ckpt, EvalError)
         if self.command:
             record["command"] = self._run_command(tag, path, lock_file)
         files.append_json_line(self.results, record)

@@ -59,7 +59,7 @@ def _read_state_dict(directory: Path) -> dict:
     if index.exists():
         from safetensors.torch import load_file
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in sorted(set(files.read_json(index, HFFormatError)["weight_map"].values())):
             state.update(load_file(str(directory / shard)))
         return state
     if binf.exists():
@@ -91,7 +91,7 @@ def load_hf(cls, source, config: GPTConfig | None = None, **overrides):
         if not cfg_file.exists():
             raise HFFormatError(f"{directory}: no config.json, not a Hugging Face model directory")
         if config is None:
-            config = config_from_hf(json.loads(cfg_file.read_text()))
+            config = config_from_hf(files.read_json(cfg_file, HFFormatError))
         state = _read_state_dict(directory)
     # A GPT2Model (no LM head) saves keys without the "transformer." prefix.
     state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in state.items()}

@@ -1,7 +1,6 @@
 """Read a finished dataset directory (manifest.json and its shards): what train/ and eval/ use."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import weakref
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import files
 from common.errors import PipelineError
 
 from .shard import HEADER_BYTES, TOKEN_DTYPE, ShardError, open_shard, read_header
@@ -23,11 +23,8 @@ class DatasetError(PipelineError):
 
 def read_manifest(path: Path) -> dict:
     """manifest.json as a dict; a damaged one (truncated, not JSON) is an error naming the file."""
-    try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise DatasetError(f"{path}: malformed manifest ({exc}); it is written atomically, so something else "
-                           f"damaged it: delete {Path(path).parent} and tokenize again") from None
+    manifest = files.read_json(path, DatasetError, hint=f"a malformed manifest: it is written atomically, so "
+                               f"something else damaged it: delete {Path(path).parent} and tokenize again")
     if not isinstance(manifest, dict):
         raise DatasetError(f"{path}: malformed manifest (not a JSON object)")
     return manifest

@@ -16,7 +16,6 @@ waits, with --wait). The lock file lives in .work/ and goes with it when finaliz
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +64,8 @@ def holdout_path(out: Path, train_shard: int) -> Path:
 
 def load_json(path: Path, what: str = "file"):
     """A JSON file the pipeline wrote; a damaged one (truncated, edited) is an error naming it, not a traceback."""
-    try:
-        return files.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkDirError(f"{path}: damaged {what} ({exc}); it was written atomically, so something else changed "
-                           f"it") from None
+    return files.read_json(path, WorkDirError, hint=f"a damaged {what}: it was written atomically, so something "
+                                                    f"else changed it")
 
 
 def is_done(out: Path, unit) -> bool:
