@@ -52,3 +52,24 @@ def test_all_gpus_visible_keeps_the_local_rank(gpus):
     place = launch.setup(slurm_task(localid=5, procid=13, ntasks=16))
     assert (place.device, place.local_rank) == ("cuda:5", 5)
     assert gpus.bound == [5] and os.environ["LOCAL_RANK"] == "5"
+
+
+def test_cuda_runs_get_expandable_segments_unless_the_user_set_the_allocator(gpus, monkeypatch):
+    launch.setup({})
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    launch.setup({})
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # torch's newer name wins over the old
+    launch.setup({})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_a_cpu_build_of_torch_sets_no_cuda_allocator(monkeypatch):
+    for key in RENDEZVOUS:
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert launch.setup({}).device == "cpu"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

@@ -155,7 +155,8 @@ def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeyp
     assert overridden["tokens"] == 1908 * 524288 >= 10**9
     assert not plan["activation_checkpointing"]
     recomputing = plan_json("--recipe", str(repo_root / "configs/train/gpt2-350m.yaml"), "--gpus", "8")
-    assert recomputing["activation_checkpointing"] and recomputing["fits"]  # the recipe's own setting is planned
+    assert not recomputing["activation_checkpointing"] and recomputing["fits"]  # the recipe's own setting is planned
+    assert recomputing["micro_batch"] == 32
 
 
 # --- model states against DeepSpeed's own estimators -------------------------------------------------

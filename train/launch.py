@@ -77,6 +77,11 @@ def setup(env=None) -> Placement:
     resolved = resolve_env(env)
     os.environ.update(resolved)
     rank, local_rank, world = int(resolved["RANK"]), int(resolved["LOCAL_RANK"]), int(resolved["WORLD_SIZE"])
+    if torch.version.cuda and not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        # Expandable segments map memory into growing segments instead of fixed blocks, so the varying shapes of
+        # a step (logits chunks, optimizer buffers) fragment less near a full GPU. The allocator reads this once,
+        # at its first use: here, before any CUDA call of this process, whichever launcher started it.
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if torch.cuda.is_available():
         # `srun --gpus-per-task 1` leaves each task one visible GPU (index 0) whatever its local rank. DeepSpeed
         # 0.19.8 binds the GPU from LOCAL_RANK itself (init_process_group's device_id in comm/torch.py, the
