@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from common import files  # noqa: E402
-from prep.shard import HEADER_BYTES, make_header  # noqa: E402
+from prep.shard import HEADER_BYTES, edges_sha256, make_header  # noqa: E402
 from train.data import PREFETCH  # noqa: E402
 
 SHARD_TOKENS = 100_000_000
@@ -82,7 +82,8 @@ def sparse_dataset(out: Path, total_tokens: int) -> Path:
             with open(out / name, "wb") as f:
                 f.write(make_header(SHARD_TOKENS))
                 f.truncate(HEADER_BYTES + 2 * SHARD_TOKENS)
-            shards.append({"name": name, "split": split, "tokens": SHARD_TOKENS, "documents": 1, "sha256": sha})
+            shards.append({"name": name, "split": split, "tokens": SHARD_TOKENS, "documents": 1, "sha256": sha,
+                           "bytes": HEADER_BYTES + 2 * SHARD_TOKENS, "edges_sha256": edges_sha256(out / name)[1]})
     write_manifest(out, shards)
     return out
 
@@ -101,7 +102,8 @@ def dense_dataset(out: Path, gigabytes: float) -> Path:
         tokens = rng.integers(0, N_VOCAB, n, dtype=np.uint16)
         write_shard(out / name, tokens)
         sha = hashlib.sha256(make_header(n) + tokens.tobytes()).hexdigest()
-        shards.append({"name": name, "split": split, "tokens": n, "documents": 1, "sha256": sha})
+        shards.append({"name": name, "split": split, "tokens": n, "documents": 1, "sha256": sha,
+                       "bytes": HEADER_BYTES + 2 * n, "edges_sha256": edges_sha256(out / name)[1]})
     write_manifest(out, shards)
     return out
 

@@ -33,7 +33,7 @@ from .inputs import ReadStats, Unit
 from .layout import Layout, load_or_build
 from .reader import MANIFEST, read_manifest
 from .recipe import refuse_if_different
-from .shard import HEADER_BYTES, make_header, open_shard
+from .shard import HEADER_BYTES, edges_sha256, make_header, open_shard
 from .verify import verify as verify_dataset
 from .workdir import (INDEX_DTYPE, dataset_lock, holdout_path, is_done, load_json, shard_paths, shards_dir,
                       task_lock, unit_paths, work_dir)
@@ -235,7 +235,7 @@ def _write_shard(path: Path, split: str, count: int, chunks, report=None) -> dic
         if written != count:
             raise AssertionError(f"{path}: layout promised {count} tokens, the pieces held {written}")
     return {"name": path.name, "split": split, "tokens": count, "documents": docs, "sha256": digest.hexdigest(),
-            "bytes": HEADER_BYTES + 2 * count}
+            "bytes": HEADER_BYTES + 2 * count, "edges_sha256": edges_sha256(path)[1]}
 
 
 def _release_units(work: Work, units: range) -> int:

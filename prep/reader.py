@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import weakref
 from dataclasses import dataclass
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import files
+from common import files, tokenizer
 from common.errors import PipelineError
 
-from .shard import HEADER_BYTES, TOKEN_DTYPE, ShardError, open_shard, read_header
+from .shard import EDGE_BYTES, HEADER_BYTES, TOKEN_DTYPE, ShardError, edges_sha256, open_shard, read_header
 
 MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 
 
 class DatasetError(PipelineError):
@@ -37,14 +40,17 @@ class ShardInfo:
     tokens: int
     documents: int
     sha256: str
+    bytes: int
+    edges_sha256: str  # prep.shard.edges_sha256: what train checks at start, without reading the dataset
 
 
 class Dataset:
-    """A prepared dataset: its manifest and memory-mapped shards, validated at open."""
+    """A prepared dataset: its manifest and shards; the manifest must describe itself consistently at open, and
+    the files must match it (check_files) before train reads them."""
 
     def __init__(self, path):
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
+        self.manifest_path = manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
             hint = " (tokenize has not finished: run `python -m prep finalize`)" if (self.path / ".work").exists() else ""
             raise DatasetError(f"{self.path}: no {MANIFEST}; not a finished dataset{hint}")
@@ -54,8 +60,73 @@ class Dataset:
                            for s in self.manifest["shards"]]
             tok = self.manifest["tokenizer"]
             self.n_vocab, self.eot = int(tok["n_vocab"]), int(tok["eot"])
+            totals = {split: self.manifest["totals"][split] for split in SPLITS}
         except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{manifest_path}: malformed manifest ({exc})") from None
+            raise DatasetError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        self._check_manifest(tok, totals)
+        self._files_checked = False
+
+    def _refuse(self, what: str) -> None:
+        raise DatasetError(f"{self.manifest_path}: {what}; the manifest does not describe a dataset prep writes "
+                           f"(edited or damaged?): prepare the dataset again")
+
+    def _check_manifest(self, tok: dict, totals: dict) -> None:
+        """The manifest agrees with itself and with the tokenizer it names (no file is read)."""
+        if not 0 <= self.eot < self.n_vocab <= 1 << 16:
+            self._refuse(f"tokenizer n_vocab {self.n_vocab} / eot {self.eot} do not fit uint16 token shards "
+                         f"(0 <= eot < n_vocab <= 65536)")
+        if tok.get("name") == tokenizer.ENCODING_NAME and (self.n_vocab, self.eot) != (tokenizer.N_VOCAB,
+                                                                                      tokenizer.EOT_TOKEN):
+            self._refuse(f"tokenizer {tokenizer.ENCODING_NAME} with n_vocab {self.n_vocab}, eot {self.eot}, but "
+                         f"{tokenizer.ENCODING_NAME} has n_vocab {tokenizer.N_VOCAB}, eot {tokenizer.EOT_TOKEN}")
+        seen = set()
+        for s in self.shards:
+            match = SHARD_NAME.fullmatch(s.name) if isinstance(s.name, str) else None
+            if match is None or match.group(1) != s.split or s.name in seen:
+                self._refuse(f"shard {str(s.name)[:80]!r} ({s.split}) is not a {s.split} shard name of this "
+                             f"directory, or is listed twice")
+            seen.add(s.name)
+            if not isinstance(s.tokens, int) or s.tokens < 0 or s.bytes != HEADER_BYTES + 2 * s.tokens:
+                self._refuse(f"shard {s.name}: {s.bytes} bytes for {s.tokens} tokens (a shard of n tokens is "
+                             f"{HEADER_BYTES} + 2n bytes)")
+        for split in SPLITS:
+            shards = self.split(split)
+            have = {"tokens": sum(s.tokens for s in shards), "documents": sum(s.documents for s in shards),
+                    "shards": len(shards)}
+            told = {k: totals[split].get(k) if isinstance(totals[split], dict) else None for k in have}
+            if told != have:
+                self._refuse(f"totals.{split} is {told}, its shards add up to {have}")
+
+    def check_files(self) -> None:
+        """Every listed shard is there with its size and the fingerprint of its two ends, and no other shard is:
+        what train checks at start, so a shard swapped for a same-size one of another dataset is refused without
+        reading the dataset (a stat and two 4 KiB reads per shard; `prep verify` reads every byte)."""
+        if self._files_checked:
+            return
+        listed = {s.name for s in self.shards}
+        with os.scandir(self.path) as entries:
+            on_disk = sorted(e.name for e in entries if SHARD_NAME.fullmatch(e.name))
+        for name in on_disk:
+            if name not in listed:
+                raise DatasetError(f"{self.path / name}: a shard that {self.manifest_path} does not list; remove "
+                                   f"it, or prepare the dataset again")
+        for s in self.shards:
+            path = self.path / s.name
+            try:
+                size, edges = edges_sha256(path)
+            except FileNotFoundError:
+                raise DatasetError(f"{self.manifest_path}: lists {s.name}, which is missing from {self.path}; "
+                                   f"prepare the dataset again") from None
+            except OSError as exc:
+                raise DatasetError(f"{path}: cannot read shard ({exc.strerror})") from None
+            if size != s.bytes:
+                raise DatasetError(f"{path}: {size:,} bytes, {self.manifest_path} says {s.bytes:,}; the shard "
+                                   f"was truncated or replaced: prepare the dataset again")
+            if edges != s.edges_sha256:
+                raise DatasetError(f"{path}: its first and last {EDGE_BYTES >> 10} KiB do not match "
+                                   f"{self.manifest_path} (a shard of another dataset, or modified); `python -m "
+                                   f"prep verify {self.path}` checks every shard whole")
+        self._files_checked = True
 
     def split(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -73,10 +144,13 @@ class Dataset:
         return open_shard(self.checked_path(shard))
 
     def arrays(self, split: str) -> list[np.ndarray]:
+        self.check_files()
         return [self.open(s) for s in self.split(split)]
 
     def files(self, split: str) -> list["ShardFile"]:
-        """Every shard of `split` opened for positional reads (what the training loader uses); headers checked."""
+        """Every shard of `split` opened for positional reads (what the training loader uses), once every shard
+        of the dataset matches the manifest (check_files) and its header agrees."""
+        self.check_files()
         shards = self.split(split)
         ensure_open_files(len(shards), self.path)
         return [ShardFile(self.checked_path(s), s.tokens) for s in shards]

@@ -4,6 +4,8 @@ header[0] = MAGIC, header[1] = VERSION, header[2] = token count; file size is ex
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,10 @@ VERSION = 1  # uint16 tokens
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
+# A shard's fingerprint hashes this many bytes at each end: one page read at each end per shard, cheap enough for
+# every rank to check all 3,500 shards of a 350B-token dataset at start, and enough to tell shards of two datasets
+# apart (the first covers the header and 1,536 tokens, the last 2,048 tokens).
+EDGE_BYTES = 4096
 
 
 class ShardError(PipelineError):
@@ -48,6 +54,20 @@ def read_header(path: Path) -> int:
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise ShardError(f"{path}: file is {size} bytes, header says {n} tokens ({HEADER_BYTES + 2 * n} bytes)")
     return n
+
+
+def edges_sha256(path: Path) -> tuple[int, str]:
+    """(size, sha256 of the first and last EDGE_BYTES) of a file; the whole file when it is at most twice that."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= 2 * EDGE_BYTES:
+            edges = os.pread(fd, size, 0)
+        else:
+            edges = os.pread(fd, EDGE_BYTES, 0) + os.pread(fd, EDGE_BYTES, size - EDGE_BYTES)
+    finally:
+        os.close(fd)
+    return size, hashlib.sha256(edges).hexdigest()
 
 
 def open_shard(path: Path) -> np.ndarray:

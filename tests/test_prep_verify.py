@@ -113,7 +113,9 @@ def make_huge(ds: Path, index: int) -> None:
         f.write(make_header(HUGE))
         f.truncate(HEADER_BYTES + 2 * HUGE)
     manifest = json.loads((ds / "manifest.json").read_text())
-    manifest["shards"][index]["tokens"] = HUGE
+    entry = manifest["shards"][index]
+    manifest["totals"][entry["split"]]["tokens"] += HUGE - entry["tokens"]
+    entry.update(tokens=HUGE, bytes=HEADER_BYTES + 2 * HUGE)  # a manifest that agrees with itself
     (ds / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -1,0 +1,111 @@
+"""The dataset directory against its manifest: what prep.reader.Dataset refuses at open and before train reads."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from prep.__main__ import main as prep_main
+from prep.reader import Dataset, DatasetError
+from tests.fixtures_run import run_train, train_command
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory, tiny_dataset) -> Path:
+    """The same documents and shard size as tiny_dataset, another validation seed: same-size, other shards."""
+    out = tmp_path_factory.mktemp("other") / "ds"
+    docs = json.loads((tiny_dataset / "manifest.json").read_text())["inputs"][0]["path"]
+    assert prep_main(["tokenize", "--input", docs, "--out", str(out), "--shard-tokens", "100000",
+                      "--val-tokens", "20000", "--val-seed", "1"]) == 0
+    return out
+
+
+def copy_of(ds: Path, tmp_path: Path) -> Path:
+    shutil.copytree(ds, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def edit_manifest(ds: Path, edit) -> Path:
+    path = ds / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def refusal(ds: Path) -> str:
+    with pytest.raises(DatasetError) as err:
+        Dataset(ds).files("train")
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_finished_dataset_opens_and_records_each_shards_size_and_fingerprint(tiny_dataset):
+    ds = Dataset(tiny_dataset)
+    assert len(ds.files("train")) == 4 and len(ds.files("val")) == 1
+    assert all(s.bytes == 1024 + 2 * s.tokens and len(s.edges_sha256) == 64 for s in ds.shards)
+
+
+def test_a_shard_swapped_for_a_same_size_shard_of_another_dataset_is_refused(tiny_dataset, other_dataset, tmp_path):
+    ds = copy_of(tiny_dataset, tmp_path)
+    swapped = ds / "train_000001.bin"
+    assert swapped.stat().st_size == (other_dataset / swapped.name).stat().st_size
+    assert swapped.read_bytes() != (other_dataset / swapped.name).read_bytes()
+    shutil.copyfile(other_dataset / swapped.name, swapped)
+    message = refusal(ds)
+    assert message.startswith(f"{swapped}: its first and last 4 KiB do not match {ds / 'manifest.json'}"), message
+
+
+def test_train_refuses_the_swapped_shard_in_one_line_before_training(tiny_dataset, other_dataset, tmp_path):
+    ds = copy_of(tiny_dataset, tmp_path)
+    shutil.copyfile(other_dataset / "train_000000.bin", ds / "train_000000.bin")
+    result = run_train(train_command(tmp_path / "run", ds, "eval.every=0"), check_rc=None)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {ds / 'train_000000.bin'}: its first and last 4 KiB do not match"), last
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_truncated_or_missing_shard_and_an_unlisted_one_are_named(tiny_dataset, tmp_path):
+    ds = copy_of(tiny_dataset, tmp_path)
+    with open(ds / "train_000002.bin", "r+b") as f:
+        f.truncate(5000)
+    assert refusal(ds).startswith(f"{ds / 'train_000002.bin'}: 5,000 bytes, {ds / 'manifest.json'} says ")
+    (ds / "train_000002.bin").unlink()
+    assert refusal(ds).startswith(f"{ds / 'manifest.json'}: lists train_000002.bin, which is missing from {ds}")
+    shutil.copyfile(tiny_dataset / "train_000002.bin", ds / "train_000002.bin")
+    shutil.copyfile(tiny_dataset / "train_000002.bin", ds / "train_000004.bin")
+    assert refusal(ds).startswith(f"{ds / 'train_000004.bin'}: a shard that {ds / 'manifest.json'} does not list")
+
+
+def drop_last_train_shard(manifest):
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] != "train_000002.bin"]
+
+
+def keep_totals(edit):
+    """An edit that also rewrites the totals to add up, as a careful hand-editor would."""
+    def both(manifest):
+        edit(manifest)
+        for split in ("train", "val"):
+            shards = [s for s in manifest["shards"] if s["split"] == split]
+            manifest["totals"][split] = {"tokens": sum(s["tokens"] for s in shards),
+                                         "documents": sum(s["documents"] for s in shards), "shards": len(shards)}
+    return both
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (drop_last_train_shard, "totals.train is {'tokens': "),
+    (keep_totals(drop_last_train_shard), "train_000002.bin: a shard that "),
+    (lambda m: m["tokenizer"].update(eot=50255), "tokenizer gpt2 with n_vocab 50257, eot 50255, but gpt2 has"),
+    (lambda m: m["tokenizer"].update(n_vocab=70000), "tokenizer n_vocab 70000 / eot 50256 do not fit"),
+    (lambda m: m["shards"][0].update(name="../../etc/train_000000.bin"), "is not a train shard name"),
+    (lambda m: m["shards"][1].update(name="train_000000.bin"), "or is listed twice"),
+    (lambda m: m["shards"][0].update(bytes=1000), "shard train_000000.bin: 1000 bytes for 100000 tokens"),
+    (lambda m: m["shards"][0].pop("edges_sha256"), "malformed manifest (KeyError: 'edges_sha256')"),
+])
+def test_a_manifest_that_does_not_describe_its_files_is_refused_naming_it(tiny_dataset, tmp_path, edit, needle):
+    ds = copy_of(tiny_dataset, tmp_path)
+    manifest = edit_manifest(ds, edit)
+    message = refusal(ds)
+    assert needle in message and str(manifest) in message, message
