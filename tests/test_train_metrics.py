@@ -55,3 +55,22 @@ def test_a_run_resumed_after_a_kill_reads_one_value_per_step(tiny_run, tiny_data
     assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
     assert all(abs(e.value - train[e.step]["loss"]) < 1e-5 for e in loss)  # TensorBoard stores float32
     assert [e.step for e in events.Scalars("val/val_loss")] == [3, 6]
+
+
+def test_mfu_peak_follows_the_exact_cuda_device_name(monkeypatch):
+    # CUDA cannot exist here: torch.cuda.get_device_name is replaced by the strings the drivers report.
+    import torch
+
+    from common.hardware import gpu_kind
+    from train.metrics import peak_flops
+    from train.recipe import Mfu
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12}
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(Mfu(), "cuda:0") == peak, name
+    assert gpu_kind("NVIDIA A100 80GB PCIe") == "a100-80gb" and gpu_kind("NVIDIA A100-PCIE-40GB") == "a100-40gb"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    assert peak_flops(Mfu(), "cuda:0") is None  # unknown: no MFU rather than a wrong one
+    assert peak_flops(Mfu(gpu="h100-nvl"), "cpu") == 835e12

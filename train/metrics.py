@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from common.files import append_json_line
-from common.hardware import gpu_spec
+from common.hardware import gpu_kind, gpu_spec
 from model.flops import flops_per_token
 
 
@@ -22,9 +22,7 @@ def peak_flops(mfu_section, device: str) -> float | None:
     if name == "auto":
         if not device.startswith("cuda"):
             return None
-        device_name = torch.cuda.get_device_name(device).lower()
-        known = [("h200", "h200"), ("h100", "h100"), ("a100", "a100-80gb" if "80" in device_name else "a100-40gb")]
-        name = next((spec for key, spec in known if key in device_name), None)
+        name = gpu_kind(torch.cuda.get_device_name(device))
         if name is None:
             return None
     return gpu_spec(name).peak_bf16_flops
