@@ -33,6 +33,30 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_command(subparsers, name: str, run, help: str, **kwargs) -> Parser:
+    """Add subcommand `name` to an entry point: its parser, on which run(args) is set. The one way every
+    subcommand is registered (each module's register(subparsers) calls it)."""
+    p = subparsers.add_parser(name, help=help, **kwargs)
+    p.set_defaults(run=run)
+    return p
+
+
+def main_with_commands(prog: str, description: str, registers, argv=None) -> int:
+    """The main() of an entry point with subcommands: each of `registers` is a register(subparsers) function."""
+    parser = Parser(prog=prog, description=description)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in registers:
+        register(subparsers)
+    return run(parser, argv)
+
+
+def table(rows, indent: str = "") -> str:
+    """Key/value rows ((key, value) pairs or a dict) as two aligned columns: every command's summary table."""
+    rows = list(rows.items()) if isinstance(rows, dict) else list(rows)
+    width = max((len(key) for key, _ in rows), default=0)
+    return "\n".join(f"{indent}{key:<{width}}  {value}" for key, value in rows)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

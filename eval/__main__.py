@@ -33,10 +33,8 @@ def scoring_flags(args) -> list[str]:
 
 
 def print_table(title: str, rows: dict) -> None:
-    width = max(map(len, rows))
     print(title)
-    for key, value in rows.items():
-        print(f"  {key:<{width}}  {value}")
+    print(cli.table(rows, indent="  "))
 
 
 def cmd_checkpoint(args) -> int:
@@ -115,27 +113,27 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = cli.Parser(prog="python -m eval", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("checkpoint", help="score checkpoints (DeepSpeed tag/run dir or HF dir), in one process")
+def register_checkpoint(sub) -> None:
+    p = cli.add_command(sub, "checkpoint", cmd_checkpoint,
+                        help="score checkpoints (DeepSpeed tag/run dir or HF dir), in one process")
     p.add_argument("ckpt", nargs="+", metavar="CKPT",
                    help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory; several are "
                         "scored one after another with the tasks loaded once")
     add_scoring_flags(p)
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON, for one CKPT (default RUN/eval/<tag>.json)")
-    p.set_defaults(run=cmd_checkpoint)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT2LMHeadModel directory")
+
+def register_export(sub) -> None:
+    p = cli.add_command(sub, "export", cmd_export, help="write a checkpoint as a Hugging Face GPT2LMHeadModel directory")
     p.add_argument("ckpt")
     p.add_argument("--out", type=Path, required=True,
                    help="a new directory; an existing one must be empty or an earlier export (see --force)")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out (never anything else)")
-    p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("watch", help="score every complete checkpoint of a run, once each")
+
+def register_watch(sub) -> None:
+    p = cli.add_command(sub, "watch", cmd_watch, help="score every complete checkpoint of a run, once each")
     p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
     until = p.add_mutually_exclusive_group()
@@ -152,13 +150,16 @@ def main(argv=None) -> int:
                         "to submit its own eval job, which must print the Slurm job id (sbatch --parsable); "
                         "submit.sh's EVAL_MODE=jobs")
     add_scoring_flags(p)
-    p.set_defaults(run=cmd_watch)
 
-    p = sub.add_parser("report", help="RUN/eval/report.md and RUN/eval/curves.png")
+
+def register_report(sub) -> None:
+    p = cli.add_command(sub, "report", cmd_report, help="RUN/eval/report.md and RUN/eval/curves.png")
     p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
-    p.set_defaults(run=cmd_report)
 
-    return cli.run(parser, argv)
+
+def main(argv=None) -> int:
+    return cli.main_with_commands("python -m eval", __doc__,
+                                  (register_checkpoint, register_export, register_watch, register_report), argv)
 
 
 if __name__ == "__main__":

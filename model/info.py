@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 
+from common import cli
+
 from .config import PRESETS, GPTConfig
 
 # (component, pattern over GPT's parameter names); block parameters are grouped across layers.
@@ -66,9 +68,8 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="per-component parameter table and exact total",
-                              description=__doc__.splitlines()[0])
+    p = cli.add_command(subparsers, "info", run, help="per-component parameter table and exact total",
+                        description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or a YAML file with model keys or a recipe's model: section")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p.set_defaults(run=run)

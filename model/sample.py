@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from common import tokenizer
+from common import cli, tokenizer
 from common.cli import positive_float, positive_int
 from common.errors import PipelineError
 
@@ -73,8 +73,8 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate text from a checkpoint, an HF directory or a preset",
-                              description=__doc__.splitlines()[0])
+    p = cli.add_command(subparsers, "sample", run, help="generate text from a checkpoint, an HF directory or a preset",
+                        description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("source", nargs="?", metavar="CKPT_OR_HF_DIR",
                         help="HF directory, run dir, checkpoints dir or checkpoint tag dir")
@@ -86,4 +86,3 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.set_defaults(run=run)

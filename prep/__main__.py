@@ -11,7 +11,8 @@ from .workdir import check_task_flags
 
 
 def _add_tokenize(sub) -> None:
-    p = sub.add_parser("tokenize", help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
+    p = cli.add_command(sub, "tokenize", tokenize.tokenize,
+                        help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or directories (recursive)")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
@@ -30,11 +31,10 @@ def _add_tokenize(sub) -> None:
                         "(default 0: about 1/2000 of the input, 1-256 MiB)")
     p.add_argument("--wait", action="store_true",
                    help="wait for another prep process working on --out to finish, instead of stopping")
-    p.set_defaults(run=tokenize.tokenize)
 
 
 def _add_finalize(sub) -> None:
-    p = sub.add_parser("finalize", help="after all tokenize tasks: write the shards and manifest.json")
+    p = cli.add_command(sub, "finalize", _finalize, help="after all tokenize tasks: write the shards and manifest.json")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--task-index", type=int,
                    help="this Slurm array task (0-based): write only its share of the train shards; with --task-count")
@@ -44,7 +44,6 @@ def _add_finalize(sub) -> None:
                    help="the process that writes manifest.json then checks every shard as `prep verify` does")
     p.add_argument("--wait", action="store_true",
                    help="wait for another prep process working on --out to finish, instead of stopping")
-    p.set_defaults(run=_finalize)
 
 
 def _finalize(args) -> int:
@@ -53,19 +52,19 @@ def _finalize(args) -> int:
 
 
 def _add_verify_info(sub) -> None:
-    p = sub.add_parser("verify", help="re-check headers, sizes, token ranges and sha256 against the manifest")
+    p = cli.add_command(sub, "verify", lambda a: verify.verify(a.dataset, a.workers),
+                        help="re-check headers, sizes, token ranges and sha256 against the manifest")
     p.add_argument("dataset")
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="processes checking whole shards (default: the CPUs this process may use, e.g. Slurm's "
                         "allocation, at most one per shard; 1: check in this process)")
-    p.set_defaults(run=lambda a: verify.verify(a.dataset, a.workers))
-    p = sub.add_parser("info", help="print a dataset's summary")
+    p = cli.add_command(sub, "info", lambda a: verify.info(a.dataset), help="print a dataset's summary")
     p.add_argument("dataset")
-    p.set_defaults(run=lambda a: verify.info(a.dataset))
 
 
 def _add_download(sub) -> None:
-    p = sub.add_parser("download", help="download a FineWeb / FineWeb-Edu sample's parquet files (login node)")
+    p = cli.add_command(sub, "download", download.download,
+                        help="download a FineWeb / FineWeb-Edu sample's parquet files (login node)")
     p.add_argument("--dataset", choices=sorted(download.DATASETS), default="fineweb-edu")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sample", choices=download.SAMPLES, help="sample folder, e.g. 10BT (default when no --dump)")
@@ -73,22 +72,18 @@ def _add_download(sub) -> None:
     p.add_argument("--out", required=True, help="raw directory for the parquet files")
     p.add_argument("--files", help="only files I:J of the sorted listing (Python slice), to split the work")
     p.add_argument("--revision", default="main", help="branch, tag or commit (resolved to a commit and recorded)")
-    p.set_defaults(run=download.download)
 
 
 def _add_eval_data(sub) -> None:
-    p = sub.add_parser("eval-data", help="HellaSwag validation as a local jsonl, for offline compute nodes")
+    p = cli.add_command(sub, "eval-data", evaldata.eval_data,
+                        help="HellaSwag validation as a local jsonl, for offline compute nodes")
     p.add_argument("--out", required=True, help="directory; writes hellaswag_val.jsonl there")
     p.add_argument("--from", dest="from_file", help="install this local jsonl copy instead of downloading")
-    p.set_defaults(run=evaldata.eval_data)
 
 
 def main(argv=None) -> int:
-    parser = cli.Parser(prog="python -m prep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_download, _add_eval_data, _add_tokenize, _add_finalize, _add_verify_info):
-        add(sub)
-    return cli.run(parser, argv)
+    return cli.main_with_commands("python -m prep", __doc__,
+                                  (_add_download, _add_eval_data, _add_tokenize, _add_finalize, _add_verify_info), argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import progress
+from common import cli, progress
 from common.errors import PipelineError
 
 from .reader import Dataset
@@ -183,6 +183,5 @@ def info(path: Path) -> int:
     if "recipe" in m:
         rows.append(("shard tokens", f"{m['recipe']['shard_tokens']:,}"))
     rows.append(("created by", m.get("created_by", "?")))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(cli.table(rows))
     return 0

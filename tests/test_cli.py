@@ -187,3 +187,28 @@ def test_design_doc_lists_every_command_and_flag_there_is(monkeypatch):
         flags = {opt for a in parser._actions if a.help != argparse.SUPPRESS for opt in a.option_strings
                  if opt.startswith("--") and opt not in ("--help", "--debug")}
         assert rows[name] == flags, name
+
+
+def test_one_table_layout():
+    assert cli.table([("a", 1), ("longer key", "x")]) == "a           1\nlonger key  x"
+    assert cli.table({"k": "v"}, indent="  ") == "  k  v"
+
+
+def package_sources():
+    for package in ("common", "prep", "model", "train", "eval", "slurm"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            yield path.relative_to(REPO).as_posix(), path.read_text()
+
+
+# train/recipe.py's startup table moves to cli.table with the recipe's refactor, under way in the same change.
+NOT_YET_CONVERTED = {"train/recipe.py"}
+
+
+def test_one_table_printer_and_one_way_to_register_subcommands():
+    """Key/value tables are cli.table's, subcommands cli.add_command's: no module writes its own."""
+    for name, text in package_sources():
+        if name == "common/cli.py":
+            continue
+        assert ".add_parser(" not in text, f"{name}: register subcommands with cli.add_command"
+        if name not in NOT_YET_CONVERTED:
+            assert not re.search(r":<\{width\}\}", text), f"{name}: print key/value tables with cli.table"

@@ -476,9 +476,7 @@ def format_plan(plan: dict, name: str) -> str:
                  f"{gpu['peak_bf16_flops'] / 1e12:.0f} TFLOP/s"),
         ("cost", "-" if plan["cost"] is None else f"{plan['cost']:,.2f} at {plan['price_per_gpu_hour']} per GPU-hour"),
     ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines += ["", "memory per GPU"]
+    lines = [cli.table(rows), "", "memory per GPU"]
     parts = [
         (f"weights ({plan['precision']})", mem["weights"]),
         (f"gradients ({plan['precision']} + fp32)", mem["gradients"]),
@@ -489,8 +487,7 @@ def format_plan(plan: dict, name: str) -> str:
         ("total", mem["total"]),
         (f"{gpu['name']} capacity", gpu["memory_bytes"]),
     ]
-    width = max(len(k) for k, _ in parts)
-    lines += [f"  {k:<{width}} {gib(v)}" for k, v in parts]
+    lines.append(cli.table([(k, gib(v)) for k, v in parts], indent="  "))
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
     lines += ["", f"{verdict}; largest micro batch that fits: {plan['max_micro_batch']}",
               f"CPU memory per node: {cpu['total'] / GiB:.2f} GiB (offloaded states "
@@ -500,10 +497,9 @@ def format_plan(plan: dict, name: str) -> str:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="size a training run: memory per GPU, FLOPs, time, cost",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.add_command(subparsers, "plan", run, help="size a training run: memory per GPU, FLOPs, time, cost",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(run=run)
 
 
 def plan_from_argv(argv: list[str]) -> dict:
