@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from common import files  # noqa: E402
+from prep.reader import DATASET_VERSION  # noqa: E402
 from prep.shard import HEADER_BYTES, edges_sha256, make_header  # noqa: E402
 from train.data import PREFETCH  # noqa: E402
 
@@ -54,6 +55,7 @@ def write_manifest(out: Path, shards: list[dict]) -> None:
                       "documents": sum(s["documents"] for s in shards if s["split"] == split),
                       "shards": sum(1 for s in shards if s["split"] == split)} for split in ("train", "val")}
     files.write_json(out / "manifest.json", {
+        "dataset_version": DATASET_VERSION,
         "format": {"name": "llm.c token shards", "version": 1, "magic": 20240520, "header_bytes": HEADER_BYTES,
                    "dtype": "uint16 little-endian", "sha256_of": "whole file (header + tokens)"},
         "tokenizer": {"name": "gpt2", "n_vocab": N_VOCAB, "eot": EOT, "eot_placement": "prepend"},

@@ -31,7 +31,7 @@ from common.errors import PipelineError
 
 from .inputs import ReadStats, Unit
 from .layout import Layout, load_or_build
-from .reader import MANIFEST, read_manifest
+from .reader import DATASET_VERSION, MANIFEST, read_manifest
 from .recipe import refuse_if_different
 from .shard import HEADER_BYTES, edges_sha256, make_header, open_shard
 from .verify import verify as verify_dataset
@@ -52,7 +52,7 @@ def already_finished(out: Path, rcp: dict, clean: bool = True) -> int:
     between writing the manifest and removing .work/.
     """
     manifest = read_manifest(out / MANIFEST)
-    refuse_if_different(manifest.get("recipe", {}), rcp, "a finished dataset", out)
+    refuse_if_different(manifest["recipe"], rcp, "a finished dataset", out)
     if clean and work_dir(out).exists():
         shutil.rmtree(work_dir(out), ignore_errors=True)
     totals = manifest["totals"]
@@ -321,6 +321,7 @@ def _manifest(work: Work, shards: list[dict]) -> dict:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return {
+        "dataset_version": DATASET_VERSION,
         "format": {"name": "llm.c token shards", "version": 1, "magic": 20240520, "header_bytes": HEADER_BYTES,
                    "dtype": "uint16 little-endian", "sha256_of": "whole file (header + tokens)"},
         "tokenizer": dict(rcp["tokenizer"]),

@@ -354,9 +354,9 @@ def file_fingerprint(path: Path) -> dict:
 def check_unchanged(path, fingerprint: dict, advice: str) -> None:
     """Raise unless `path` still has the fingerprint's size and modification time (one cheap stat)."""
     st = os.stat(path)
-    if (st.st_size, st.st_mtime_ns) != (fingerprint["bytes"], fingerprint.get("mtime_ns", st.st_mtime_ns)):
+    if (st.st_size, st.st_mtime_ns) != (fingerprint["bytes"], fingerprint["mtime_ns"]):
         raise InputError(f"{path}: changed while being read ({fingerprint['bytes']} -> {st.st_size} bytes, "
-                         f"modification time {fingerprint.get('mtime_ns')} -> {st.st_mtime_ns} ns); {advice}")
+                         f"modification time {fingerprint['mtime_ns']} -> {st.st_mtime_ns} ns); {advice}")
 
 
 def stable_hash(key: str, seed: int) -> int:

@@ -16,6 +16,9 @@ from common.errors import PipelineError
 from .shard import EDGE_BYTES, HEADER_BYTES, TOKEN_DTYPE, ShardError, edges_sha256, open_shard, read_header
 
 MANIFEST = "manifest.json"
+# The dataset directory's format (manifest.json and .work/recipe.json): a dataset or unfinished work of another
+# version is refused, not read as this one (2: shards carry bytes and edges_sha256).
+DATASET_VERSION = 2
 SPLITS = ("train", "val")
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 
@@ -30,7 +33,19 @@ def read_manifest(path: Path) -> dict:
                                f"something else damaged it: delete {Path(path).parent} and tokenize again")
     if not isinstance(manifest, dict):
         raise DatasetError(f"{path}: malformed manifest (not a JSON object)")
+    check_version(manifest.get("dataset_version"), path)
     return manifest
+
+
+def check_version(version, path: Path) -> None:
+    """Refuse a manifest or .work/recipe.json of another dataset format version (`version` None: before there was one)."""
+    if version == DATASET_VERSION:
+        return
+    if isinstance(version, int) and version > DATASET_VERSION:
+        raise DatasetError(f"{path}: written by a newer version of prep (dataset version {version}; this one reads "
+                           f"{DATASET_VERSION}): use that version")
+    raise DatasetError(f"{path}: written by an earlier version of prep (dataset version {version or 1}; this one "
+                       f"reads {DATASET_VERSION}): prepare it again")
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from common import cli, files, tokenizer
+from common import files, tokenizer
 from common.errors import PipelineError
 
 from . import UsageError
 from .inputs import HASHED_EDGE_BYTES, InputError, auto_unit_bytes, discover, file_fingerprint, plan_units
+from .reader import DATASET_VERSION, check_version
 from .workdir import check_task_flags, load_json, work_dir
 
-FORMAT_VERSION = 1
 # The shard header stores the token count as an int32.
 MAX_SHARD_TOKENS = 2**31 - 1
 VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed by the seed) of their id, "
@@ -52,7 +52,7 @@ def build(args) -> tuple[dict, list, list]:
         raise InputError("nothing to tokenize: every input file was skipped (" +
                          "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) + ")")
     rcp = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATASET_VERSION,
         "inputs": [file_fingerprint(f) for f in files],
         "text_column": args.text_column,
         "skip_bad_docs": bool(args.skip_bad_docs),
@@ -82,10 +82,7 @@ def differences(old: dict, new: dict) -> list[str]:
 
 
 def input_differences(old: list[dict], new: list[dict]) -> list[str]:
-    """How two input lists differ: files added or removed, content changed, order.
-
-    Entries recorded before inputs carried mtime_ns and edges_sha256 are compared by size alone.
-    """
+    """How two input lists differ: files added or removed, content changed, order."""
     old_files, new_files = {f["path"]: f for f in old}, {f["path"]: f for f in new}
     out = [f"input added: {p}" for p in new_files.keys() - old_files.keys()]
     out += [f"input removed: {p}" for p in old_files.keys() - new_files.keys()]
@@ -94,8 +91,8 @@ def input_differences(old: list[dict], new: list[dict]) -> list[str]:
         if a["bytes"] != b["bytes"]:
             out.append(f"input changed size: {p} ({a['bytes']} -> {b['bytes']} bytes)")
             continue
-        moved = "mtime_ns" in a and a["mtime_ns"] != b.get("mtime_ns")
-        rewritten = "edges_sha256" in a and a["edges_sha256"] != b.get("edges_sha256")
+        moved = a["mtime_ns"] != b["mtime_ns"]
+        rewritten = a["edges_sha256"] != b["edges_sha256"]
         if moved or rewritten:
             when = (f"modified {_clock(a['mtime_ns'])} -> {_clock(b['mtime_ns'])}" if moved
                     else "same modification time")
@@ -127,6 +124,7 @@ def claim_work_dir(out: Path, rcp: dict, units: list, skipped: list) -> None:
         if path.exists():
             existing = load_json(path, "recipe" if name == "recipe.json" else "unit plan")
             if name == "recipe.json":
+                check_version(existing.get("format_version"), path)
                 refuse_if_different(existing, obj, "unfinished work (.work/)", out)
             elif existing != obj:
                 raise RecipeMismatch(f"{path}: the inputs' row-group layout changed since tokenizing started "
@@ -150,4 +148,5 @@ def print_config(out: Path, rcp: dict, units: list, workers: int, task_index: in
         ("task", f"{task_index} of {task_count} ({sum(1 for u in units if u.index % task_count == task_index)} "
                  f"unit(s), {n_done} already done)"),
     ]
-    print(cli.table(rows), file=sys.stderr)
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cli, progress
+from common import progress
 from common.errors import PipelineError
 
 from .reader import Dataset
@@ -165,23 +165,20 @@ def info(path: Path) -> int:
     ds = Dataset(path)
     m = ds.manifest
     tok = m["tokenizer"]
+    inputs, stats, val = m["inputs"], m["input_stats"], m["validation"]
     rows = [("dataset", str(ds.path)),
-            ("source", ", ".join(f"{k}={v}" for k, v in m.get("source", {}).items() if v is not None)),
-            ("inputs", f"{len(m.get('inputs', []))} file(s), {sum(f['bytes'] for f in m.get('inputs', [])) / 1e6:,.1f} MB"),
-            ("tokenizer", f"{tok['name']} (n_vocab {tok['n_vocab']}, EOT {tok['eot']} {tok.get('eot_placement', '')})")]
+            ("source", ", ".join(f"{k}={v}" for k, v in m["source"].items() if v is not None)),
+            ("inputs", f"{len(inputs)} file(s), {sum(f['bytes'] for f in inputs) / 1e6:,.1f} MB"),
+            ("tokenizer", f"{tok['name']} (n_vocab {tok['n_vocab']}, EOT {tok['eot']} {tok['eot_placement']})")]
     for split in ("train", "val"):
         shards = ds.split(split)
         rows.append((split, f"{sum(s.tokens for s in shards):,} tokens, {sum(s.documents for s in shards):,} "
                             f"documents, {len(shards)} shard(s)"))
-    if "validation" in m:
-        rows.append(("val rule", f"seed {m['validation']['seed']}, requested {m['validation']['requested_tokens']:,} "
-                                 f"tokens: {m['validation']['rule']}"))
-    if "input_stats" in m:
-        st = m["input_stats"]
-        rows.append(("documents in", f"{st['documents']:,} (empty skipped {st['empty_skipped']}, bad skipped "
-                                     f"{st['bad_skipped']}, invalid UTF-8 replaced {st['invalid_utf8_replaced']})"))
-    if "recipe" in m:
-        rows.append(("shard tokens", f"{m['recipe']['shard_tokens']:,}"))
-    rows.append(("created by", m.get("created_by", "?")))
-    print(cli.table(rows))
+    rows += [("val rule", f"seed {val['seed']}, requested {val['requested_tokens']:,} tokens: {val['rule']}"),
+             ("documents in", f"{stats['documents']:,} (empty skipped {stats['empty_skipped']}, bad skipped "
+                              f"{stats['bad_skipped']}, invalid UTF-8 replaced {stats['invalid_utf8_replaced']})"),
+             ("shard tokens", f"{m['recipe']['shard_tokens']:,}"),
+             ("created by", m["created_by"])]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0

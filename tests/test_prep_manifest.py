@@ -109,3 +109,38 @@ def test_a_manifest_that_does_not_describe_its_files_is_refused_naming_it(tiny_d
     manifest = edit_manifest(ds, edit)
     message = refusal(ds)
     assert needle in message and str(manifest) in message, message
+
+
+@pytest.mark.parametrize("version, needle", [
+    (None, "written by an earlier version of prep (dataset version 1; this one reads 2): prepare it again"),
+    (1, "written by an earlier version of prep (dataset version 1; this one reads 2): prepare it again"),
+    (3, "written by a newer version of prep (dataset version 3; this one reads 2): use that version"),
+])
+def test_a_dataset_of_another_format_version_is_refused_by_train_and_tokenize(tiny_dataset, tmp_path, version,
+                                                                               needle, capsys):
+    ds = copy_of(tiny_dataset, tmp_path)
+    manifest = edit_manifest(ds, lambda m: m.pop("dataset_version") if version is None
+                             else m.update(dataset_version=version))
+    with pytest.raises(DatasetError) as err:
+        Dataset(ds)
+    assert str(err.value) == f"{manifest}: {needle}"
+    docs = json.loads(manifest.read_text())["inputs"][0]["path"]
+    assert prep_main(["tokenize", "--input", docs, "--out", str(ds), "--shard-tokens", "100000",
+                      "--val-tokens", "20000"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {manifest}: {needle}"
+
+
+def test_unfinished_work_of_an_earlier_version_is_refused(tiny_dataset, tmp_path, capsys):
+    docs = json.loads((tiny_dataset / "manifest.json").read_text())["inputs"][0]["path"]
+    out = tmp_path / "ds"
+    command = ["tokenize", "--input", docs, "--out", str(out), "--task-index", "0", "--task-count", "2"]
+    assert prep_main(command) == 0
+    recipe = out / ".work" / "recipe.json"
+    rcp = json.loads(recipe.read_text())
+    assert rcp["format_version"] == 2
+    recipe.write_text(json.dumps({**rcp, "format_version": 1}))
+    capsys.readouterr()
+    assert prep_main(command) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {recipe}: written by an earlier version of prep (dataset version 1; this one reads 2): "
+        f"prepare it again")
