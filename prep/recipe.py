@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import files, tokenizer
+from common import cli, files, tokenizer
 from common.errors import PipelineError
 
 from . import UsageError
@@ -148,5 +148,4 @@ def print_config(out: Path, rcp: dict, units: list, workers: int, task_index: in
         ("task", f"{task_index} of {task_count} ({sum(1 for u in units if u.index % task_count == task_index)} "
                  f"unit(s), {n_done} already done)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), file=sys.stderr)
+    print(cli.table(rows), file=sys.stderr)

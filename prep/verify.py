@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import progress
+from common import cli, progress
 from common.errors import PipelineError
 
 from .reader import Dataset
@@ -179,6 +179,5 @@ def info(path: Path) -> int:
                               f"{stats['bad_skipped']}, invalid UTF-8 replaced {stats['invalid_utf8_replaced']})"),
              ("shard tokens", f"{m['recipe']['shard_tokens']:,}"),
              ("created by", m["created_by"])]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(cli.table(rows))
     return 0
