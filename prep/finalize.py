@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from .reader import DATASET_VERSION, MANIFEST, read_manifest
 from .recipe import refuse_if_different
 from .shard import HEADER_BYTES, edges_sha256, make_header, open_shard
 from .verify import verify as verify_dataset
-from .workdir import (INDEX_DTYPE, dataset_lock, holdout_path, is_done, load_json, shard_paths, shards_dir,
-                      task_lock, unit_paths, work_dir)
+from .workdir import (INDEX_DTYPE, dataset_lock, holdout_path, is_done, load_json, remove_stale_tmp,
+                      remove_work_dir, shard_paths, shards_dir, task_lock, unit_paths, work_dir)
 
 WRITE_CHUNK = 1 << 24  # tokens per write: bounds finalize's memory whatever the shard size
 
@@ -54,7 +53,7 @@ def already_finished(out: Path, rcp: dict, clean: bool = True) -> int:
     manifest = read_manifest(out / MANIFEST)
     refuse_if_different(manifest["recipe"], rcp, "a finished dataset", out)
     if clean and work_dir(out).exists():
-        shutil.rmtree(work_dir(out), ignore_errors=True)
+        clean_up(out)
     totals = manifest["totals"]
     print(f"{out} is already a finished dataset with this recipe ({totals['train']['tokens']:,} train + "
           f"{totals['val']['tokens']:,} val tokens); nothing to do", file=sys.stderr)
@@ -106,7 +105,7 @@ def finalize_locked(out: Path, verify: bool = False) -> int:
     if (out / MANIFEST).exists():  # finished by another process while this one waited, or killed before cleanup
         if recipe_file.exists():
             return already_finished(out, load_json(recipe_file, "recipe"))
-        shutil.rmtree(work_dir(out), ignore_errors=True)
+        clean_up(out)
         print(f"{out} is already finalized; nothing to do", file=sys.stderr)
         return 0
     if not recipe_file.exists():
@@ -271,17 +270,25 @@ def complete(work: Work) -> int:
     entries = [m["shard"] for m in marks] + [
         load_json(shard_paths(out, layout.shard_name("val", j))["done"], "shard done mark")["shard"]
         for j in range(layout.n_shards["val"])]
-    files.remove_stale_tmp(out)  # leftovers of killed finalizers; safe: no other prep process is here
+    remove_stale_tmp(out)  # leftovers of killed finalizers; safe: no other prep process is here
     for entry in entries:
         _move_into_place(out, entry)
     files.fsync_dir(out)
     manifest = _manifest(work, entries)
     files.write_json(out / MANIFEST, manifest)
-    shutil.rmtree(work_dir(out))  # with the lock file in it (see prep.workdir)
+    clean_up(out)  # with the lock file in it (see prep.workdir)
     t, v = manifest["totals"]["train"], manifest["totals"]["val"]
     print(f"finalized {out}: train {t['tokens']:,} tokens / {t['documents']:,} docs in {t['shards']} shard(s), "
           f"val {v['tokens']:,} tokens / {v['documents']:,} docs in {v['shards']} shard(s)", file=sys.stderr)
     return 0
+
+
+def clean_up(out: Path) -> None:
+    """Remove .work/: what prep wrote there; anything else stays, and is named."""
+    left = remove_work_dir(out)
+    if left:
+        print(f"warning: {work_dir(out)} is left in place: it holds {len(left)} file(s) prep did not write "
+              f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})", file=sys.stderr)
 
 
 def _open_holdout(out: Path, k: int, expect: dict | None) -> np.ndarray:

@@ -26,7 +26,7 @@ from . import recipe as recipes
 from .inputs import ReadStats, Unit, check_unchanged, read_documents, stable_hash
 from .reader import MANIFEST
 from .shard import make_header, to_uint16
-from .workdir import INDEX_DTYPE, dataset_lock, is_done, task_lock, unit_paths, work_dir
+from .workdir import INDEX_DTYPE, check_out_dir, dataset_lock, is_done, task_lock, unit_paths, work_dir
 
 
 class WorkerDied(PipelineError):
@@ -171,6 +171,7 @@ def tokenize(args) -> int:
     """The `prep tokenize` command: plan, check the recipe, tokenize this task's units, finalize when alone."""
     out = Path(args.out).resolve()
     rcp, units, skipped = recipes.build(args)
+    check_out_dir(out)
     if (out / MANIFEST).exists() and not work_dir(out).exists():
         return fin.already_finished(out, rcp)  # reads only: no lock needed
     source = fin.source_of(rcp)

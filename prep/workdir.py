@@ -16,6 +16,8 @@ waits, with --wait). The lock file lives in .work/ and goes with it when finaliz
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,15 @@ from common import files
 from common.errors import PipelineError, UsageError
 
 INDEX_DTYPE = np.dtype([("hash", "<u8"), ("tokens", "<i8")])
+# The names prep writes (and nothing else is removed with .work/): in .work/, in .work/units/, in .work/shards/, and
+# in DS/ itself; a temporary of any of them (common.files.tmp_sibling) is prep's too.
+OWN_NAMES = {
+    "": re.compile(r"recipe\.json|plan\.json|layout\.npz|layout\.lock|lock|(finalize-)?task-\d+-of-\d+\.lock"),
+    "units": re.compile(r"u\d{6}\.(bin|idx\.npy|json)"),
+    "shards": re.compile(r"(train|val)_\d{6}\.(bin|json)|holdout_\d{6}\.bin"),
+}
+DATASET_NAMES = re.compile(r"manifest\.json|(train|val)_\d{6}\.bin")
+TMP_NAME = re.compile(rf"\.(.+){re.escape(files.TMP_MARK)}.+")
 
 
 class WorkDirError(PipelineError):
@@ -60,6 +71,62 @@ def shard_paths(out: Path, name: str) -> dict[str, Path]:
 def holdout_path(out: Path, train_shard: int) -> Path:
     """The validation tokens of the units whose train tokens start in train shard k (see prep.layout)."""
     return shards_dir(out) / f"holdout_{train_shard:06d}.bin"
+
+
+def is_own(name: str, pattern: re.Pattern) -> bool:
+    """A name prep writes (per `pattern`), or a temporary of one."""
+    tmp = TMP_NAME.fullmatch(name)
+    return bool(pattern.fullmatch(tmp.group(1) if tmp else name))
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be new, empty, a dataset, or prep's unfinished work: never another directory that prep would
+    write into (and whose files finalize would then meet in .work/)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise WorkDirError(f"{out}: --out is a file, not a directory; give a new or empty directory")
+    names = sorted(os.listdir(out))
+    if not names or "manifest.json" in names or (work_dir(out) / "recipe.json").exists():
+        return
+    # A prep process working (or stopped) between taking its lock and writing recipe.json has made no more than
+    # its lock files and units/ in .work/.
+    if names == [".work"] and work_dir(out).is_dir() and all(is_own(n, OWN_NAMES[""]) or n in OWN_NAMES
+                                                             for n in os.listdir(work_dir(out))):
+        return
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise WorkDirError(f"{out}: not empty ({shown}) and not a dataset (no manifest.json, no .work/recipe.json): "
+                       f"prep writes only into a new or empty --out, or a dataset it made; give another --out")
+
+
+def remove_work_dir(out: Path) -> list[str]:
+    """Remove what prep wrote under DS/.work/ (the dataset lock file too: see the module docstring); each folder
+    goes only once empty. Returns the paths left there, which prep did not write (nothing else is removed)."""
+    left = []
+    for sub, pattern in OWN_NAMES.items():
+        folder = work_dir(out) / sub if sub else work_dir(out)
+        if folder.is_symlink() or not folder.is_dir():  # a link: not a folder prep made
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and is_own(entry.name, pattern):
+                    os.unlink(entry.path)
+                elif not (entry.is_dir(follow_symlinks=False) and not sub and entry.name in OWN_NAMES):
+                    left.append(entry.path)
+        if sub:
+            with contextlib.suppress(OSError):  # not empty: what is left is listed
+                folder.rmdir()
+    if not left:
+        with contextlib.suppress(FileNotFoundError):
+            work_dir(out).rmdir()
+    return sorted(left)
+
+
+def remove_stale_tmp(out: Path) -> None:
+    """Temporaries of DS/'s own files (shards, manifest) left by killed finalizers; only under the dataset lock."""
+    for path in out.glob(f".*{files.TMP_MARK}*"):
+        if path.is_file() and is_own(path.name, DATASET_NAMES):
+            path.unlink(missing_ok=True)
 
 
 def load_json(path: Path, what: str = "file"):
