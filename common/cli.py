@@ -1,20 +1,24 @@
 """The one command-line style of every `python -m` entry point.
 
 Exit status: 0 done; 1 an expected failure (common.errors.PipelineError, or an OSError that names its file, such
-as a full disk), printed as one `error: ...` line; 2 a usage error; 130 interrupted; train adds 99 for "preempted,
-checkpoint saved, requeue me". Any other exception is a bug and keeps its traceback. `--debug`, accepted by every
+as a full disk), printed as one `error: ...` line; 2 a usage error; 130 interrupted; 141 the reader of its output
+went away (`| head`), quietly; train adds 99 for "preempted, checkpoint saved, requeue me". Any other exception is a bug and keeps its traceback. `--debug`, accepted by every
 command, shows the traceback of an expected failure too.
 """
 from __future__ import annotations
 
 import argparse
+import decimal
 import errno
+import os
+import re
 import sys
 import traceback
 
 from .errors import PipelineError
 
 INTERRUPTED_EXIT = 130
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 # The environment's faults, not the code's: expected even when the OSError names no file.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
@@ -57,15 +61,48 @@ def table(rows, indent: str = "") -> str:
     return "\n".join(f"{indent}{key:<{width}}  {value}" for key, value in rows)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+# A whole number as people write counts: 100M, 10B, 2K, 1e8, 1.5M, 1_000; 64Mi for bytes. B is billions (as in
+# "10B tokens"), G the same; K, M, T decimal; Ki, Mi, Gi, Ti binary.
+NUMBER = re.compile(r"\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9]+)?)\s*([KMGT]i|[KMGBT])?\s*", re.IGNORECASE)
+SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12,
+         "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_int(text: str) -> int:
+    """'100M', '10B', '2K', '1e8', '1_000', '64Mi' -> the exact integer; ValueError saying why for anything else,
+    a fraction included ('1.5' tokens), never a rounded guess. The one parser of every count."""
+    match = NUMBER.fullmatch(text)
+    if not match:
+        raise ValueError(f"expected a whole number such as 100M, 10B, 2K, 1e8 or 1_000, got {text!r}")
+    value = decimal.Decimal(match.group(1).replace("_", ""))
+    if value.adjusted() > 30:  # before scaling and int(), which would build a number as long as the exponent
+        raise ValueError(f"{text.strip()} is too large for a count")
+    value *= SCALE[(match.group(2) or "").lower()]
+    if value != value.to_integral_value():
+        exact = f"{value.normalize():f}"
+        said = text.strip() if exact == text.strip() else f"{text.strip()} ({exact})"
+        raise ValueError(f"{said} is not a whole number: a count has no fraction")
+    return int(value)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        value = parse_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
     return value
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0, as parse_int reads it (100M, 1e8, 2K, 1_000)."""
+    return _int_at_least(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1, as parse_int reads it."""
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:
@@ -84,7 +121,11 @@ def run(parser: argparse.ArgumentParser, argv=None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        return args.run(args) or 0
+        status = args.run(args) or 0
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then the BrokenPipeError below
+        return status
+    except BrokenPipeError:
+        return closed_pipe()
     except PipelineError as exc:
         return fail(str(exc), exc.exit_code, debug)
     except OSError as exc:
@@ -93,6 +134,16 @@ def run(parser: argparse.ArgumentParser, argv=None) -> int:
         return fail(describe_os_error(exc), 1, debug)
     except KeyboardInterrupt:
         return fail("interrupted; rerun the same command to resume", INTERRUPTED_EXIT, debug)
+
+
+def closed_pipe() -> int:
+    """The reader of stdout went away (`python -m model plan | head -1`): stop quietly, with the status of a process
+    killed by SIGPIPE, as a C tool would. stdout goes to /dev/null first, so the interpreter's final flush of what
+    is still buffered does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_EXIT
 
 
 def describe_os_error(exc: OSError) -> str:

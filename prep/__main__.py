@@ -15,20 +15,20 @@ def _add_tokenize(sub) -> None:
                         help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or directories (recursive)")
     p.add_argument("--out", required=True, help="dataset directory")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=cli.positive_int, default=len(os.sched_getaffinity(0)),
                    help="processes on this node (default: the CPUs this process may use, e.g. Slurm's allocation)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
-    p.add_argument("--val-tokens", type=int, default=10_000_000, help="validation holdout size in tokens (default 10M)")
+    p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000, help="tokens per shard, e.g. 100M")
+    p.add_argument("--val-tokens", type=cli.count, default=10_000_000, help="validation holdout size in tokens, e.g. 10M")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the validation hash (default 0)")
     p.add_argument("--text-column", default="text", help="parquet column / JSON field holding the text")
     p.add_argument("--skip-bad-docs", action="store_true",
                    help="skip (and count) malformed JSON lines, records without text and parquet files without "
                         "the text column instead of stopping")
-    p.add_argument("--task-index", type=int, help="this Slurm array task (0-based); with --task-count: no finalize")
-    p.add_argument("--task-count", type=int, help="number of array tasks sharing the input units")
-    p.add_argument("--unit-bytes", type=int, default=0,
-                   help="pack parquet row groups into units of about this many uncompressed bytes "
-                        "(default 0: about 1/2000 of the input, 1-256 MiB)")
+    p.add_argument("--task-index", type=cli.count, help="this Slurm array task (0-based); with --task-count: no finalize")
+    p.add_argument("--task-count", type=cli.positive_int, help="number of array tasks sharing the input units")
+    p.add_argument("--unit-bytes", type=cli.count, default=0,
+                   help="pack parquet row groups into units of about this many uncompressed bytes, e.g. 64Mi "
+                        "(0: about 1/2000 of the input, 1-256 MiB)")
     p.add_argument("--wait", action="store_true",
                    help="wait for another prep process working on --out to finish, instead of stopping")
 
@@ -36,9 +36,9 @@ def _add_tokenize(sub) -> None:
 def _add_finalize(sub) -> None:
     p = cli.add_command(sub, "finalize", _finalize, help="after all tokenize tasks: write the shards and manifest.json")
     p.add_argument("--out", required=True, help="dataset directory")
-    p.add_argument("--task-index", type=int,
+    p.add_argument("--task-index", type=cli.count,
                    help="this Slurm array task (0-based): write only its share of the train shards; with --task-count")
-    p.add_argument("--task-count", type=int,
+    p.add_argument("--task-count", type=cli.positive_int,
                    help="number of array tasks sharing the shards; the last to finish writes manifest.json")
     p.add_argument("--verify", action="store_true",
                    help="the process that writes manifest.json then checks every shard as `prep verify` does")

@@ -212,3 +212,62 @@ def test_one_table_printer_and_one_way_to_register_subcommands():
         assert ".add_parser(" not in text, f"{name}: register subcommands with cli.add_command"
         if name not in NOT_YET_CONVERTED:
             assert not re.search(r":<\{width\}\}", text), f"{name}: print key/value tables with cli.table"
+
+
+@pytest.mark.parametrize("text,value", [("100M", 100_000_000), ("1e8", 100_000_000), ("10B", 10_000_000_000),
+                                        ("2K", 2000), ("1_000", 1000), ("1.5M", 1_500_000), ("64Mi", 64 << 20),
+                                        ("7", 7), ("0", 0)])
+def test_one_number_parser(text, value):
+    assert cli.parse_int(text) == value
+
+
+@pytest.mark.parametrize("text,why", [("1.5", "1.5 is not a whole number: a count has no fraction"),
+                                      ("1.2345K", "1.2345K (1234.5) is not a whole number"), ("-5", "got '-5'"),
+                                      ("ten", "expected a whole number such as 100M"),
+                                      ("1e99999", "too large")])
+def test_the_number_parser_refuses_saying_why(text, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        cli.parse_int(text)
+
+
+# (command as docs/design.md writes it, the other arguments it needs, the count flag)
+COUNT_FLAGS = [
+    ("python -m prep tokenize", "--input x --out y", "--shard-tokens"),
+    ("python -m prep tokenize", "--input x --out y", "--val-tokens"),
+    ("python -m prep tokenize", "--input x --out y", "--unit-bytes"),
+    ("python -m prep tokenize", "--input x --out y", "--workers"),
+    ("python -m prep finalize", "--out y --task-index 0", "--task-count"),
+    ("python -m prep verify", "y", "--workers"),
+    ("python -m model plan", "", "--tokens"),
+    ("python -m model plan", "", "--steps"),
+    ("python -m model plan", "", "--batch-tokens"),
+    ("python -m model plan", "", "--seq-len"),
+    ("python -m model sample", "--preset tiny", "--max-new-tokens"),
+    ("python -m eval checkpoint", "ckpt", "--limit"),
+    ("python -m eval checkpoint", "ckpt", "--batch-size"),
+    ("python -m eval watch", "run", "--max-attempts"),
+    ("slurm/check_recipe.py", "--config x", "--world-size"),
+    ("slurm/demo_data.py", "out", "--docs"),
+]
+
+
+@pytest.mark.parametrize("command,rest,flag", COUNT_FLAGS, ids=[f"{c[0]} {c[2]}" for c in COUNT_FLAGS])
+def test_every_count_flag_reads_numbers_the_same_way(command, rest, flag, monkeypatch, capsys):
+    parser = parsers(monkeypatch)[command]
+    dest = flag.lstrip("-").replace("-", "_")
+    for text, value in (("2K", 2000), ("1e3", 1000), ("1_000", 1000)):
+        assert getattr(parser.parse_args([*rest.split(), flag, text]), dest) == value
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*rest.split(), flag, "1.5"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: 1.5 is not a whole number" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`python -m model plan | head -1`: the reader is gone before the command writes, as after head's first line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run([PYTHON, "-m", "model", "plan"], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                          text=True)
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_EXIT, "")

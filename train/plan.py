@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 from common import cli, yamlfile
@@ -268,15 +267,6 @@ def make_plan(config: GPTConfig, *, seq_len: int, micro_batch: int, gpus: int, g
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
-def parse_count(text: str) -> int:
-    """'10B', '1.5T', '500M', '2e9', '10_000' -> an integer count (decimal suffixes K, M, B/G, T)."""
-    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 10B, 500M, 2e9)")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[match.group(2).lower()]
-    return int(round(float(match.group(1).replace("_", "")) * scale))
-
-
 def resolve_model(args) -> GPTConfig:
     """--model (preset or YAML, as `model info` reads it), then the shape flags on top."""
     if args.model_config is not None:  # the recipe's model, shape flags already applied as its overrides
@@ -517,13 +507,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a key of the --recipe, as for train (repeatable)")
     p.add_argument("--model", default=None, help="preset (default gpt2) or a YAML file (model keys, or a "
                                                    "recipe with a model: section)")
-    for flag, kind in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int),
-                       ("--vocab-size", int), ("--dropout", float)):
+    for flag, kind in (("--n-layer", cli.count), ("--n-head", cli.count), ("--n-embd", cli.count),
+                       ("--block-size", cli.count), ("--vocab-size", cli.count), ("--dropout", float)):
         p.add_argument(flag, type=kind, default=None, help="override the model's shape")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: block_size)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward (default 1)")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs in all")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
+    p.add_argument("--seq-len", type=cli.count, default=None, help="tokens per sequence (default: block_size)")
+    p.add_argument("--micro-batch", type=cli.count, default=None, help="sequences per GPU per forward (default 1)")
+    p.add_argument("--gpus", type=cli.count, default=1, help="data-parallel GPUs in all")
+    p.add_argument("--gpus-per-node", type=cli.count, default=None, help="default: min(gpus, 8)")
     p.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
     p.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory in GiB (custom or override)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="dense bf16 peak TFLOP/s (custom or override)")
@@ -537,10 +527,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum-dtype", choices=("bf16", "fp32"), default=None,
                    help="gradient accumulation dtype (default: the --deepspeed file's, else bf16)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    p.add_argument("--tokens", type=parse_count, default=None,
+    p.add_argument("--tokens", type=cli.count, default=None,
                    help="training tokens, e.g. 10B (default: Chinchilla-optimal, 20 per parameter)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --batch-tokens)")
-    p.add_argument("--batch-tokens", type=parse_count, default=None, help="tokens per optimizer step, e.g. 524288")
+    p.add_argument("--steps", type=cli.count, default=None, help="optimizer steps (with --batch-tokens)")
+    p.add_argument("--batch-tokens", type=cli.count, default=None, help="tokens per optimizer step, e.g. 524288")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="for the cost line")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
