@@ -260,3 +260,35 @@ def test_dataset_files_get_the_umask_permissions(tmp_path, shakespeare_docs):
     assert result.returncode == 0, result.stderr
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o640"}
     assert json.loads((out / "manifest.json").read_text())["totals"]["train"]["shards"] == 1
+
+
+def _touch(path: Path, copy: bool) -> None:
+    """The same content with a new modification time: a copy without -p (copy=True), or a restore / HSM recall."""
+    if copy:
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["touched", "copied-without-p"])
+def test_an_input_with_the_same_content_and_a_new_mtime_is_the_same_recipe(tmp_path, shakespeare_docs, copy, capsys):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in shakespeare_docs[:200]])
+    other = write_jsonl(tmp_path / "more.jsonl", [{"text": d} for d in shakespeare_docs[200:400]])
+    args = ["--val-tokens", 0, "--shard-tokens", 5000]
+    # A finished dataset: reused, untouched.
+    assert tokenize([src, other], tmp_path / "ds", *args) == 0
+    before = tree_bytes(tmp_path / "ds")
+    _touch(src, copy)
+    capsys.readouterr()
+    assert tokenize([src, other], tmp_path / "ds", *args) == 0
+    assert "is already a finished dataset with this recipe" in capsys.readouterr().err
+    assert tree_bytes(tmp_path / "ds") == before
+    # Unfinished work: the other task goes on, and finalize makes the same shards.
+    assert tokenize([src, other], tmp_path / "ds2", *args, "--task-index", 0, "--task-count", 2) == 0
+    _touch(other, copy)
+    assert tokenize([src, other], tmp_path / "ds2", *args, "--task-index", 1, "--task-count", 2) == 0
+    assert prep_main(["finalize", "--out", str(tmp_path / "ds2")]) == 0
+    shards = {k: v for k, v in tree_bytes(tmp_path / "ds2").items() if k.endswith(".bin")}
+    assert shards == {k: v for k, v in before.items() if k.endswith(".bin")} and shards
