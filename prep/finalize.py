@@ -280,6 +280,8 @@ def complete(work: Work) -> int:
     t, v = manifest["totals"]["train"], manifest["totals"]["val"]
     print(f"finalized {out}: train {t['tokens']:,} tokens / {t['documents']:,} docs in {t['shards']} shard(s), "
           f"val {v['tokens']:,} tokens / {v['documents']:,} docs in {v['shards']} shard(s)", file=sys.stderr)
+    if not v["shards"]:
+        print(f"{out} has no validation split (--val-tokens 0): train on it with eval.every: 0", file=sys.stderr)
     return 0
 
 

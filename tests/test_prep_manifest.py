@@ -144,3 +144,17 @@ def test_unfinished_work_of_an_earlier_version_is_refused(tiny_dataset, tmp_path
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {recipe}: written by an earlier version of prep (dataset version 1; this one reads 2): "
         f"prepare it again")
+
+
+def test_val_tokens_0_makes_a_dataset_without_validation_that_opens_and_verifies(tmp_path, shakespeare_docs, capsys):
+    from tests.fixtures_data import write_jsonl
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in shakespeare_docs[:300]])
+    out = tmp_path / "ds"
+    assert prep_main(["tokenize", "--input", str(docs), "--out", str(out), "--shard-tokens", "5000",
+                      "--val-tokens", "0"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{out} has no validation split (--val-tokens 0): train on it with eval.every: 0")
+    ds = Dataset(out)
+    assert ds.files("val") == [] and len(ds.files("train")) == ds.manifest["totals"]["train"]["shards"] > 1
+    assert ds.manifest["totals"]["val"] == {"tokens": 0, "documents": 0, "shards": 0}
+    assert prep_main(["verify", str(out)]) == 0
