@@ -29,7 +29,7 @@ from common import files, progress, tokenizer
 from common.errors import PipelineError
 
 from .inputs import ReadStats, Unit
-from .layout import Layout, load_or_build
+from .layout import Layout, LayoutError, load_or_build
 from .reader import DATASET_VERSION, MANIFEST, read_manifest
 from .recipe import refuse_if_different
 from .shard import HEADER_BYTES, edges_sha256, make_header, open_shard
@@ -161,7 +161,16 @@ def _build_layout(out: Path, rcp: dict, units: list[Unit], markers: list[dict]) 
         raise FinalizeError(f"{out}: the inputs hold no documents with text "
                             f"({sum(m['stats']['empty_skipped'] for m in markers)} empty, "
                             f"{sum(m['stats']['bad_skipped'] for m in markers)} bad)")
-    return Layout.build(indexes, rcp["validation"]["tokens"], rcp["shard_tokens"])
+    try:
+        return Layout.build(indexes, rcp["validation"]["tokens"], rcp["shard_tokens"])
+    except LayoutError as exc:
+        n_docs = sum(m["documents"] for m in markers)
+        txt = [u.path for u in units if u.kind == "txt"]
+        hint = (f" ({len(txt)} of them .txt files, each read as one whole document: split a text into documents "
+                f"with `python slurm/demo_data.py OUT_DIR --text {txt[0]}`, or give .jsonl inputs, one JSON "
+                f"document a line with its text in --text-column)") if txt else ""
+        raise LayoutError(f"{exc}; the inputs hold {n_docs:,} document(s){hint}, and the validation split takes "
+                          f"whole documents") from None
 
 
 def write_train_shards(work: Work, shards: range, label: str) -> None:

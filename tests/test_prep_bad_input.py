@@ -156,6 +156,19 @@ def test_val_tokens_larger_than_corpus_refused(tmp_path, shakespeare_docs, capsy
     assert_no_dataset(tmp_path / "ds")
 
 
+@pytest.mark.parametrize("val_tokens", [10**7, 1000], ids=["more-than-the-text", "one-document-takes-all"])
+def test_a_txt_input_all_held_out_says_it_is_one_document_and_how_to_split_it(tmp_path, shared_dir, val_tokens,
+                                                                               capsys):
+    text = tmp_path / "book.txt"
+    text.write_text((shared_dir / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    assert tokenize([text], tmp_path / "ds", "--val-tokens", val_tokens) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --val-tokens {val_tokens:,} leaves no training data"), error
+    assert (f"the inputs hold 1 document(s) (1 of them .txt files, each read as one whole document: split a text "
+            f"into documents with `python slurm/demo_data.py OUT_DIR --text {text}`, or give .jsonl inputs") in error
+    assert_no_dataset(tmp_path / "ds")
+
+
 def test_token_id_beyond_uint16_refused():
     assert to_uint16(np.array([0, 50256, 65535], dtype=np.uint32), "x").tolist() == [0, 50256, 65535]
     with pytest.raises(TokenRangeError, match=r"docs.jsonl: token id 65536 does not fit in uint16"):
