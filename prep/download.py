@@ -39,7 +39,7 @@ class DownloadError(PipelineError):
 
 
 def offline_help(repo_id: str, folder: str, out: Path) -> str:
-    return (f"to work offline, fetch the files on a machine with internet, e.g. `huggingface-cli download {repo_id} "
+    return (f"to work offline, fetch the files on a machine with internet, e.g. `hf download {repo_id} "
             f"--repo-type dataset --include '{folder}/*.parquet' --local-dir RAW`, copy them into {out} "
             f"(any layout), then run `python -m prep tokenize --input {out} --out DATASET`")
 

@@ -4,6 +4,7 @@ import http.server
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from prep import UsageError
 from prep.__main__ import main as prep_main
 from prep.download import DownloadError, fetch, file_status, parse_files
+from tests.conftest import PYTHON
 
 
 class QuietHandler(http.server.BaseHTTPRequestHandler):
@@ -138,6 +140,20 @@ def test_download_offline_fails_fast_and_says_how_to_bring_files(tmp_path, monke
     err = capsys.readouterr().err
     assert "error: cannot reach the Hugging Face Hub" in err and "data/CC-MAIN-2024-10/*.parquet" in err
     assert time.monotonic() - start < 10 and not (tmp_path / "raw").exists()
+
+
+def test_the_offline_advice_is_a_command_of_the_installed_huggingface_hub(tmp_path, capsys):
+    """huggingface_hub >= 1.0 ships `hf`, not `huggingface-cli`: the command prep recommends must be there, with
+    every flag it passes."""
+    import re
+    assert prep_main(["download", "--sample", "10BT", "--out", str(tmp_path / "raw")]) == 1
+    command = re.search(r"`(hf [^`]+)`", capsys.readouterr().err).group(1).split()
+    tool = Path(PYTHON).parent / command[0]
+    assert tool.exists(), f"{command[0]} is not installed beside {PYTHON}"
+    usage = subprocess.run([str(tool), *command[1:2], "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0, usage.stderr
+    flags = [word for word in command if word.startswith("--")]
+    assert flags == ["--repo-type", "--include", "--local-dir"] and all(f in usage.stdout for f in flags)
 
 
 def test_eval_data_offline_error_and_local_install(tmp_path, shared_dir, capsys):
