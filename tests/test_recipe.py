@@ -45,6 +45,7 @@ DEFAULTS = {
     "log": {"every": 1, "tensorboard": True},
     "mfu": {"gpu": "auto", "peak_tflops": None},
     "seed": 1337,
+    "dist_timeout_minutes": 60,
 }
 MINIMAL = ["run_dir=r", "data.dir=d", "deepspeed=ds.json", "batch.total_tokens=128", "batch.micro_batch=2",
            "batch.seq_len=64", "schedule.max_steps=1"]

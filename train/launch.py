@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 from common.errors import PipelineError
 
@@ -96,8 +97,9 @@ def setup(env=None) -> Placement:
     return Placement(rank, local_rank, world, "cpu", "gloo")
 
 
-def init_distributed(place: Placement) -> None:
-    """deepspeed.init_distributed, with a failed build of DeepSpeed's CPU op said in one line.
+def init_distributed(place: Placement, timeout: timedelta) -> None:
+    """deepspeed.init_distributed with the recipe's collective timeout (DeepSpeed 0.19.8's own default is 10
+    minutes), and a failed build of DeepSpeed's CPU op said in one line.
 
     On CPU, DeepSpeed JIT-builds its shared-memory communication op (deepspeed_shm_comm) whenever it makes a
     process group, with torch's cpp_extension, which asks the C++ compiler for its version even when the build is
@@ -108,7 +110,7 @@ def init_distributed(place: Placement) -> None:
 
     import deepspeed
     try:
-        deepspeed.init_distributed(dist_backend=place.backend)
+        deepspeed.init_distributed(dist_backend=place.backend, timeout=timeout)
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
         frames = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
         if place.device != "cpu" or not any("op_builder" in f or "cpp_extension" in f for f in frames):

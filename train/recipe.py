@@ -158,6 +158,9 @@ class Recipe:
     log: Log = field(default_factory=Log)
     mfu: Mfu = field(default_factory=Mfu)
     seed: int = 1337
+    # How long a collective waits for the slowest rank before the run fails; rank-0-only work (a universal
+    # checkpoint conversion, a save to a slow filesystem) holds the others in one (docs/train.md).
+    dist_timeout_minutes: int = 60
 
     # ---- conversions -----------------------------------------------------------------------------------------
     @classmethod
@@ -348,7 +351,8 @@ def check(recipe: Recipe) -> None:
     for key in ("run_dir", "deepspeed", "sample.prompt", "mfu.gpu"):
         if not isinstance(_get(recipe, key), str):
             raise RecipeError(f"{key} must be a string, got {_get(recipe, key)!r}")
-    for key in ("batch.total_tokens", "batch.micro_batch", "batch.seq_len", "log.every", "eval.val_batches"):
+    for key in ("batch.total_tokens", "batch.micro_batch", "batch.seq_len", "log.every", "eval.val_batches",
+                "dist_timeout_minutes"):
         _positive_int(recipe, key)
     for key in ("optim.warmup_steps", "eval.every", "checkpoint.every", "checkpoint.keep_last",
                 "checkpoint.keep_every", "sample.every", "sample.num", "sample.max_new_tokens", "seed"):

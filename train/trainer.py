@@ -11,6 +11,7 @@ import math
 import random
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
         import deepspeed
-        launch.init_distributed(self.place)
+        launch.init_distributed(self.place, timedelta(minutes=self.recipe.dist_timeout_minutes))
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         model = GPT(self.model_config)
         model.activation_checkpointing = self.recipe.activation_checkpointing
