@@ -7,6 +7,7 @@ fields (ctx, ind, split, ...) are kept and not checked.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from . import files
@@ -63,3 +64,42 @@ def check_file(path) -> int:
     if n == 0:
         raise HellaSwagError(f"HellaSwag file {path} holds no docs")
     return n
+
+
+def check_fits(path, block_size: int, limit: int | None = None) -> None:
+    """Raise HellaSwagError naming the first doc of a checked file (file:line) with an ending that, as lm-eval
+    scores it, does not fit a model of `block_size` tokens; only the first `limit` docs (those lm-eval's --limit
+    scores) when given.
+
+    lm-eval scores each ending as the continuation of the doc's context: a context too long is cut from the left
+    (as lm-eval's hf backend does, and the pipeline's scorer too), but an ending longer than the model's context
+    cannot be scored: the hf backend would cut it and score the wrong tokens, the pipeline's scorer would stop mid-
+    evaluation. Eval calls this once it knows the model's block size, before scoring anything.
+    """
+    path = Path(path)
+    st = path.stat()
+    docs = _longest_endings(path.resolve(), st.st_size, st.st_mtime_ns)
+    for lineno, ending, tokens in docs[:limit]:
+        if tokens > block_size:
+            raise HellaSwagError(f"{path}:{lineno}: ending {ending} is {tokens} tokens, longer than the model's "
+                                 f"context (block_size {block_size}): it cannot be scored; remove that doc, or "
+                                 f"evaluate a model with a longer context")
+
+
+@functools.lru_cache(maxsize=4)
+def _longest_endings(path: Path, size: int, mtime_ns: int) -> list[tuple[int, int, int]]:
+    """Per doc of one version of a file, (line, ending, tokens) of its longest ending, counted as lm-eval counts a
+    continuation: the tokens of context + " " + ending beyond those of the context. Cached: a watcher scoring many
+    checkpoints counts once (about two seconds for the 10,042 validation docs)."""
+    from lm_eval.tasks.hellaswag.utils import preprocess  # the task's own text cleaning, so the count cannot drift
+
+    from .tokenizer import get_encoding
+    enc = get_encoding()
+    docs = []
+    for lineno, doc in files.read_json_lines(path, HellaSwagError, append_only=False):
+        query = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        context = len(enc.encode_ordinary(query))
+        lengths = [len(enc.encode_ordinary(query + " " + preprocess(ending))) - context for ending in doc["endings"]]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        docs.append((lineno, longest, lengths[longest]))
+    return docs

@@ -76,6 +76,9 @@ def run_tasks(lm, tasks: dict, limit: int | None = None, log_samples: bool = Fal
     nvidia-smi, git describe: about 0.7 s here, more on a GPU node), paid by every per-checkpoint eval job and
     recorded nowhere by us. tests/test_eval.py compares the two entry points' results on the same docs.
     """
+    if "hellaswag" in tasks:  # before scoring: an ending longer than the model's context (common.hellaswag)
+        hellaswag.check_fits(tasks["hellaswag"].config.dataset_kwargs["data_files"]["validation"], lm.max_length,
+                             limit)
     from lm_eval.defaults import DEFAULT_OTHER_SEED
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager

@@ -62,3 +62,46 @@ def test_eval_checkpoint_refuses_a_bad_doc_before_scoring(tmp_path, capsys, tiny
 
 def test_the_shared_validation_file_passes(shared_dir):
     assert hellaswag.check_file(shared_dir / "data" / "hellaswag_val.jsonl") == 10042
+
+
+def test_an_ending_longer_than_the_models_context_is_refused_naming_the_doc(tmp_path, shared_dir):
+    """lm-eval truncates a too-long context (and so does eval); an ending that alone exceeds block_size cannot be
+    scored: refused by the check eval runs with the model's block size, naming file, line and ending."""
+    long_ending = " ".join(["word"] * 300)
+    path = tmp_path / "hellaswag_long.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "endings": ["bakes.", long_ending, "a", "b"]})
+                    + "\n")
+    assert hellaswag.check_file(path) == 2  # the file itself is well formed
+    hellaswag.check_fits(path, 301)  # the ending is " word" x 300: 300 tokens
+    with pytest.raises(hellaswag.HellaSwagError) as err:
+        hellaswag.check_fits(path, 299)
+    assert str(err.value) == (f"{path}:2: ending 1 is 300 tokens, longer than the model's context (block_size 299): "
+                              f"it cannot be scored; remove that doc, or evaluate a model with a longer context")
+    # A long context with short endings is scored as lm-eval scores it (the context cut from the left): accepted.
+    path.write_text(json.dumps({**GOOD, "ctx_a": long_ending}) + "\n")
+    hellaswag.check_fits(path, 64)
+    # The real validation set: its longest ending (line 9226) is 87 tokens; a --limit checks only the docs it scores.
+    real = shared_dir / "data" / "hellaswag_val.jsonl"
+    hellaswag.check_fits(real, 87)
+    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_val.jsonl:9226: ending 0 is 87 tokens"):
+        hellaswag.check_fits(real, 86)
+    hellaswag.check_fits(real, 24, limit=8)
+    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_val.jsonl:9: ending 0 is 34 tokens"):
+        hellaswag.check_fits(real, 24, limit=9)
+
+
+def test_eval_checkpoint_refuses_an_ending_longer_than_the_model_in_one_line(tmp_path, capsys, tiny_hf_dir):
+    from eval.__main__ import main as eval_main
+    path = tmp_path / "hellaswag_long.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "endings": ["a", " ".join(["word"] * 100), "b", "c"]})
+                    + "\n")
+    out = tmp_path / "result.json"
+    rc = eval_main(["checkpoint", str(tiny_hf_dir), "--hellaswag-file", str(path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: {path}:2: ending 1 is 100 tokens, longer than the model's context (block_size 64): it cannot be "
+        f"scored; remove that doc, or evaluate a model with a longer context"), err
+    assert not out.exists()
+    # With --limit 1 only the first doc is scored, and it fits.
+    assert eval_main(["checkpoint", str(tiny_hf_dir), "--hellaswag-file", str(path), "--out", str(out),
+                      "--limit", "1"]) == 0
