@@ -81,7 +81,7 @@ def cmd_export(args) -> int:
 def cmd_watch(args) -> int:
     from .harness import DEFAULT_HELLASWAG, check_hellaswag_file
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    if args.submit is not None:  # the scoring flags are the eval job's business (slurm/eval.sbatch)
+    if args.submit is not None:  # the scoring flags are the eval job's business (slurm/stage.sbatch eval)
         from .dispatch import Dispatcher
         watcher = Dispatcher(args.run_dir, args.submit, max_attempts=args.max_attempts, log=log, only=args.only)
         how = {"eval jobs": f"{args.submit} TAG"}
@@ -148,7 +148,7 @@ def register_watch(sub) -> None:
     p.add_argument("--submit", metavar="COMMAND", default=None,
                    help="score nothing here: run COMMAND TAG (split like a shell line) once per complete checkpoint "
                         "to submit its own eval job, which must print the Slurm job id (sbatch --parsable); "
-                        "submit.sh's EVAL_MODE=jobs")
+                        "the eval_watch stage's EVAL_MODE=jobs")
     add_scoring_flags(p)
 
 

@@ -2,10 +2,10 @@
 
 The dispatcher scores nothing and needs no GPU. For each complete checkpoint (model.checkpoint's rule, through
 the Watcher it extends) that results.jsonl does not hold yet, it runs `CMD TAG`, which submits a job that scores
-TAG and records it (under Slurm, submit.sh makes CMD `sbatch ... slurm/eval.sbatch PIPELINE`) and prints the job
-id, as `sbatch --parsable` does. The id goes into RUN/eval/.watch/<tag>.submitted, written atomically while
-RUN/eval/.watch/<tag>.submit.lock is held, and that record is what every later look goes by: a second dispatcher,
-or this one restarted, asks Slurm about the recorded job instead of submitting another. A job that ended without
+TAG and records it (under Slurm, the eval_watch stage makes CMD `sbatch ... slurm/stage.sbatch eval PIPELINE`)
+and prints the job id, as `sbatch --parsable` does. The id goes into RUN/eval/.watch/<tag>.submitted, written
+atomically while RUN/eval/.watch/<tag>.submit.lock is held, and that record is what every later look goes by: a
+second dispatcher, or this one restarted, asks Slurm about the recorded job instead of submitting another. A job that ended without
 a result (failed, cancelled, timed out, its node lost) is submitted again, at most max_attempts times in all.
 
 Results stay exactly once whatever happens to the submissions: the job scores under the watcher's own per-tag
@@ -21,27 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import files
+from slurm.jobs import ACTIVE, job_state as slurm_job_state
 
 from .harness import EvalError
 from .watch import Watcher, scored_tags
 
-# Job states in which a job may still score its checkpoint (squeue's long names; REQUEUED and friends come back
-# as PENDING). Anything else has ended.
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 JOB_ID = re.compile(r"\d+(_\d+)?")
-
-
-def slurm_job_state(job_id: str) -> str | None:
-    """The job's JobState; "" once the controller no longer knows the job; None when it cannot be asked."""
-    try:
-        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return "" if "Invalid job id" in done.stderr else None
-    match = re.search(r"\bJobState=(\S+)", done.stdout)
-    return match.group(1) if match else None
 
 
 class Dispatcher(Watcher):

@@ -95,7 +95,12 @@ class Pipeline:
         return self.LOG_DIR or self.RUN_DIR / "logs"
 
     def tokenize_inputs(self) -> list[Path]:
-        return list(self.PREP_INPUT) if self.PREP_SOURCE == "local" else [self.RAW_DIR]
+        """The tokenize stage's inputs: PREP_INPUT, or the raw download directory."""
+        if self.PREP_SOURCE != "local":
+            return [self.RAW_DIR]
+        if not self.PREP_INPUT:
+            raise ConfigError("PREP_SOURCE=local needs PREP_INPUT (files or directories)")
+        return list(self.PREP_INPUT)
 
     def tokenize_flags(self) -> list[str]:
         """The dataset recipe, as flags every tokenize invocation (array task, check, rerun) shares."""
@@ -256,14 +261,12 @@ def read_pipeline(path) -> Pipeline:
             v.fail("EVAL_POLL", f"EVAL_POLL must be a positive number of seconds, got {v.text('EVAL_POLL')!r}")
         values["EVAL_POLL"] = float(v.text("EVAL_POLL"))
     if v.has("EVAL_MODE"):
-        values["EVAL_MODE"] = v.choice("EVAL_MODE", EVAL_MODES, " or ".join(f"{k} ({w})" for k, w in EVAL_MODES.items()))
+        modes = " or ".join(f"{k} ({what})" for k, what in EVAL_MODES.items())
+        values["EVAL_MODE"] = v.choice("EVAL_MODE", EVAL_MODES, modes)
     if v.has("PREP_SAMPLE") and v.text("PREP_SAMPLE"):
         values["PREP_SAMPLE"] = v.text("PREP_SAMPLE")
-    if source == "local":
-        inputs = v.items("PREP_INPUT", split=False) if v.has("PREP_INPUT") else ()
-        if not inputs:
-            raise ConfigError("PREP_SOURCE=local needs PREP_INPUT (files or directories)")
-        values["PREP_INPUT"] = tuple(_abspath(p) for p in inputs)
+    if v.has("PREP_INPUT"):
+        values["PREP_INPUT"] = tuple(_abspath(p) for p in v.items("PREP_INPUT", split=False))
     for key in ("TRAIN_OVERRIDES", "TRAIN_ALLOW_CHANGE"):
         if v.has(key):
             values[key] = v.items(key, split=True)

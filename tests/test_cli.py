@@ -30,7 +30,7 @@ def script_main(name):
 
 
 def main_of(entry):
-    if entry in ("check_recipe", "demo_data"):
+    if entry == "demo_data":
         return script_main(entry)
     return importlib.import_module(f"{entry}.__main__").main
 
@@ -75,8 +75,6 @@ CASES = [
     ("eval", "watch {empty} --once --hellaswag-file {missing}", 1, "{missing}"),
     ("eval", "watch {empty} --poll soon", 2, "--poll"),
     ("eval", "report {empty}", 1, "{empty}"),
-    ("check_recipe", "--config {missing} --world-size 1", 2, "{missing}"),
-    ("check_recipe", "--config configs/train/tiny-cpu.yaml --world-size 0", 2, "--world-size"),
     ("demo_data", "{out} --text {missing}", 1, "{missing}"),
     ("demo_data", "{out} --docs 0", 2, "--docs"),
 ]
@@ -161,7 +159,7 @@ def parsers(monkeypatch):
     captured = {}
     monkeypatch.setattr(cli, "run", lambda parser, argv=None: captured.setdefault("parser", parser))
     top = {}
-    for entry in ("prep", "model", "eval", "check_recipe", "demo_data"):
+    for entry in ("prep", "model", "eval", "demo_data"):
         captured.clear()
         main_of(entry)([])
         top["python -m " + entry if entry in ("prep", "model", "eval") else f"slurm/{entry}.py"] = captured["parser"]
@@ -246,7 +244,6 @@ COUNT_FLAGS = [
     ("python -m eval checkpoint", "ckpt", "--limit"),
     ("python -m eval checkpoint", "ckpt", "--batch-size"),
     ("python -m eval watch", "run", "--max-attempts"),
-    ("slurm/check_recipe.py", "--config x", "--world-size"),
     ("slurm/demo_data.py", "out", "--docs"),
 ]
 

@@ -351,14 +351,14 @@ def test_a_command_marked_started_is_not_run_again(tiny_run, hellaswag_file, tmp
 
 def test_a_requeued_watcher_job_carries_on_without_scoring_or_running_anything_twice(
         tiny_run, hellaswag_file, tmp_path):
-    """slurm/eval_watch.sbatch is submitted with --requeue: Slurm stops a run of it with SIGTERM (to the script and
-    the watcher) and later starts the same script again. Here the real script runs under bash twice with the
+    """The eval_watch stage is submitted with --requeue (slurm/stage.sbatch): Slurm stops a run of it with SIGTERM (to
+    the script and the watcher) and later starts the same script again. Here the real script runs under bash twice with the
     variables Slurm and submit.sh set (no Slurm on this machine: the training job's state cannot be asked, which
     the script takes as "still there"); a cluster test would only add Slurm's own requeue, which
     tests/test_slurm_cluster.py shows for training. The second run scores only what the first had not, and
     eval.command runs once per checkpoint."""
     from tests.slurm_cluster import write_env_file
-    script = REPO / "slurm" / "eval_watch.sbatch"
+    script = REPO / "slurm" / "stage.sbatch"
     assert "#SBATCH --requeue\n" in script.read_text()
     run = tmp_path / "run"
     sources = tag_dirs(tiny_run)
@@ -374,7 +374,7 @@ def test_a_requeued_watcher_job_carries_on_without_scoring_or_running_anything_t
     env.pop("SLURM_RESTART_COUNT", None)
 
     def start(log):
-        return subprocess.Popen(["bash", str(script), str(pipeline)], cwd=REPO, env=env, stdout=log,
+        return subprocess.Popen(["bash", str(script), "eval_watch", str(pipeline)], cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     with open(tmp_path / "first.log", "w") as log:

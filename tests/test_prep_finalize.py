@@ -222,7 +222,7 @@ def slurm_dry_run(tmp_path: Path, **values) -> subprocess.CompletedProcess:
 def test_submit_sizes_the_finalize_array_to_the_dataset(tmp_path, values, array):
     done = slurm_dry_run(tmp_path, **values)
     assert done.returncode == 0, done.stderr
-    line = next(line for line in done.stdout.splitlines() if "prep_finalize.sbatch" in line)
+    line = next(line for line in done.stdout.splitlines() if "stage.sbatch prep_finalize " in line)
     assert f"--array={array}" in line.split() and "--output=" in line and "prep_finalize-%A_%a.out" in line
     assert f"finalize {int(array.split('-')[1]) + 1} task(s)" in done.stdout
 
@@ -233,12 +233,13 @@ def test_submit_sizes_the_finalize_array_of_local_inputs_by_their_bytes(tmp_path
         f.truncate(6_300_000)  # ~3.15M tokens at 2 bytes a token: 32 shards of 100k, two tasks of 16
     done = slurm_dry_run(tmp_path, PREP_SOURCE="local", PREP_INPUT=tmp_path / "in", PREP_SHARD_TOKENS=100_000)
     assert done.returncode == 0, done.stderr
-    assert "--array=0-1" in next(line for line in done.stdout.splitlines() if "prep_finalize.sbatch" in line)
+    assert "--array=0-1" in next(line for line in done.stdout.splitlines() if "stage.sbatch prep_finalize " in line)
 
 
 def test_submit_refuses_a_finalize_task_count_that_is_not_a_count(tmp_path):
     done = slurm_dry_run(tmp_path, PREP_SAMPLE="10BT", FINALIZE_TASKS=0)
-    assert done.returncode == 1 and done.stderr == "error: FINALIZE_TASKS must be a positive whole number, got '0'\n"
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {tmp_path / 'p.env'} line ")
+    assert done.stderr.endswith(": FINALIZE_TASKS must be a positive whole number, got '0'\n"), done.stderr
 
 
 def test_the_finalize_script_runs_a_task_and_only_the_completing_task_verifies(tmp_path, reference_units,
@@ -252,7 +253,7 @@ def test_the_finalize_script_runs_a_task_and_only_the_completing_task_verifies(t
         "HELLASWAG": SHARED / "data" / "hellaswag_val.jsonl"})
 
     def task(i):
-        return subprocess.run(["bash", str(REPO / "slurm" / "prep_finalize.sbatch"), str(pipeline)], cwd=REPO,
+        return subprocess.run(["bash", str(REPO / "slurm" / "stage.sbatch"), "prep_finalize", str(pipeline)], cwd=REPO,
                               capture_output=True, text=True,
                               env=dict(os.environ, PYTHON=PYTHON, TASK_INDEX=str(i), TASK_COUNT="2"))
     first = task(1)
