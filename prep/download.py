@@ -2,13 +2,14 @@
 
 The listing is taken at one commit (the --revision resolved once) and written to RAW/download.json, so every file
 of a dataset comes from the same revision and tokenize can record it; later runs reuse that listing, so a rerun
-over complete files needs no network. Each file is fetched into RAW/.partial/ with
-HTTP range requests (a rerun continues where a killed one stopped), checked against the Hub's size and LFS sha256,
-then renamed into place. A file already in place is re-hashed only if its size or mtime changed.
+over complete files needs no network. The transfer is huggingface_hub's hf_hub_download into RAW at that commit,
+DOWNLOAD_THREADS files at a time: it resumes a killed transfer from RAW/.cache/huggingface/, checks the size, sends
+the token only to the Hub (never to the CDN its redirects name) and uses the Xet backend where it is installed.
+Each file is then checked against the listing's size and LFS sha256; a file already in place is re-hashed only if
+its size or mtime changed.
 
 Nothing from the Hub is trusted to name a place: a listed path that would leave RAW (absolute, or with "..") is
-refused before anything is written, and the token goes only to the configured Hub endpoint, never to the host a
-redirect points to (the Hub redirects file downloads to a CDN with signed URLs, which need no token).
+refused before anything is written.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import socket
 import sys
 import time
 import urllib.parse
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from common import files, progress
@@ -32,6 +33,7 @@ SAMPLES = ("10BT", "100BT", "350BT")
 RECORD = "download.json"
 CHUNK = 8 << 20
 CONNECT_TIMEOUT_S = 10
+DOWNLOAD_THREADS = 8  # files transferred at once (huggingface_hub's own default for a snapshot)
 
 
 class DownloadError(PipelineError):
@@ -128,69 +130,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def origin(url: str) -> tuple[str, str, int | None]:
-    u = urllib.parse.urlsplit(url)
-    return u.scheme, (u.hostname or "").lower(), u.port or {"https": 443, "http": 80}.get(u.scheme)
-
-
-class TokenOnlyToHub(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, dropping the Authorization header on any hop away from the Hub's own origin.
-
-    urllib copies every header of a request onto its redirects, so without this a token would reach whatever
-    host a redirect names.
-    """
-
-    def __init__(self, hub_url: str):
-        super().__init__()
-        self.hub = origin(hub_url)
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and origin(new.full_url) != self.hub:
-            new.remove_header("Authorization")
-        return new
-
-
-def fetch(url: str, dest: Path, size: int, sha256: str | None, token: str | None = None, hub: str | None = None,
-          progress=None) -> None:
-    """Download url to dest, resuming from dest's .partial file; verify size and sha256 before renaming into place.
-
-    The token is sent only while the request stays on the origin of `hub` (the configured endpoint; default:
-    url's own).
-    """
-    hub = hub or url
-    part = dest.parent / ".partial" / (dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if have > size:  # not a prefix of this file: start over
-        part.unlink()
-        have = 0
-    if have < size:
-        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"})
-        if token and origin(url) == origin(hub):
-            req.add_header("Authorization", f"Bearer {token}")
-        opener = urllib.request.build_opener(TokenOnlyToHub(hub))
-        with opener.open(req, timeout=60) as resp:
-            if have and resp.status != 206:  # server ignored the range: rewrite from the start
-                have = 0
-            # Appended in place, not atomically: the partial file is the resume point, checked before its rename.
-            with open(part, "ab" if have else "wb") as f:
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-    got = part.stat().st_size
-    if got != size:
-        raise DownloadError(f"{dest.name}: got {got} bytes, the Hub lists {size}; rerun to resume")
-    if sha256:
-        actual = sha256_file(part)
-        if actual != sha256:
-            part.unlink()
-            raise DownloadError(f"{dest.name}: sha256 {actual} != {sha256} listed by the Hub; deleted, rerun to fetch again")
-    os.replace(part, dest)
-    files.fsync_dir(dest.parent)
+def fetch(repo_id: str, f: dict, out: Path, commit: str, endpoint: str) -> None:
+    """One listed file into out/PATH with hf_hub_download (resumed, size-checked, token kept on the Hub), then its
+    size and sha256 checked against the listing; a file that does not match is deleted."""
+    from huggingface_hub import hf_hub_download
+    dest = out / f["path"]
+    try:
+        hf_hub_download(repo_id, f["path"], repo_type="dataset", revision=commit,
+                        local_dir=out, endpoint=endpoint)
+    except Exception as exc:  # huggingface_hub raises HTTP, consistency and OS errors of many kinds
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DownloadError(f"{dest.name}: {type(exc).__name__}: {first}; rerun to resume") from None
+    status = file_status(dest, f["bytes"], f["sha256"])  # records the verified hash for the next run
+    if status != "ok":
+        dest.unlink(missing_ok=True)
+        raise DownloadError(f"{dest.name}: {status} listed by the Hub; deleted, rerun to fetch again")
 
 
 def download(args) -> int:
@@ -219,15 +173,17 @@ def download(args) -> int:
     if todo:
         endpoint = endpoint or check_online(f"{len(todo)} file(s) still to fetch (first: {todo[0]['path']}); "
                                             + help_text)
-        from huggingface_hub import get_token, hf_hub_url
-        token = get_token()
-        with progress.bar(total=sum(f["bytes"] for f in todo), unit="B", unit_scale=True, desc="download") as bar:
-            for f in todo:
-                dest = out / f["path"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                url = hf_hub_url(repo_id, f["path"], repo_type="dataset", revision=commit, endpoint=endpoint)
-                fetch(url, dest, f["bytes"], f["sha256"], token=token, hub=endpoint, progress=bar.update)
-                file_status(dest, f["bytes"], f["sha256"])  # records the verified hash for the next run
+        # One bar over the files here, one per file transfer from huggingface_hub.
+        with progress.bar(total=len(todo), desc="download", unit="file") as bar, \
+                ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(todo))) as pool:
+            futures = [pool.submit(fetch, repo_id, f, out, commit, endpoint) for f in todo]
+            try:
+                for future in futures:  # in listing order: the first failure in order is the one reported
+                    future.result()
+                    bar.update(1)
+            finally:
+                for future in futures:
+                    future.cancel()
     print(f"done: {len(picked)} file(s) in place and verified ({len(picked) - len(todo)} already were) in {out}",
           file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ import pytest
 
 from prep import UsageError
 from prep.__main__ import main as prep_main
-from prep.download import DownloadError, fetch, file_status, parse_files
+from prep.download import file_status, parse_files
 from tests.conftest import PYTHON
 
 
@@ -30,65 +30,6 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-class RangeHandler(QuietHandler):
-    """Serves one in-memory file with HTTP range support, like the Hub's CDN; records the Range headers it saw."""
-    payload = b""
-    honour_ranges = True
-    seen: list = []
-
-    def do_GET(self):
-        rng = self.headers.get("Range")
-        type(self).seen.append(rng)
-        start = int(rng.split("=")[1].split("-")[0]) if rng and self.honour_ranges else 0
-        self.send_body(206 if start else 200, self.payload[start:])
-
-
-@pytest.fixture
-def file_server():
-    RangeHandler.payload = os.urandom(3_000_000)
-    RangeHandler.seen = []
-    RangeHandler.honour_ranges = True
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/000_00000.parquet", RangeHandler
-    server.shutdown()
-
-
-def test_fetch_resumes_a_partial_file_and_verifies(tmp_path, file_server):
-    url, handler = file_server
-    data, sha = handler.payload, hashlib.sha256(handler.payload).hexdigest()
-    dest = tmp_path / "000_00000.parquet"
-    part = tmp_path / ".partial" / "000_00000.parquet.part"
-    part.parent.mkdir()
-    part.write_bytes(data[:1_000_000])  # what a killed download left
-    fetch(url, dest, len(data), sha)
-    assert handler.seen == ["bytes=1000000-"] and dest.read_bytes() == data and not part.exists()
-    assert file_status(dest, len(data), sha) == "ok"
-
-
-def test_fetch_rejects_a_corrupt_partial_file_then_refetches(tmp_path, file_server):
-    url, handler = file_server
-    data, sha = handler.payload, hashlib.sha256(handler.payload).hexdigest()
-    dest = tmp_path / "f.parquet"
-    part = tmp_path / ".partial" / "f.parquet.part"
-    part.parent.mkdir()
-    part.write_bytes(b"x" * 500_000)  # a prefix that is not this file's
-    with pytest.raises(DownloadError, match="sha256 .* listed by the Hub; deleted, rerun"):
-        fetch(url, dest, len(data), sha)
-    assert not dest.exists() and not part.exists()
-    handler.honour_ranges = False  # a server that ignores Range: the file is rewritten from the start
-    part.write_bytes(data[:10])
-    fetch(url, dest, len(data), sha)
-    assert dest.read_bytes() == data
-    part.write_bytes(data + b"extra")  # longer than the listed size: cannot be a prefix, so start over
-    dest.unlink()
-    fetch(url, dest, len(data), sha)
-    assert dest.read_bytes() == data
-    with pytest.raises(DownloadError, match="got 3000000 bytes, the Hub lists 2999999"):
-        fetch(url, tmp_path / "g.parquet", len(data) - 1, None)
 
 
 def test_file_status_checks_size_and_sha_and_caches_the_hash(tmp_path):
@@ -224,28 +165,55 @@ def test_tokenize_records_the_download_source(tmp_path, shakespeare_docs, capsys
 
 class FakeHub(QuietHandler):
     """The Hub's API and file endpoints for one dataset: the listing it is given, file downloads redirected to a
-    second server (as the Hub redirects to its CDN). Records the Authorization header of every request."""
+    second server (as the Hub redirects to its CDN), which honours Range requests. Records each request's method,
+    path, Authorization and Range headers. cut: the CDN's first response stops after that many bytes (a transfer
+    killed mid-way); served: the bytes the CDN sends instead of the payload (a corrupted copy)."""
     listing: list = []
     cdn = ""
     payload = b""
+    served = None
+    cut = None
     commit = "c" * 40
     seen: list = []
 
+    def _record(self):
+        type(self).seen.append((self.command, self.path, self.headers.get("Authorization"),
+                                self.headers.get("Range")))
+
+    def do_HEAD(self):
+        self._record()
+        if self.path.startswith(f"/datasets/HuggingFaceFW/fineweb-edu/resolve/{self.commit}/"):
+            self.send_response(302)
+            self.send_header("Location", f"{self.cdn}/signed/{self.path.rsplit('/', 1)[-1]}?sig=x")
+            self.send_header("X-Repo-Commit", self.commit)
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(self.payload).hexdigest()}"')
+            self.send_header("X-Linked-Size", str(len(self.payload)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_error(404)
+
     def do_GET(self):
-        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        self._record()
         if self.path.startswith("/api/datasets/HuggingFaceFW/fineweb-edu/revision/"):
             self._json({"id": "HuggingFaceFW/fineweb-edu", "sha": self.commit})
         elif self.path.startswith(f"/api/datasets/HuggingFaceFW/fineweb-edu/tree/{self.commit}/"):
             self._json([{"type": "file", "path": p, "size": len(self.payload), "oid": "0" * 40,
                          "lfs": {"oid": hashlib.sha256(self.payload).hexdigest(), "size": len(self.payload),
                                  "pointerSize": 134}} for p in self.listing])
-        elif self.path.startswith(f"/datasets/HuggingFaceFW/fineweb-edu/resolve/{self.commit}/"):
-            self.send_response(302)
-            self.send_header("Location", f"{self.cdn}/signed/{self.path.rsplit('/', 1)[-1]}?sig=x")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
         elif self.path.startswith("/signed/"):  # the CDN
-            self.send_body(200, self.payload)
+            body = self.payload if self.served is None else self.served
+            rng = self.headers.get("Range")
+            start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            if type(self).cut is not None:  # the connection drops mid-file
+                self.wfile.write(body[start:start + type(self).cut])
+                type(self).cut = None
+                self.close_connection = True
+                return
+            self.wfile.write(body[start:])
         else:
             self.send_error(404)
 
@@ -259,19 +227,22 @@ def fake_hub():
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     hub, cdn = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
-    FakeHub.cdn, FakeHub.payload, FakeHub.seen = cdn, os.urandom(50_000), []
+    FakeHub.cdn, FakeHub.payload, FakeHub.seen, FakeHub.served, FakeHub.cut = cdn, os.urandom(50_000), [], None, None
     yield hub, cdn
     for s in servers:
         s.shutdown()
 
 
-def _download(hub, raw, tmp_path):
-    import subprocess
-
-    from tests.conftest import PYTHON, REPO
+def _download(hub, raw, tmp_path, *extra):
+    from tests.conftest import REPO
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_TOKEN": "hf_secret", "HF_HOME": str(tmp_path)}
     return subprocess.run([PYTHON, "-m", "prep", "download", "--dataset", "fineweb-edu", "--sample", "10BT",
-                           "--out", str(raw)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--out", str(raw), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def cdn_requests():
+    return [(auth, rng) for method, path, auth, rng in FakeHub.seen if path.startswith("/signed/")]
 
 
 def test_download_sends_the_token_to_the_hub_only_never_to_a_redirect_target(tmp_path, fake_hub):
@@ -281,21 +252,56 @@ def test_download_sends_the_token_to_the_hub_only_never_to_a_redirect_target(tmp
     r = _download(hub, raw, tmp_path)
     assert r.returncode == 0, r.stderr
     assert (raw / "sample/10BT/000_00000.parquet").read_bytes() == FakeHub.payload
-    api = [auth for path, auth in FakeHub.seen if "/fineweb-edu/" in path]  # listing and file requests
-    on_cdn = [auth for path, auth in FakeHub.seen if path.startswith("/signed/")]
-    assert len(on_cdn) == 1 and on_cdn == [None]  # the CDN never sees the token
-    assert len(api) == 3 and all(auth == "Bearer hf_secret" for auth in api), FakeHub.seen
+    api = [(method, auth) for method, path, auth, _ in FakeHub.seen if "/fineweb-edu/" in path]
+    assert cdn_requests() == [(None, None)]  # the CDN never sees the token
+    # The listing (revision, tree) and huggingface_hub's HEAD of the file, each with the token.
+    assert api == [("GET", "Bearer hf_secret"), ("GET", "Bearer hf_secret"), ("HEAD", "Bearer hf_secret")], api
+    assert "download: 100%" in r.stderr  # the transfer shows a progress bar
 
 
-def test_fetch_keeps_the_token_on_a_redirect_within_the_hub_and_drops_it_elsewhere(tmp_path, fake_hub):
-    hub, cdn = fake_hub
-    data, sha = FakeHub.payload, hashlib.sha256(FakeHub.payload).hexdigest()
-    fetch(f"{hub}/datasets/HuggingFaceFW/fineweb-edu/resolve/{FakeHub.commit}/a.parquet", tmp_path / "a.parquet",
-          len(data), sha, token="hf_secret", hub=hub)
-    assert [auth for _, auth in FakeHub.seen] == ["Bearer hf_secret", None]
+def test_a_transfer_cut_off_mid_file_resumes_with_a_range_request(tmp_path, fake_hub):
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE  # what huggingface_hub writes at a time (10 MiB)
+    hub, _ = fake_hub
+    FakeHub.listing = ["sample/10BT/000_00000.parquet"]
+    FakeHub.payload = os.urandom(DOWNLOAD_CHUNK_SIZE + (2 << 20))
+    FakeHub.cut = DOWNLOAD_CHUNK_SIZE + (1 << 20)
+    raw = tmp_path / "raw"
+    r = _download(hub, raw, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (raw / "sample/10BT/000_00000.parquet").read_bytes() == FakeHub.payload
+    # The second request asks only for what the first did not deliver (from the last whole chunk written).
+    assert cdn_requests() == [(None, None), (None, f"bytes={DOWNLOAD_CHUNK_SIZE}-")]
+    assert sorted(p.name for p in raw.iterdir()) == [".cache", "download.json", "sample"]
+
+
+def test_a_file_whose_bytes_do_not_match_the_listed_sha256_is_deleted_and_refetched(tmp_path, fake_hub):
+    hub, _ = fake_hub
+    FakeHub.listing = ["sample/10BT/000_00000.parquet"]
+    FakeHub.served = bytes(len(FakeHub.payload))  # the right size, the wrong bytes
+    raw = tmp_path / "raw"
+    r = _download(hub, raw, tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 000_00000.parquet: sha256 ")
+    assert "listed by the Hub; deleted, rerun to fetch again" in r.stderr
+    assert not (raw / "sample/10BT/000_00000.parquet").exists()
+    FakeHub.served = None
+    assert _download(hub, raw, tmp_path).returncode == 0
+    assert (raw / "sample/10BT/000_00000.parquet").read_bytes() == FakeHub.payload
+
+
+def test_files_slice_fetches_its_share_of_the_pinned_listing(tmp_path, fake_hub):
+    hub, _ = fake_hub
+    FakeHub.listing = [f"sample/10BT/00{i}_00000.parquet" for i in range(4)]
+    raw = tmp_path / "raw"
+    r = _download(hub, raw, tmp_path, "--files", "1:3")
+    assert r.returncode == 0, r.stderr
+    record = json.loads((raw / "download.json").read_text())
+    assert record["revision"] == FakeHub.commit and [f["path"] for f in record["files"]] == FakeHub.listing
+    assert sorted(p.name for p in (raw / "sample/10BT").glob("*.parquet")) == ["001_00000.parquet", "002_00000.parquet"]
+    assert len(cdn_requests()) == 2
     FakeHub.seen = []
-    fetch(f"{cdn}/signed/b.parquet", tmp_path / "b.parquet", len(data), sha, token="hf_secret", hub=hub)
-    assert FakeHub.seen == [("/signed/b.parquet", None)]  # not the Hub: no token even on the first request
+    assert _download(hub, raw, tmp_path, "--files", "1:3").returncode == 0  # in place and verified: no transfer
+    assert cdn_requests() == []
 
 
 @pytest.mark.parametrize("bad", ["../escaped.parquet", "sample/../../escaped.parquet", "ABSOLUTE"])
@@ -310,7 +316,7 @@ def test_download_refuses_a_listing_path_that_leaves_out(tmp_path, fake_hub, bad
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"file path {bad!r} is not a relative path inside {raw}" in r.stderr
     assert list(raw.iterdir()) == [] and not victim.exists()
-    assert not any(path.startswith("/signed/") for path, _ in FakeHub.seen)
+    assert cdn_requests() == []
     # A download.json edited to hold such a path is refused the same way, offline, before any file is checked.
     record = {"repo_id": "HuggingFaceFW/fineweb-edu", "dataset": "fineweb-edu", "sample": "10BT", "dump": None,
               "pattern": "sample/10BT/*.parquet", "revision": FakeHub.commit,
