@@ -85,9 +85,7 @@ class _Reader:
             self.skip_blanks(newlines=False)
             if self.peek() not in ("\n", ""):
                 self.fail(f"{key}: more than one word after '=' (quote a value that holds spaces)")
-            if key in self.values:
-                self.fail(f"{key} is set twice (first on line {self.values[key].line})")
-            self.values[key] = Setting(value, line)
+            self.values[key] = Setting(value, line)   # set again: the later line wins, as in the shell
 
     def word(self) -> str:
         out = []
