@@ -35,7 +35,7 @@ from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deeps
 from .schedule import lr_multiplier
 from .stop import StopFlag
 
-PREEMPTED_EXIT = 99  # slurm/train.sbatch requeues the job on this status (docs/design.md, exit status)
+PREEMPTED_EXIT = 99  # the train stage (slurm/stage.py) requeues the job on this status (docs/design.md, exit status)
 
 
 class TrainError(PipelineError):
