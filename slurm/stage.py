@@ -24,7 +24,7 @@ from . import jobs
 from .config import Pipeline
 from .plan import SLURM_DIR, eval_stage, sbatch_argv
 
-PREEMPTED = 99   # the trainer's exit status after saving on SIGUSR1 / SIGTERM
+PREEMPTED = 99   # the trainer's exit status after saving on SIGUSR1 / SIGTERM (train.trainer.PREEMPTED_EXIT)
 TRAIN_SRUN = SLURM_DIR / "train_srun.sh"
 
 
@@ -48,6 +48,7 @@ class Run:
         self.slurm_job = os.environ.get("SLURM_JOB_ID")
         self.term_received = False
         self.outcome: str | None = None   # a stage may name its own outcome (train: requeued)
+        self.recorded = False
         if self.slurm_job:
             array = os.environ.get("SLURM_ARRAY_JOB_ID")
             self.id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else self.slurm_job
@@ -68,16 +69,11 @@ class Run:
     def child(self, argv: list[str]) -> subprocess.Popen:
         if self.tee is None:   # under Slurm the job's log is this process's stdout already
             return subprocess.Popen(argv)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        proc.tee_lines = True
-        return proc
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def call(self, argv: list[str]) -> int:
         proc = self.child(argv)
-        return self.wait(proc)
-
-    def wait(self, proc: subprocess.Popen) -> int:
-        if getattr(proc, "tee_lines", False):
+        if proc.stdout is not None:
             for line in iter(proc.stdout.readline, b""):
                 self._copy(line)
         return proc.wait()
@@ -94,6 +90,7 @@ class Run:
         if status != 0 and self.outcome is None:
             self.say(f"error: stage {self.name} failed (exit {status}); log: {self.log}", err=True)
         files.append_line(self.p.log_dir / "summary.txt", f"{now()} {self.name} {self.id} {outcome} log: {self.log}")
+        self.recorded = True
 
 
 def python(*argv: str) -> list[str]:
@@ -167,7 +164,6 @@ def train(run: Run, args) -> int:
             raise StageFailed(f"scontrol requeue {run.slurm_job} failed: resubmit to resume")
         run.outcome = f"requeued (exit {PREEMPTED})"
         run.record(status)
-        run.outcome = "recorded"
         signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the requeue's own SIGTERM ends this run of the job
         time.sleep(30)
     return status
@@ -255,6 +251,6 @@ def run_stage(p: Pipeline, name: str, args: list[str], tee=None) -> int:
     except PipelineError as exc:
         run.say(f"error: {exc}", err=True)
         status = 1
-    if run.outcome != "recorded":
+    if not run.recorded:
         run.record(status)
     return status
