@@ -69,6 +69,85 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Rows of the LM head's output the loss holds at once: about 2^27 logits (512 MiB in fp32) per chunk, whatever the
+# micro batch (GPT-2 124M at 64 x 1,024 tokens: 25 chunks of 2,668 rows instead of 12.4 GiB of fp32 logits).
+LOSS_CHUNK_LOGITS = 2 ** 27
+
+
+def _loss_chunks(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, vocab: int):
+    """(rows, the matmul's dtype, their logits in fp32 with padding columns at -inf, their targets) per chunk of
+    rows. The head's matmul runs over every (padded) row of the weight, so its shape stays a multiple of 64, and
+    in the dtype autocast or the inputs give it (bf16 on GPUs); the padding then never predicts."""
+    rows = max(1, LOSS_CHUNK_LOGITS // weight.size(0))
+    for start in range(0, features.size(0), rows):
+        h = features[start:start + rows]
+        raw = F.linear(h, weight)
+        logits = raw.float()
+        if vocab < weight.size(0):
+            logits[:, vocab:] = float("-inf")
+        yield start, h, raw.dtype, logits, targets[start:start + rows]
+
+
+def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p(target) over the rows whose target is not -1, the fp32 log-softmax's normaliser)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(targets != -1, lse - picked, 0.0).sum(), lse
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (features @ weight.T)[:, :vocab] against targets (-1: ignored), chunk by chunk.
+
+    Each chunk's logits exist only while it is processed. Because the loss is a scalar, the forward also takes
+    each chunk's gradients, through the same matmuls an unchunked backward runs: (softmax - one-hot) / count in
+    fp32, cast to the matmul's dtype, times the weight (the features' gradient) and times the features (the
+    weight's, summed over chunks in fp32). Backward only scales the two kept gradients: no matmul is repeated and
+    no (rows, vocab) tensor outlives its chunk. The log-softmax and its gradient are fp32, as the unchunked
+    F.cross_entropy(logits.float()) had them.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, targets, vocab):
+        count = (targets != -1).sum().clamp(min=1).float()
+        total = features.new_zeros((), dtype=torch.float32)
+        grad_features = None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start, h, dtype, logits, t in _loss_chunks(features, targets, weight, vocab):
+            loss, lse = _chunk_loss_sum(logits, t)
+            total = total + loss
+            # In place: one fp32 (rows, vocab) buffer per chunk, as the logits are not needed again.
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+            grad = grad.mul_(((t != -1).float() / count).unsqueeze(1)).to(dtype)
+            chunk = grad @ weight.to(dtype)
+            if grad_features is None:
+                grad_features = chunk.new_empty((features.size(0), chunk.size(1)))
+            grad_features[start:start + h.size(0)] = chunk
+            grad_weight += grad.t() @ h.to(dtype)
+        ctx.save_for_backward(grad_features, grad_weight)
+        ctx.dtypes = (features.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_features, grad_weight = ctx.saved_tensors
+        features_dtype, weight_dtype = ctx.dtypes
+        return ((grad_features * grad_output).to(features_dtype), (grad_weight * grad_output).to(weight_dtype),
+                None, None)
+
+
+def chunked_cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          vocab: int) -> torch.Tensor:
+    """Mean cross-entropy of the LM head over (N, C) features against (N,) targets (-1 ignored), never holding
+    the logits of more than one chunk of rows (LOSS_CHUNK_LOGITS)."""
+    if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(features, weight, targets, vocab)
+    total = features.new_zeros((), dtype=torch.float32)
+    for _, _, _, logits, t in _loss_chunks(features, targets, weight, vocab):
+        total = total + _chunk_loss_sum(logits, t)[0]
+    return total / (targets != -1).sum().clamp(min=1).float()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -115,13 +194,13 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None)."""
-        logits = self.head(self.features(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None); with targets (B, T) (-1: ignored) ->
+        (None, mean cross-entropy): training never materialises the whole batch's logits (chunked_cross_entropy)."""
+        features = self.features(idx)
+        if targets is None:
+            return self.head(features), None
+        return None, chunked_cross_entropy(features.reshape(-1, features.size(-1)), self.lm_head.weight,
+                                           targets.reshape(-1), self.config.vocab_size)
 
     def features(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -162,8 +162,8 @@ def test_padding_never_leaks():
     plain.load_state_dict(state)
     idx = torch.randint(0, 300, (2, 16))
     targets = torch.randint(0, 300, (2, 16))
-    logits_p, loss_p = padded(idx, targets)
-    logits_u, loss_u = plain(idx, targets)
+    (logits_p, _), (_, loss_p) = padded(idx), padded(idx, targets)
+    (logits_u, _), (_, loss_u) = plain(idx), plain(idx, targets)
     assert logits_p.shape == (2, 16, 300)
     assert torch.allclose(logits_p, logits_u, atol=1e-6) and torch.allclose(loss_p, loss_u, atol=1e-6)
     loss_p.backward()
@@ -183,10 +183,75 @@ def test_loss_ignores_minus_one_and_matches_cross_entropy():
     idx = torch.randint(0, 300, (2, 8))
     targets = torch.randint(0, 300, (2, 8))
     targets[:, :3] = -1
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx)[0], model(idx, targets)[1]
     keep = targets != -1
     expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
     assert torch.allclose(loss, expected)
+
+
+def unchunked_loss(features, weight, targets, vocab):
+    """The loss as GPT computed it before chunking: every row's logits at once, upcast, one cross-entropy."""
+    logits = torch.nn.functional.linear(features, weight)[:, :vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+def loss_and_grads(loss_fn, features, weight, targets, vocab, autocast=False):
+    features, weight = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(features, weight, targets, vocab)
+    loss.backward()
+    return [loss.double(), features.grad.double(), weight.grad.double()]
+
+
+def test_chunked_loss_equals_the_unchunked_one_in_fp32_and_bf16(monkeypatch):
+    import model.gpt as gpt
+    torch.manual_seed(0)
+    rows, width, padded, vocab = 1000, 64, 320, 300
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_LOGITS", 96 * padded)  # 11 chunks, the last one short
+    features, weight = torch.randn(rows, width, dtype=torch.float64), 0.5 * torch.randn(padded, width, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[:70] = -1
+    # fp32: equal within fp32 rounding (only the order of the sums differs).
+    new = loss_and_grads(gpt.chunked_cross_entropy, features.float(), weight.float(), targets, vocab)
+    old = loss_and_grads(unchunked_loss, features.float(), weight.float(), targets, vocab)
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert new[2][vocab:].abs().max() == 0  # the padding rows get no gradient, as before
+    # bf16 (autocast over fp32 weights, and bf16 weights as DeepSpeed's bf16 engine holds them): both are bf16
+    # matmuls, so compare each against fp64 on the same bf16-rounded inputs: the chunked loss is as close as before.
+    exact = loss_and_grads(unchunked_loss, features.bfloat16().double(), weight.bfloat16().double(), targets, vocab)
+    for f, w, autocast in ((features.float(), weight.float(), True), (features.bfloat16(), weight.bfloat16(), False)):
+        new = loss_and_grads(gpt.chunked_cross_entropy, f, w, targets, vocab, autocast)
+        old = loss_and_grads(unchunked_loss, f, w, targets, vocab, autocast)
+        for a, b, e in zip(new, old, exact):
+            error_new, error_old = ((a - e).norm() / e.norm()).item(), ((b - e).norm() / e.norm()).item()
+            assert error_new <= 1.1 * error_old + 1e-6, (autocast, error_new, error_old)
+            assert ((a - b).norm() / e.norm()).item() < 2 ** -7  # and within bf16 rounding of the old one
+
+
+def test_the_loss_keeps_no_logits_and_traces_as_one_graph(monkeypatch):
+    import model.gpt as gpt
+    torch.manual_seed(0)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_LOGITS", 32 * 320)  # 4 chunks of 32 rows
+    model = GPT(GPTConfig(**SMALL, padded_vocab_size=320))
+    idx, targets = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
+    largest = []
+
+    def keep(tensor):
+        largest.append(tensor.numel())
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(idx, targets)[1].backward()
+    assert max(largest) < 128 * 300  # no (rows x vocab) logits kept for backward, as before (its log-softmax)
+    eager = [p.grad.clone() for p in model.parameters()]
+    # fullgraph=True raises on any graph break; aot_eager runs the traced forward and backward graphs.
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(idx, targets)[1].backward()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx, targets)[1], model(idx, targets)[1])
+    for a, p in zip(eager, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
 
 
 def test_sequence_longer_than_block_size():

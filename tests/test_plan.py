@@ -156,7 +156,7 @@ def test_a_training_recipe_supplies_model_deepspeed_and_batch(repo_root, monkeyp
     assert not plan["activation_checkpointing"]
     recomputing = plan_json("--recipe", str(repo_root / "configs/train/gpt2-350m.yaml"), "--gpus", "8")
     assert not recomputing["activation_checkpointing"] and recomputing["fits"]  # the recipe's own setting is planned
-    assert recomputing["micro_batch"] == 32
+    assert recomputing["micro_batch"] == 64
 
 
 # --- model states against DeepSpeed's own estimators -------------------------------------------------

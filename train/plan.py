@@ -130,32 +130,43 @@ def block_activation_bytes_per_token(config: GPTConfig, act_bytes: int = ACT_BYT
 
 def head_activation_bytes_per_token(config: GPTConfig, act_bytes: int = ACT_BYTES) -> float:
     """Embeddings, final layernorm and loss: token ids 8, embedding dropout mask C (if dropout), ln_f input
-    and output 2 C x 2 bytes + 8 of stats, targets 8, and the fp32 log-softmax that cross-entropy keeps of
-    the upcast logits (gpt.py calls .float() on the logits): 4 bytes x vocab_size."""
-    C, V = config.n_embd, config.vocab_size
-    return 8 + (C if config.dropout > 0 else 0) + 2 * C * act_bytes + 8 + 8 + 4 * V
+    C x 2 bytes + 8 of stats, the loss's gradient of the features C x 2 bytes (gpt.py's chunked loss takes it in
+    the forward and keeps no logits), targets 8. The loss's fp32 gradient of the head's weight is per run, not
+    per token: see loss_weight_grad_bytes."""
+    C = config.n_embd
+    return 8 + (C if config.dropout > 0 else 0) + 2 * C * act_bytes + 8 + 8
+
+
+def loss_weight_grad_bytes(config: GPTConfig) -> int:
+    """The fp32 gradient of the LM head's weight the chunked loss keeps from its forward to backward."""
+    return 4 * config.embedding_rows * config.n_embd
+
+
+def loss_chunk_bytes(config: GPTConfig, tokens: int, act_bytes: int = ACT_BYTES) -> int:
+    """One chunk of the loss at once (model.gpt.LOSS_CHUNK_LOGITS logits): the matmul's output, its fp32 copy,
+    the fp32 softmax gradient and its cast to the matmul's dtype."""
+    from model.gpt import LOSS_CHUNK_LOGITS
+    rows = min(tokens, max(1, LOSS_CHUNK_LOGITS // config.embedding_rows))
+    return rows * config.embedding_rows * (2 * act_bytes + 8)
 
 
 def activation_bytes(config: GPTConfig, micro_batch: int, seq_len: int, checkpointing: bool,
                      act_bytes: int = ACT_BYTES) -> dict:
     """Saved-for-backward bytes and the transient peak on top of them at the start of backward.
 
-    Transient: the bf16 logits GPT.forward returns (2 bytes x padded vocab per token; a training loop
-    holds them until after backward) and, while the loss's backward runs, two fp32 (B, T, vocab)
-    gradients at once (of the log-softmax output and of its input), 8 bytes x vocab per token.
+    Transient: one chunk of the loss (loss_chunk_bytes), the only logits that ever exist.
     With activation checkpointing (one checkpoint per block, as Megatron's full recompute) only each
     block's input is kept (C x 2 bytes) and backward recomputes one block at a time, which then needs the
-    larger of the loss gradients and one block's saved tensors. act_bytes 4 (fp32 runs) doubles the 2-byte
+    larger of the loss chunk and one block's saved tensors. act_bytes 4 (fp32 runs) doubles the 2-byte
     tensors; the fp32 ones stay as they are.
     """
     tokens = micro_batch * seq_len
     block = block_activation_bytes_per_token(config, act_bytes)
     kept_per_block = config.n_embd * act_bytes if checkpointing else block
     saved = tokens * (config.n_layer * kept_per_block + head_activation_bytes_per_token(config, act_bytes)) \
-        + 8 * seq_len
-    logits = tokens * act_bytes * config.embedding_rows
-    loss_grads = tokens * 8 * config.vocab_size
-    transient = logits + (max(loss_grads, tokens * block) if checkpointing else loss_grads)
+        + 8 * seq_len + loss_weight_grad_bytes(config)
+    chunk = loss_chunk_bytes(config, tokens, act_bytes)
+    transient = max(chunk, tokens * block) if checkpointing else chunk
     return {"saved": int(saved), "transient": int(transient), "total": int(saved + transient)}
 
 
