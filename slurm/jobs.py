@@ -17,11 +17,17 @@ UNSUCCESSFUL = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", 
 FIELD = re.compile(r"(?:^|\s)(\w+)=(\S*)")
 
 
+def parse_records(text: str) -> list[dict[str, str]]:
+    """Each `FIELD=value ...` line with a JobId (`scontrol show job -o`: one per array task; the jobcomp/filetxt
+    log: one per job end) as {field: value}. Values of one word only: enough for JobState, Restarts, NumCPUs; a
+    path with spaces, such as Command=, is cut at its first space."""
+    return [dict(FIELD.findall(line)) for line in text.splitlines() if "JobId=" in line]
+
+
 def parse_show_job(text: str) -> dict[str, str]:
-    """The first record of `scontrol show job -o` output as {field: value} (fields of one word only: enough for
-    JobState, Restarts, NumCPUs; a path with spaces, such as Command=, is cut at its first space)."""
-    lines = [line for line in text.splitlines() if "JobId=" in line]
-    return dict(FIELD.findall(lines[0])) if lines else {}
+    """The first record of `scontrol show job -o` output ({} for none)."""
+    records = parse_records(text)
+    return records[0] if records else {}
 
 
 def show_job(job_id: str) -> dict[str, str] | None:

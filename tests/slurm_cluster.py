@@ -12,7 +12,6 @@ Job records: no slurmdbd, so final states come from the jobcomp/filetxt plugin (
 plus `scontrol show job` while the controller still holds the job (MinJobAge is long).
 """
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from slurm.jobs import ACTIVE, parse_records
 
 PREFIX = "slt"                       # every namespace / link / temp dir this module creates starts with it
 BRIDGE = f"{PREFIX}br0"
@@ -161,7 +162,7 @@ class SlurmCluster:
     def job_records(self, job_id: str) -> list[dict[str, str]]:
         """`scontrol show job` as dicts (JobState, ExitCode, Restarts, ...): one per array task, [] once forgotten."""
         out = self._scontrol("show", "job", "-o", str(job_id))
-        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if "JobId=" in line]
+        return parse_records(out)
 
     def job_state(self, job_id: str) -> str:
         """The job's state; an array's distinct task states joined by commas ("COMPLETED" when all agree)."""
@@ -171,16 +172,14 @@ class SlurmCluster:
         """jobcomp/filetxt lines: one per job end, requeues included (JobId, Name, JobState, ExitCode, ...)."""
         if not self.jobcomp.exists():
             return []
-        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in self.jobcomp.read_text().splitlines()]
+        return parse_records(self.jobcomp.read_text())
 
     def wait_jobs(self, job_ids, timeout: float) -> dict[str, str]:
         """Wait until every job (every task of an array) has ended; returns {job id: job_state}."""
         deadline = time.monotonic() + timeout
-        active = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "REQUEUE_HOLD",
-                  "RESIZING", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
         while True:
             states = {str(j): self.job_state(j) for j in job_ids}
-            if all(s and not active & set(s.split(",")) for s in states.values()):
+            if all(s and not ACTIVE & set(s.split(",")) for s in states.values()):
                 return states
             if time.monotonic() > deadline:
                 raise ClusterError(f"jobs not finished after {timeout:.0f}s: {states}")
