@@ -362,3 +362,13 @@ def test_a_second_local_run_keeps_the_first_ones_log(tmp_path, fake_slurm):
     text = (tmp_path / "run dir" / "logs" / "prep_tokenize-local.out").read_text()
     assert text.count(f"==== submit.sh --local {p} at ") == 2
     assert text.count("malformed JSON") == 2 and text.index("malformed JSON") < text.rindex("==== submit.sh")
+
+
+def test_the_site_environment_setup_runs_once_before_the_checks(tmp_path, fake_slurm):
+    env, _ = fake_slurm
+    site = site_file(tmp_path, "setup site.env", SITE_ENV_SETUP="echo setup ran >&2; export FROM_SETUP=1")
+    done = run([SUBMIT, str(pipeline(tmp_path, SITE=site)), "--dry-run"], env)
+    assert done.returncode == 0 and done.stderr == "setup ran\n", done.stderr
+    site = site_file(tmp_path, "failing site.env", SITE_ENV_SETUP="false")
+    done = run([SUBMIT, str(pipeline(tmp_path, SITE=site)), "--dry-run"], env)
+    assert done.returncode == 1 and done.stderr == "error: SITE_ENV_SETUP failed: false\n", done.stderr
