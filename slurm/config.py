@@ -250,11 +250,9 @@ def read_pipeline(path) -> Pipeline:
     for key in ("RAW_DIR", "DATASET_DIR", "TRAIN_RECIPE", "RUN_DIR", "HELLASWAG", "LOG_DIR"):
         if v.has(key) and v.text(key):
             values[key] = _abspath(v.text(key))
-    for key in ("PREP_TASKS", "PREP_WORKERS", "FINALIZE_TASKS", "NODES", "GPUS_PER_NODE"):
-        if v.has(key):
-            values[key] = v.count(key)
-    for key in ("PREP_SHARD_TOKENS", "PREP_VAL_TOKENS", "EVAL_LIMIT"):
-        if v.has(key) and v.text(key):
+    for key in ("PREP_TASKS", "PREP_WORKERS", "FINALIZE_TASKS", "NODES", "GPUS_PER_NODE", "PREP_SHARD_TOKENS",
+                "PREP_VAL_TOKENS", "EVAL_LIMIT"):
+        if v.has(key) and v.text(key):   # empty: the default, as `${KEY:-default}` had it
             values[key] = v.count(key)
     if v.has("EVAL_POLL") and v.text("EVAL_POLL"):
         if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", v.text("EVAL_POLL")) or float(v.text("EVAL_POLL")) <= 0:
