@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import PipelineError
 
@@ -23,10 +24,24 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as every command shows it: descriptions as written, and each flag's default unless its help already
+    says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) and a --debug flag on every (sub)command."""
+    """argparse with one-line usage errors (exit 2), defaults in --help and a --debug flag on every (sub)command."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         # SUPPRESS: a subcommand's parser must not reset a --debug given before the subcommand.
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -105,6 +120,24 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def existing_path(text: str) -> Path:
+    """argparse type: a file or directory that exists. Naming one that does not is a usage error (exit 2), as is
+    every command-line value that names nothing (docs/design.md, "Exit status")."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return path
+
+
+def preset_or_file(presets):
+    """argparse type: one of `presets`' names, or an existing file (a YAML file of the same keys)."""
+    def check(text: str) -> str:
+        if text not in presets and not Path(text).is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a preset ({', '.join(presets)}) nor a file")
+        return text
+    return check
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number > 0."""
     try:
@@ -117,8 +150,12 @@ def positive_float(text: str) -> float:
 
 
 def run(parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parse argv and call args.run(args); map expected failures to one line and an exit status."""
-    args = parser.parse_args(argv)
+    """Parse argv and call args.run(args); map expected failures to one line and an exit status, which it returns
+    (a usage error's 2 too, so that main(argv) called in-process always returns the status)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's exit after --help (0) or a usage error (2), its line already printed
+        return exc.code
     debug = getattr(args, "debug", False)
     try:
         status = args.run(args) or 0

@@ -13,7 +13,7 @@ from common.cli import positive_int
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="hellaswag",
                    help="comma-separated lm-eval task names; 'hellaswag' is the offline local definition")
-    p.add_argument("--hellaswag-file", type=Path, default=None,
+    p.add_argument("--hellaswag-file", type=cli.existing_path, default=None,
                    help="HellaSwag validation jsonl from `prep eval-data` (default data/eval/hellaswag_val.jsonl)")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N docs of each task")
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -116,7 +116,7 @@ def cmd_report(args) -> int:
 def register_checkpoint(sub) -> None:
     p = cli.add_command(sub, "checkpoint", cmd_checkpoint,
                         help="score checkpoints (DeepSpeed tag/run dir or HF dir), in one process")
-    p.add_argument("ckpt", nargs="+", metavar="CKPT",
+    p.add_argument("ckpt", nargs="+", metavar="CKPT", type=cli.existing_path,
                    help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory; several are "
                         "scored one after another with the tasks loaded once")
     add_scoring_flags(p)
@@ -126,7 +126,7 @@ def register_checkpoint(sub) -> None:
 
 def register_export(sub) -> None:
     p = cli.add_command(sub, "export", cmd_export, help="write a checkpoint as a Hugging Face GPT2LMHeadModel directory")
-    p.add_argument("ckpt")
+    p.add_argument("ckpt", type=cli.existing_path)
     p.add_argument("--out", type=Path, required=True,
                    help="a new directory; an existing one must be empty or an earlier export (see --force)")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out (never anything else)")
@@ -134,7 +134,7 @@ def register_export(sub) -> None:
 
 def register_watch(sub) -> None:
     p = cli.add_command(sub, "watch", cmd_watch, help="score every complete checkpoint of a run, once each")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
+    p.add_argument("run_dir", metavar="RUN", type=cli.existing_path, help="run directory")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--until-final", action="store_true",
@@ -154,7 +154,7 @@ def register_watch(sub) -> None:
 
 def register_report(sub) -> None:
     p = cli.add_command(sub, "report", cmd_report, help="RUN/eval/report.md and RUN/eval/curves.png")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="run directory")
+    p.add_argument("run_dir", metavar="RUN", type=cli.existing_path, help="run directory")
 
 
 def main(argv=None) -> int:

@@ -70,6 +70,6 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = cli.add_command(subparsers, "info", run, help="per-component parameter table and exact total",
                         description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, type=cli.preset_or_file(PRESETS),
                    help=f"a preset ({', '.join(PRESETS)}) or a YAML file with model keys or a recipe's model: section")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

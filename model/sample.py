@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     p = cli.add_command(subparsers, "sample", run, help="generate text from a checkpoint, an HF directory or a preset",
                         description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("source", nargs="?", metavar="CKPT_OR_HF_DIR",
+    source.add_argument("source", nargs="?", metavar="CKPT_OR_HF_DIR", type=cli.existing_path,
                         help="HF directory, run dir, checkpoints dir or checkpoint tag dir")
     source.add_argument("--preset", choices=PRESETS, help="sample from a randomly initialised model of this shape")
     p.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")

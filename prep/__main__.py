@@ -13,7 +13,8 @@ from .workdir import check_task_flags
 def _add_tokenize(sub) -> None:
     p = cli.add_command(sub, "tokenize", tokenize.tokenize,
                         help="tokenize parquet / jsonl / jsonl.zst / txt inputs into token shards")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files or directories (recursive)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", type=cli.existing_path,
+                   help="files or directories (recursive)")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=cli.positive_int, default=len(os.sched_getaffinity(0)),
                    help="processes on this node (default: the CPUs this process may use, e.g. Slurm's allocation)")
@@ -35,7 +36,7 @@ def _add_tokenize(sub) -> None:
 
 def _add_finalize(sub) -> None:
     p = cli.add_command(sub, "finalize", _finalize, help="after all tokenize tasks: write the shards and manifest.json")
-    p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--out", required=True, type=cli.existing_path, help="dataset directory (tokenize's --out)")
     p.add_argument("--task-index", type=cli.count,
                    help="this Slurm array task (0-based): write only its share of the train shards; with --task-count")
     p.add_argument("--task-count", type=cli.positive_int,
@@ -54,12 +55,12 @@ def _finalize(args) -> int:
 def _add_verify_info(sub) -> None:
     p = cli.add_command(sub, "verify", lambda a: verify.verify(a.dataset, a.workers),
                         help="re-check headers, sizes, token ranges and sha256 against the manifest")
-    p.add_argument("dataset")
+    p.add_argument("dataset", type=cli.existing_path)
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="processes checking whole shards (default: the CPUs this process may use, e.g. Slurm's "
                         "allocation, at most one per shard; 1: check in this process)")
     p = cli.add_command(sub, "info", lambda a: verify.info(a.dataset), help="print a dataset's summary")
-    p.add_argument("dataset")
+    p.add_argument("dataset", type=cli.existing_path)
 
 
 def _add_download(sub) -> None:
@@ -78,7 +79,7 @@ def _add_eval_data(sub) -> None:
     p = cli.add_command(sub, "eval-data", evaldata.eval_data,
                         help="HellaSwag validation as a local jsonl, for offline compute nodes")
     p.add_argument("--out", required=True, help="directory; writes hellaswag_val.jsonl there")
-    p.add_argument("--from", dest="from_file", help="install this local jsonl copy instead of downloading")
+    p.add_argument("--from", dest="from_file", type=cli.existing_path, help="install this local jsonl copy instead of downloading")
 
 
 def main(argv=None) -> int:

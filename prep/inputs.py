@@ -56,7 +56,7 @@ def discover(paths: list[str]) -> list[Path]:
         else:
             raise InputError(f"{raw}: no such file or directory")
     if not files:
-        raise InputError(f"no input files ({', '.join(SUFFIXES)}) found in: {' '.join(paths)}")
+        raise InputError(f"no input files ({', '.join(SUFFIXES)}) found in: {' '.join(map(str, paths))}")
     seen = set()
     for f in files:
         if f in seen:

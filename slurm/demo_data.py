@@ -133,7 +133,7 @@ def prepare(args) -> int:
 def main(argv=None) -> int:
     p = cli.Parser(prog="slurm/demo_data.py", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="directory for the NAME_000.jsonl ... files (e.g. demo/input)")
-    p.add_argument("--text", type=Path, help="split this UTF-8 text into documents instead of fetching FineWeb-Edu")
+    p.add_argument("--text", type=cli.existing_path, help="split this UTF-8 text into documents instead of fetching FineWeb-Edu")
     p.add_argument("--docs", type=cli.positive_int, default=2000,
                    help="FineWeb-Edu documents to fetch (default 2000, about 2M tokens)")
     p.add_argument("--files", type=cli.positive_int, default=2, help="number of output files (default 2)")

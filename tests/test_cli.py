@@ -30,7 +30,7 @@ def script_main(name):
 
 
 def main_of(entry):
-    if entry == "demo_data":
+    if entry in ("check_recipe", "demo_data"):
         return script_main(entry)
     return importlib.import_module(f"{entry}.__main__").main
 
@@ -55,27 +55,37 @@ def bad(tmp_path):
     return {"missing": tmp_path / "no such file", "empty": empty, "raw": raw, "out": tmp_path / "out"}
 
 
-# (entry point, argv with {placeholders} from `bad`, exit status, what the line must name)
+# (entry point, argv with {placeholders} from `bad`, exit status, what the line must name). A value on the command
+# line that names nothing that exists (a file, a directory, a preset) is a usage error, 2, everywhere.
 CASES = [
     ("prep", "download --out {raw}", 1, "{raw}"),
-    ("prep", "eval-data --out {out} --from {missing}", 1, "{missing}"),
-    ("prep", "tokenize --input {missing} --out {out}", 1, "{missing}"),
+    ("prep", "eval-data --out {out} --from {missing}", 2, "{missing}"),
+    ("prep", "tokenize --input {missing} --out {out}", 2, "{missing}"),
     ("prep", "tokenize --input {empty} --out {out} --workers many", 2, "--workers"),
     ("prep", "finalize --out {empty}", 1, "{empty}"),
+    ("prep", "finalize --out {missing}", 2, "{missing}"),
     ("prep", "verify {empty}", 1, "{empty}"),
-    ("prep", "info {missing}", 1, "{missing}"),
-    ("model", "info --model {missing}", 1, "{missing}"),
+    ("prep", "verify {missing}", 2, "{missing}"),
+    ("prep", "info {missing}", 2, "{missing}"),
+    ("model", "info --model {missing}", 2, "{missing}"),
+    ("model", "info --model nosuch", 2, "nosuch"),
     ("model", "plan --micro-batch 0", 2, "--micro-batch"),
     ("model", "plan --recipe {missing}", 2, "{missing}"),
-    ("model", "sample {missing}", 1, "{missing}"),
+    ("model", "plan --model nosuch", 2, "nosuch"),
+    ("model", "sample {missing}", 2, "{missing}"),
+    ("model", "sample --preset nosuch", 2, "nosuch"),
     ("model", "sample --preset tiny --temperature 0", 2, "--temperature"),
-    ("eval", "checkpoint {missing} --hellaswag-file " + str(HELLASWAG), 1, "{missing}"),
-    ("eval", "checkpoint {empty} --hellaswag-file {missing}", 1, "{missing}"),
-    ("eval", "export {missing} --out {out}", 1, "{missing}"),
-    ("eval", "watch {empty} --once --hellaswag-file {missing}", 1, "{missing}"),
+    ("eval", "checkpoint {missing} --hellaswag-file " + str(HELLASWAG), 2, "{missing}"),
+    ("eval", "checkpoint {empty} --hellaswag-file {missing}", 2, "{missing}"),
+    ("eval", "export {missing} --out {out}", 2, "{missing}"),
+    ("eval", "watch {missing} --once", 2, "{missing}"),
+    ("eval", "watch {empty} --once --hellaswag-file {missing}", 2, "{missing}"),
     ("eval", "watch {empty} --poll soon", 2, "--poll"),
     ("eval", "report {empty}", 1, "{empty}"),
-    ("demo_data", "{out} --text {missing}", 1, "{missing}"),
+    ("eval", "report {missing}", 2, "{missing}"),
+    ("check_recipe", "--config {missing} --world-size 1", 2, "{missing}"),
+    ("check_recipe", "--config configs/train/tiny-cpu.yaml --world-size 0", 2, "--world-size"),
+    ("demo_data", "{out} --text {missing}", 2, "{missing}"),
     ("demo_data", "{out} --docs 0", 2, "--docs"),
 ]
 
@@ -159,7 +169,7 @@ def parsers(monkeypatch):
     captured = {}
     monkeypatch.setattr(cli, "run", lambda parser, argv=None: captured.setdefault("parser", parser))
     top = {}
-    for entry in ("prep", "model", "eval", "demo_data"):
+    for entry in ("prep", "model", "eval", "check_recipe", "demo_data"):
         captured.clear()
         main_of(entry)([])
         top["python -m " + entry if entry in ("prep", "model", "eval") else f"slurm/{entry}.py"] = captured["parser"]
@@ -228,22 +238,23 @@ def test_the_number_parser_refuses_saying_why(text, why):
         cli.parse_int(text)
 
 
-# (command as docs/design.md writes it, the other arguments it needs, the count flag)
+# (command as docs/design.md writes it, the other arguments it needs (. exists), the count flag)
 COUNT_FLAGS = [
-    ("python -m prep tokenize", "--input x --out y", "--shard-tokens"),
-    ("python -m prep tokenize", "--input x --out y", "--val-tokens"),
-    ("python -m prep tokenize", "--input x --out y", "--unit-bytes"),
-    ("python -m prep tokenize", "--input x --out y", "--workers"),
-    ("python -m prep finalize", "--out y --task-index 0", "--task-count"),
-    ("python -m prep verify", "y", "--workers"),
+    ("python -m prep tokenize", "--input . --out y", "--shard-tokens"),
+    ("python -m prep tokenize", "--input . --out y", "--val-tokens"),
+    ("python -m prep tokenize", "--input . --out y", "--unit-bytes"),
+    ("python -m prep tokenize", "--input . --out y", "--workers"),
+    ("python -m prep finalize", "--out . --task-index 0", "--task-count"),
+    ("python -m prep verify", ".", "--workers"),
     ("python -m model plan", "", "--tokens"),
     ("python -m model plan", "", "--steps"),
     ("python -m model plan", "", "--batch-tokens"),
     ("python -m model plan", "", "--seq-len"),
     ("python -m model sample", "--preset tiny", "--max-new-tokens"),
-    ("python -m eval checkpoint", "ckpt", "--limit"),
-    ("python -m eval checkpoint", "ckpt", "--batch-size"),
-    ("python -m eval watch", "run", "--max-attempts"),
+    ("python -m eval checkpoint", ".", "--limit"),
+    ("python -m eval checkpoint", ".", "--batch-size"),
+    ("python -m eval watch", ".", "--max-attempts"),
+    ("slurm/check_recipe.py", "--config x", "--world-size"),
     ("slurm/demo_data.py", "out", "--docs"),
 ]
 
@@ -268,3 +279,16 @@ def test_a_closed_pipe_ends_the_command_quietly():
                           text=True)
     os.close(write_end)
     assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE_EXIT, "")
+
+
+def test_every_help_lists_the_defaults(monkeypatch):
+    """docs/design.md promises it: each optional flag with a default says it in --help (cli.HelpFormatter)."""
+    for name, parser in parsers(monkeypatch).items():
+        parser.format_help()  # renders: no help text that breaks %-expansion
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            default = action.default
+            if (not action.option_strings or action.help == argparse.SUPPRESS or default is None or default is False
+                    or default is argparse.SUPPRESS or default == []):
+                continue
+            assert "default" in formatter._expand_help(action), f"{name} {action.option_strings[-1]}"

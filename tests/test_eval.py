@@ -212,7 +212,7 @@ def test_unknown_shape_is_a_clear_error(exported, hellaswag_file, tmp_path, caps
 
 
 @pytest.mark.parametrize("content,expected", [
-    (None, "not found"),
+    (None, "no such file or directory"),
     ('{"activity_label": "x", "ctx_a": "a", "ctx_b": "", "endings": ["a", "b", "c", "d"], "label": 0}\n{oops\n',
      ":2: not valid JSON"),
     ('{"activity_label": "x", "ctx_a": "a", "endings": ["a", "b"], "label": 0}\n', "missing ctx_b"),
@@ -225,7 +225,7 @@ def test_bad_hellaswag_file_is_a_clear_error(content, expected, exported, tmp_pa
         data.write_text(content)
     out = tmp_path / "result.json"
     rc, cap = run_cli("checkpoint", exported, "--hellaswag-file", data, "--out", out, capsys=capsys)
-    assert rc == 1
+    assert rc == (2 if content is None else 1)  # a missing file named on the command line is a usage error
     assert cap.err.startswith("error: ") and expected in cap.err and cap.err.count("\n") == 1, cap.err
     assert not out.exists()
 

@@ -407,7 +407,8 @@ def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     (run / "checkpoints").mkdir(parents=True)
     rc = main(["watch", str(run), "--once", "--hellaswag-file", str(tmp_path / "missing.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("error: ") and "missing.jsonl not found" in err and err.count("\n") == 1
+    assert rc == 2 and err.startswith("error: ") and "missing.jsonl: no such file or directory" in err
+    assert err.count("\n") == 1
     assert not (run / "eval").exists()
 
 

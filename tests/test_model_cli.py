@@ -122,8 +122,9 @@ def test_info_bad_model_config(capsys, yaml_model, text, message):
 
 
 def test_unknown_preset(capsys):
+    """The same mistake, the same status: a preset that does not exist is a usage error for info and sample."""
     code, _, err = cli(capsys, "info", "--model", "gpt5")
-    assert code == 1 and "neither a preset" in one_error_line(err)
+    assert code == 2 and "'gpt5' is neither a preset" in one_error_line(err)
     code, _, err = cli(capsys, "sample", "--preset", "gpt5")
     assert code == 2 and "invalid choice: 'gpt5'" in one_error_line(err)
 
@@ -156,4 +157,4 @@ def test_hf_dir_with_mismatched_shapes(capsys, tmp_path):
 
 def test_missing_checkpoint(capsys, tmp_path):
     code, _, err = cli(capsys, "sample", str(tmp_path / "nope"), "--prompt", "hi")
-    assert code == 1 and "does not exist" in one_error_line(err)
+    assert code == 2 and "nope: no such file or directory" in one_error_line(err)

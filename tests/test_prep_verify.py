@@ -133,10 +133,8 @@ def test_a_bad_shard_stops_a_later_shard_being_read(many_shards, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_bad_workers_values_are_usage_errors(many_shards, value, capsys):
-    with pytest.raises(SystemExit) as exc:
-        prep_main(["verify", str(many_shards), "--workers", value])
+    assert prep_main(["verify", str(many_shards), "--workers", value]) == 2
     err = capsys.readouterr().err
-    assert exc.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "--workers" in err
 
 

@@ -19,7 +19,7 @@ from common import cli, yamlfile
 from common.errors import UsageError
 from common.hardware import GPUS, GPUSpec, gpu_spec
 
-from model.config import ConfigError, GPTConfig
+from model.config import PRESETS, ConfigError, GPTConfig
 from model.flops import attention_flops_per_token, flops_per_token, matmul_params
 from model.info import parameter_table
 
@@ -499,7 +499,7 @@ def format_plan(plan: dict, name: str) -> str:
 
 def register(subparsers) -> None:
     p = cli.add_command(subparsers, "plan", run, help="size a training run: memory per GPU, FLOPs, time, cost",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=__doc__)
     add_arguments(p)
 
 
@@ -516,7 +516,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "training recipe (configs/train/*.yaml); flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the --recipe, as for train (repeatable)")
-    p.add_argument("--model", default=None, help="preset (default gpt2) or a YAML file (model keys, or a "
+    p.add_argument("--model", default=None, type=cli.preset_or_file(PRESETS), help="preset (default gpt2) or a YAML file (model keys, or a "
                                                    "recipe with a model: section)")
     for flag, kind in (("--n-layer", cli.count), ("--n-head", cli.count), ("--n-embd", cli.count),
                        ("--block-size", cli.count), ("--vocab-size", cli.count), ("--dropout", float)):
