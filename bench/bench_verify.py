@@ -38,12 +38,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import files  # noqa: E402
 from prep import verify  # noqa: E402
-from prep.shard import write_shard  # noqa: E402
+from bench.bench_scale import write_manifest  # noqa: E402
+from prep.shard import HEADER_BYTES, edges_sha256, write_shard  # noqa: E402
 
 TARGET_TOKENS = 350e9
-N_VOCAB, EOT = 50257, 50256
+EOT = 50256
 
 
 def build(out: Path, shards: int, shard_tokens: int, doc_tokens: int) -> int:
@@ -59,10 +59,9 @@ def build(out: Path, shards: int, shard_tokens: int, doc_tokens: int) -> int:
         write_shard(out / name, tokens)
         entries.append({"name": name, "split": "train", "tokens": shard_tokens,
                         "documents": int(np.count_nonzero(tokens == EOT)),
-                        "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
-    files.write_json(out / "manifest.json", {
-        "format": "llm.c uint16 v1", "tokenizer": {"name": "gpt2", "n_vocab": N_VOCAB, "eot": EOT},
-        "shards": entries, "created_by": "bench/bench_verify.py (synthetic)"})
+                        "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+                        "bytes": HEADER_BYTES + 2 * shard_tokens, "edges_sha256": edges_sha256(out / name)[1]})
+    write_manifest(out, entries)  # the manifest finalize writes, as prep.reader checks it
     return shards * shard_tokens
 
 
