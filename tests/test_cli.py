@@ -30,7 +30,7 @@ def script_main(name):
 
 
 def main_of(entry):
-    if entry in ("check_recipe", "demo_data"):
+    if entry == "demo_data":
         return script_main(entry)
     return importlib.import_module(f"{entry}.__main__").main
 
@@ -83,8 +83,6 @@ CASES = [
     ("eval", "watch {empty} --poll soon", 2, "--poll"),
     ("eval", "report {empty}", 1, "{empty}"),
     ("eval", "report {missing}", 2, "{missing}"),
-    ("check_recipe", "--config {missing} --world-size 1", 2, "{missing}"),
-    ("check_recipe", "--config configs/train/tiny-cpu.yaml --world-size 0", 2, "--world-size"),
     ("demo_data", "{out} --text {missing}", 2, "{missing}"),
     ("demo_data", "{out} --docs 0", 2, "--docs"),
 ]
@@ -169,7 +167,7 @@ def parsers(monkeypatch):
     captured = {}
     monkeypatch.setattr(cli, "run", lambda parser, argv=None: captured.setdefault("parser", parser))
     top = {}
-    for entry in ("prep", "model", "eval", "check_recipe", "demo_data"):
+    for entry in ("prep", "model", "eval", "demo_data"):
         captured.clear()
         main_of(entry)([])
         top["python -m " + entry if entry in ("prep", "model", "eval") else f"slurm/{entry}.py"] = captured["parser"]
@@ -254,7 +252,6 @@ COUNT_FLAGS = [
     ("python -m eval checkpoint", ".", "--limit"),
     ("python -m eval checkpoint", ".", "--batch-size"),
     ("python -m eval watch", ".", "--max-attempts"),
-    ("slurm/check_recipe.py", "--config x", "--world-size"),
     ("slurm/demo_data.py", "out", "--docs"),
 ]
 
