@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common import cli
 from common.cli import positive_int
+from common.device import torch_device
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
@@ -44,11 +45,12 @@ def cmd_checkpoint(args) -> int:
         raise EvalError(f"--out names one result file but {len(args.ckpt)} checkpoints were given; without --out "
                         "each result goes to RUN/eval/<tag>.json")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    device = torch_device(args.device)
     print_table("eval checkpoint", {"checkpoints": ", ".join(map(str, args.ckpt)), "tasks": ", ".join(tasks),
                                     "hellaswag file": args.hellaswag_file or "data/eval/hellaswag_val.jsonl",
                                     "limit": args.limit or "all docs", "batch size": args.batch_size,
-                                    "device": args.device or "auto", "output": args.out or "RUN/eval/<tag>.json"})
-    scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, args.device)
+                                    "device": device, "output": args.out or "RUN/eval/<tag>.json"})
+    scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, device)
     failed = 0
     for ckpt in args.ckpt:
         try:
@@ -86,6 +88,7 @@ def cmd_watch(args) -> int:
         watcher = Dispatcher(args.run_dir, args.submit, max_attempts=args.max_attempts, log=log, only=args.only)
         how = {"eval jobs": f"{args.submit} TAG"}
     else:
+        torch_device(args.device)  # each scoring child would otherwise fail on it, max-attempts times
         from .watch import Watcher
         if "hellaswag" in args.tasks.split(","):  # a bad file would otherwise fail every checkpoint max-attempts times
             check_hellaswag_file(args.hellaswag_file or DEFAULT_HELLASWAG)
@@ -140,8 +143,10 @@ def register_watch(sub) -> None:
     until.add_argument("--until-final", action="store_true",
                        help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")
     until.add_argument("--only", action="append", metavar="TAG",
-                       help="this checkpoint (global_stepN) and no other; repeatable. Waits for a lock another "
-                            "watcher holds; exit 0 once each is scored (or rotated away), 1 if one is given up")
+                       help="this checkpoint (global_stepN) and no other; repeatable. Waits for it to be written "
+                            "and for a lock another watcher holds; exit 0 once each is scored (or rotated away), 1 "
+                            "if one is given up (or, with --once, not written yet); a step after the run's last is "
+                            "refused (exit 2)")
     p.add_argument("--once", action="store_true", help="score what is complete now, then exit")
     p.add_argument("--max-attempts", type=positive_int, default=3,
                    help="tries per checkpoint before giving up (with --submit: eval jobs per checkpoint)")

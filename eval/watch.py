@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from common import files
-from model.checkpoint import CheckpointError, complete_tags, incomplete_reason
+from common.errors import UsageError
+from model.checkpoint import CheckpointError, complete_tags, incomplete_reason, step_of, tag_dirs
 from train.recipe import read_run_recipe
 
 from .harness import EvalError
@@ -102,8 +103,10 @@ class Watcher:
         recipe = read_run_recipe(self.run)  # train's own loader: the final step is the one train stops at
         self.max_steps = None if recipe is None else recipe.max_steps
         self.command = None if recipe is None else recipe.eval.command
+        self._check_only()
         self.seen: set[str] = set()      # tags seen complete by this watcher
         self.finished: dict[str, str] = {}  # tag -> "scored" | "rotated" | "failed"
+        self.waiting: set[str] = set()   # --only tags the run has not written yet
 
     def _attempts_file(self, tag: str) -> Path:
         return self.out / ".watch" / f"{tag}.attempts"
@@ -134,6 +137,17 @@ class Watcher:
         except (ValueError, AttributeError):
             return ""
         return who if isinstance(who, str) and who else ""
+
+    def _check_only(self) -> None:
+        """--only names checkpoints this run can write: a name that is no tag, or a step after the run's last, is a
+        usage error now rather than a wait for ever (or an exit 0 that scored nothing)."""
+        for tag in self.only or []:
+            step = step_of(tag)
+            if step is None:
+                raise UsageError(f"--only {tag}: not a checkpoint tag (global_stepN)")
+            if self.max_steps is not None and step > self.max_steps:
+                raise UsageError(f"--only {tag}: {self.run} stops at step {self.max_steps}, so it never writes "
+                                 f"{tag} (its last checkpoint is {self.final_tag()})")
 
     def final_tag(self) -> str | None:
         return f"global_step{self.max_steps}" if self.max_steps else None
@@ -167,6 +181,13 @@ class Watcher:
         for tag in sorted(tags):
             path = self.run / "checkpoints" / tag
             if not path.exists():
+                written = tag_dirs(path.parent)
+                if not written or step_of(tag) > step_of(written[-1].name):  # the run has not got there yet
+                    if tag not in self.waiting:
+                        newest = written[-1].name if written else "none yet"
+                        self.log(f"eval watch: {tag}: not written yet (newest checkpoint: {newest}); waiting for it")
+                        self.waiting.add(tag)
+                    continue
                 self._note(tag, "rotated", "not in checkpoints/ (rotated away by checkpoint.keep_last?); skipped")
             else:
                 self._note(tag, "failed", f"not a complete checkpoint: {incomplete_reason(path)}")

@@ -12,6 +12,7 @@ import torch
 
 from common import cli, tokenizer
 from common.cli import positive_float, positive_int
+from common.device import torch_device
 from common.errors import PipelineError
 
 from .config import PRESETS, GPTConfig
@@ -48,11 +49,7 @@ def prompt_tokens(prompt: str, config: GPTConfig) -> list[int]:
 
 
 def run(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError, AssertionError) as exc:  # torch's kinds for a bad or absent device
-        raise SampleError(f"--device {device} is not usable here: {str(exc).splitlines()[0]}") from None
+    device = torch_device(args.device)
     model, where = load(args)
     config = model.config
     if config.vocab_size > tokenizer.N_VOCAB:

@@ -289,3 +289,18 @@ def test_every_help_lists_the_defaults(monkeypatch):
                     or default is argparse.SUPPRESS or default == []):
                 continue
             assert "default" in formatter._expand_help(action), f"{name} {action.option_strings[-1]}"
+
+
+def test_an_unusable_device_is_one_line_for_every_command_that_takes_one(tmp_path, capsys):
+    """common.device: `--device cuda` on a CPU-only torch (cuda:99 is absent on any machine) is a usage error in
+    one line, from eval as from model sample, before any model or task is loaded."""
+    import torch
+    devices = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        for entry, argv in (("eval", f"checkpoint {tmp_path} --hellaswag-file {HELLASWAG}"),
+                            ("eval", f"watch {tmp_path} --once --hellaswag-file {HELLASWAG}"),
+                            ("model", "sample --preset tiny")):
+            status = call(main_of(entry), [*argv.split(), "--device", device])
+            err = capsys.readouterr().err
+            assert status == 2 and err.count("\n") == 1, err
+            assert err.startswith(f"error: --device {device} is not usable here: "), err

@@ -137,7 +137,7 @@ def test_prompt_longer_than_block_size(capsys):
 
 def test_unusable_device(capsys):
     code, _, err = cli(capsys, "sample", "--preset", "tiny", "--device", "cuda:99", "--prompt", "hi")
-    assert code == 1 and "--device cuda:99 is not usable here" in one_error_line(err)
+    assert code == 2 and "--device cuda:99 is not usable here" in one_error_line(err)
 
 
 def test_sample_needs_a_source(capsys):
