@@ -60,9 +60,15 @@ def add_command(subparsers, name: str, run, help: str, **kwargs) -> Parser:
     return p
 
 
+def invoked_as(prog: str) -> str:
+    """The command's name as the user typed it: a console script's own (gpt2-prep), else `prog` (python -m prep)."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if script.startswith("gpt2-") else prog
+
+
 def main_with_commands(prog: str, description: str, registers, argv=None) -> int:
     """The main() of an entry point with subcommands: each of `registers` is a register(subparsers) function."""
-    parser = Parser(prog=prog, description=description)
+    parser = Parser(prog=invoked_as(prog), description=description)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in registers:
         register(subparsers)

@@ -14,7 +14,7 @@ from .stop import StopFlag
 
 
 def build_parser(stop: StopFlag) -> cli.Parser:
-    parser = cli.Parser(prog="python -m train", description="GPT-2 pretraining with DeepSpeed")
+    parser = cli.Parser(prog=cli.invoked_as("python -m train"), description="GPT-2 pretraining with DeepSpeed")
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set batch.micro_batch=8 (repeatable)")
