@@ -8,6 +8,7 @@ command, shows the traceback of an expected failure too.
 from __future__ import annotations
 
 import argparse
+import copy
 import decimal
 import errno
 import os
@@ -28,13 +29,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help as every command shows it: descriptions as written, and each flag's default unless its help already
     says what the default is."""
 
-    def _get_help_string(self, action):
-        text = action.help or ""
+    @staticmethod
+    def _adds_default(action) -> bool:
         default = action.default
-        if ("default" in text or not action.option_strings or default is None or default is False
-                or default is argparse.SUPPRESS or default == []):
-            return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return not ("default" in (action.help or "") or not action.option_strings or default is None
+                    or default is False or default is argparse.SUPPRESS or default == [])
+
+    def _format_action(self, action):
+        if not action.help and self._adds_default(action):  # argparse prints no help line for a flag without help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return f"{action.help} (default: %(default)s)" if self._adds_default(action) else action.help
 
 
 class Parser(argparse.ArgumentParser):

@@ -282,13 +282,13 @@ def test_every_help_lists_the_defaults(monkeypatch):
     """docs/design.md promises it: each optional flag with a default says it in --help (cli.HelpFormatter)."""
     for name, parser in parsers(monkeypatch).items():
         parser.format_help()  # renders: no help text that breaks %-expansion
-        formatter = parser._get_formatter()
         for action in parser._actions:
             default = action.default
             if (not action.option_strings or action.help == argparse.SUPPRESS or default is None or default is False
                     or default is argparse.SUPPRESS or default == []):
                 continue
-            assert "default" in formatter._expand_help(action), f"{name} {action.option_strings[-1]}"
+            shown = parser._get_formatter()._format_action(action)  # the flag's lines of --help
+            assert "default" in shown, f"{name} {action.option_strings[-1]}: {shown}"
 
 
 def test_an_unusable_device_is_one_line_for_every_command_that_takes_one(tmp_path, capsys):
