@@ -96,6 +96,10 @@ class Trainer:
             check_inputs(recipe, source.dataset)
         self.model_config = recipe.model_config()
         self.ds_config = deepspeed_config(recipe, self.plan)
+        # DeepSpeed's throughput timer (on unless told) synchronizes the GPU at the start and end of every micro
+        # step, so the host never runs ahead of it; the trainer measures tokens/s itself.
+        self.ds_config.setdefault("timers", {"throughput": {"enabled": False}})
+        self.ds_config["wall_clock_breakdown"] = False
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_tag, self.resume_state = resume_point(
@@ -189,10 +193,44 @@ class Trainer:
         self.resumed_from = tag
 
     # ---- pieces of a step ----------------------------------------------------------------------------------------
+    # ---- the update's one host sync -------------------------------------------------------------------------
+    # In steady state an update reads the device once: one all_reduce carries the loss and whether any rank got a
+    # stop signal, and the same read-back fetches the previous update's gradient norm (long computed by then), so
+    # that update's metrics line is written one update late (_deferred). Reading the norm right after engine.step
+    # would wait for the optimizer, and the host could not queue the next forward while the GPU finishes it.
+    stop = None                # the StopFlag run() watches
+    stop_requested = False     # some rank got SIGUSR1/SIGTERM, as of the last sync
+    _synced_at = None          # perf_counter at the last sync; None after eval, sample or save
+    _norm = None               # engine.get_global_grad_norm() of the last update, unread
+    _deferred = None           # that update's metrics record, written once its norm is read
+    log = None                 # rank 0's RunLog during run()
+
     def _all_mean(self, value: torch.Tensor) -> float:
+        """The mean of `value` over ranks, read back with the stop flags and the previous update's norm."""
         value = value.detach().float().reshape(1).to(self.engine.device)
-        dist.all_reduce(value)
-        return value.item() / self.place.world_size
+        flag = value.new_full((1,), 1.0 if self.stop is not None and self.stop.signal is not None else 0.0)
+        both = torch.cat([value, flag])
+        dist.all_reduce(both)
+        norm = self._norm
+        on_device = torch.is_tensor(norm)
+        values = torch.cat([both, norm.detach().float().reshape(1).to(both.device)] if on_device else [both])
+        values = values.tolist()  # the sync
+        self._synced_at = time.perf_counter()
+        self.stop_requested = values[1] > 0
+        self._write_deferred(values[2] if on_device else norm)
+        return values[0] / self.place.world_size
+
+    def _write_deferred(self, norm) -> None:
+        if self._deferred is not None:
+            self._deferred["grad_norm"] = None if norm is None else float(norm)
+            if self.log is not None:
+                self.log.write(self._deferred)
+            self._deferred = None
+
+    def _flush_deferred(self) -> None:
+        """Write the pending metrics line now (before eval, sample, a checkpoint or the end: one more sync)."""
+        self._write_deferred(self._norm)
+        self._synced_at = None  # the next update's time starts at its own start, not at this step's extras
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         try:
@@ -210,6 +248,7 @@ class Trainer:
         optim.set_lr(self.optimizer, self.peak_lrs, lr_multiplier(self.step, self.plan.max_steps,
                                                                   **schedule_shape(self.recipe)))
         started = time.perf_counter()
+        since = self._synced_at or started  # one update's period: from the previous update's sync to this one's
         data_wait = 0.0  # seconds this step's micro batches kept the loop waiting for the loader
         loss_sum = torch.zeros((), device=self.engine.device)
         for micro in range(self.plan.grad_accum):
@@ -225,19 +264,17 @@ class Trainer:
                     raise TrainError(f"loss is {mean_loss} in update {self.step + 1} (after step {self.step}); stopped before it "
                                      f"(last good checkpoint: {self._last_good()})")
             self.engine.step()
-        if self.place.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        step_time = time.perf_counter() - started
+        step_time = self._synced_at - since
         self.step += 1
         self.tokens_seen += self.plan.total_tokens
-        grad_norm = self.engine.get_global_grad_norm()
+        self._norm = self.engine.get_global_grad_norm()
         tokens_per_s = self.plan.total_tokens / step_time
         # lr: group 0's (AdamW's) as DeepSpeed's optimizer holds it, i.e. what was applied; muon_lr likewise.
         lrs = {"lr": self.engine.get_lr()[0]}
         if self.recipe.optim.name == "muon":
             lrs["muon_lr"] = self.engine.get_lr()[-1]
         return {"step": self.step, "loss": mean_loss, **lrs,
-                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": self.tokens_seen,
+                "tokens": self.tokens_seen,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_time, "data_wait_ms": data_wait * 1e3,
                 "mfu": mfu(tokens_per_s, self.model_config, self.plan.seq_len, self.place.world_size, self.peak),
                 "peak_mem_mb": peak_memory_mb(self.place.device)}
@@ -303,11 +340,6 @@ class Trainer:
         files.write_text(config, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
     # ---- the loop ------------------------------------------------------------------------------------------------
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.engine.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
-
     def run(self, stop: StopFlag) -> int:
         done = (self.resume_state or {}).get("step", 0)
         if done >= self.plan.max_steps:
@@ -328,6 +360,7 @@ class Trainer:
         # resumed_step: TensorBoard drops what the killed run logged after the checkpoint (logged again now).
         log = RunLog(self.run_dir, r.log.tensorboard,
                      resumed_step=self.step if self.resume_tag else None) if self.is_main else None
+        self.log, self.stop = log, stop
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.is_main, file=sys.stderr)
         try:
@@ -335,10 +368,14 @@ class Trainer:
                 record = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                data_wait=f"{record['data_wait_ms']:.1f}ms")
+                                data_wait=f"{record['data_wait_ms']:.1f}ms", refresh=False)
                 if log and (record["step"] % r.log.every == 0 or self.step == self.plan.max_steps):
-                    log.write(record)
+                    self._deferred = record  # written at the next update's sync, with its gradient norm
                 last = self.step == self.plan.max_steps
+                preempted = self.stop_requested
+                if last or preempted or any(every and self.step % every == 0 for every in (
+                        r.eval.every, r.sample.every, r.checkpoint.every)):
+                    self._flush_deferred()
                 if r.eval.every and (self.step % r.eval.every == 0 or last):
                     val = self.validate()
                     if log:
@@ -347,7 +384,6 @@ class Trainer:
                     texts = self.sample()
                     if log:
                         log.write_samples(self.step, r.sample.prompt, texts)
-                preempted = self._any_rank(stop.signal is not None)
                 if last or preempted or (r.checkpoint.every and self.step % r.checkpoint.every == 0):
                     self.save()
                 if preempted and not last:
