@@ -27,7 +27,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import launch, optim
+from . import launch, optim, paths
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -86,6 +86,7 @@ def resume_point(ckpt_dir: Path, recipe: Recipe, log=print) -> tuple[str | None,
 
 class Trainer:
     def __init__(self, recipe: Recipe, allow_change: list[str] = ()):
+        recipe = paths.absolute(recipe)  # what is saved names the same files from any directory
         self.recipe = recipe
         self.place = launch.setup()
         self.is_main = self.place.rank == 0
