@@ -1,5 +1,6 @@
 """`python -m slurm submit PIPELINE.env [--dry-run|--local]` (what slurm/submit.sh runs) and
-`python -m slurm STAGE PIPELINE.env [ARGS]` (what slurm/stage.sbatch runs: one stage, as a job or by hand)."""
+`python -m slurm STAGE PIPELINE.env [CHECKPOINT ...]` (what slurm/stage.sbatch runs: one stage, as a job or by
+hand)."""
 from __future__ import annotations
 
 import os
@@ -37,43 +38,41 @@ def set_up_environment(p: Pipeline, argv: list[str]) -> None:
         env["TIKTOKEN_CACHE_DIR"] = str(shared_cache)
 
 
-def submit_command(argv: list[str]) -> int:
-    from .submit import submit
-    parser = cli.Parser(prog="slurm/submit.sh", description=(
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Named as the user called it: argparse says an unknown flag in the top parser's name.
+    parser = cli.Parser(prog="slurm/submit.sh" if argv[:1] == ["submit"] else "slurm/stage.sbatch",
+                        description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = cli.add_command(sub, "submit", _submit, prog="slurm/submit.sh", help="check a pipeline, then run its stages",
+                        description=(
         "Check a pipeline, then submit its stages to Slurm (download -> tokenize -> finalize -> train -> eval "
         "watch, chained with --dependency=afterok), or run them here in order (--local). Relative paths in the "
         "pipeline and site files are taken from the current directory (the repository root). docs/slurm.md"))
-    parser.add_argument("pipeline", metavar="PIPELINE.env", help="configs/pipelines/NAME.env")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch lines (or stages), run nothing")
-    parser.add_argument("--local", action="store_true", help="run the stages in order on this machine, no Slurm")
-
-    def run(args) -> int:
-        p = read_pipeline(args.pipeline)
-        set_up_environment(p, ["submit", *argv])
-        return submit(p, args.local, args.dry_run)
-    parser.set_defaults(run=run)
+    p.add_argument("pipeline", metavar="PIPELINE.env", help="configs/pipelines/NAME.env")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch lines (or stages), run nothing")
+    p.add_argument("--local", action="store_true", help="run the stages in order on this machine, no Slurm")
+    for stage in STAGES:
+        p = cli.add_command(sub, stage, _stage, prog=f"slurm/stage.sbatch {stage}", help=f"run the {stage} stage")
+        p.add_argument("pipeline", metavar="PIPELINE.env")
+        if stage == "eval":
+            p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                           help="tags or tag directories to score (none: every complete one not yet scored)")
+    parser.set_defaults(argv=argv)
     return cli.run(parser, argv)
 
 
-def stage_command(argv: list[str]) -> int:
-    parser = cli.Parser(prog="slurm/stage.sbatch", description="Run one stage of a pipeline (docs/slurm.md).")
-    parser.add_argument("stage", choices=sorted(STAGES))
-    parser.add_argument("pipeline", metavar="PIPELINE.env")
-    parser.add_argument("args", nargs="*", help="eval: the checkpoints (tags or tag directories) to score")
-
-    def run(args) -> int:
-        p = read_pipeline(args.pipeline)
-        set_up_environment(p, argv)
-        return run_stage(p, args.stage, args.args)
-    parser.set_defaults(run=run)
-    return cli.run(parser, argv)
+def _submit(args) -> int:
+    from .submit import submit
+    p = read_pipeline(args.pipeline)
+    set_up_environment(p, args.argv)
+    return submit(p, args.local, args.dry_run)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["submit"]:
-        return submit_command(argv[1:])
-    return stage_command(argv)
+def _stage(args) -> int:
+    p = read_pipeline(args.pipeline)
+    set_up_environment(p, args.argv)
+    return run_stage(p, args.command, getattr(args, "checkpoints", []))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
-from common import files
+from common import cli, files
 
 from . import checks
 from .config import Pipeline
@@ -45,8 +45,7 @@ def show_config(p: Pipeline, local: bool, dry_run: bool, planned: list[Stage]) -
                                     if local and p.EVAL_MODE == "jobs" else ""),
         "logs": p.log_dir,
     }
-    for key, value in rows.items():
-        print(f"{key:<14} {value}")
+    print(cli.table(rows))
 
 
 def plan(p: Pipeline, local: bool, dry_run: bool) -> list[Stage]:

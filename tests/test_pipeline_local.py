@@ -2,6 +2,7 @@
 shows the chain, and bad input is refused before anything runs. Paths contain spaces."""
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -120,7 +121,7 @@ def test_eval_mode_decides_who_holds_the_eval_gpu(workdir, mode):
     assert done.returncode == 0, done.stderr
     watch = next(line.split() for line in done.stdout.splitlines() if "stage.sbatch eval_watch " in line)
     eval_jobs = [line for line in done.stdout.splitlines() if line.startswith("eval jobs ")]
-    assert f"eval mode      {mode}" in done.stdout
+    assert re.search(rf"^eval mode +{mode}", done.stdout, re.M), done.stdout
     if mode == "jobs":
         assert "--cpus-per-task=1" in watch and not any(w.startswith("--gpus") for w in watch), watch
         [line] = eval_jobs   # shell words, as the watcher's --submit splits them (paths with spaces stay whole)
