@@ -24,6 +24,30 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# `pytest -m "not slow"`: the fast subset (minutes on 2 cores). Slow: a module that trains, scores with lm-eval or
+# runs a pipeline in most of its tests, and single tests that need a trained run. `slurm`: needs root and starts a
+# real Slurm cluster (slurm-wlm and munge installed: .ci/run does it).
+SLOW_MODULES = {"test_slurm_cluster", "test_pipeline_local", "test_train_distributed", "test_train_run",
+                "test_checkpoint_faults", "test_checkpoint_load", "test_eval_watch", "test_eval", "test_eval_dtype",
+                "test_hf", "test_muon", "test_train_mix", "test_export", "test_recipe_resume", "test_optim_startup",
+                "test_train_step", "test_train_val_split", "test_train_bad_input", "test_prep_resume",
+                "test_gpu_check", "test_train_metrics", "test_train_heal"}
+SLOW_TESTS = {"test_a_run_dir_with_another_recipe_is_refused_before_anything_is_submitted",
+              "test_python_blocks_run", "test_shell_commands",
+              "test_every_update_logs_its_data_wait_to_metrics_and_tensorboard",
+              "test_train_stops_before_the_bad_batch_reaches_the_model"}
+SLURM_MODULES = {"test_slurm_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if module in SLURM_MODULES:
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
