@@ -102,7 +102,7 @@ def check_resume(p: Pipeline, recipe) -> None:
     TRAIN_ALLOW_CHANGE does not name: said here, before anything is submitted, not by the train job."""
     from common import yamlfile
     from train import recipe as recipes
-    from train.rundir.checkpoints import complete_tags
+    from model.checkpoint import complete_tags
     tags = complete_tags(p.RUN_DIR / "checkpoints") if (p.RUN_DIR / "checkpoints").is_dir() else []
     saved_file = p.RUN_DIR / "config.yaml"
     if not tags or not saved_file.exists():
