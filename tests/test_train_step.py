@@ -88,3 +88,51 @@ def test_one_host_sync_per_update_and_no_deepspeed_timer(tiny_dataset, tmp_path)
     assert out["updates"] == 14 and out["lines"] == 14 and out["norms"] == 14  # every line, its norm read late
     assert sum(out["counts"].values()) <= 10, out["counts"]  # 10 steady-state updates: at most one sync each
     assert out["counts"].get("synchronize", 0) == 0, out["counts"]
+
+
+def test_metrics_are_fsynced_by_time_and_before_each_checkpoint_not_per_line(tiny_dataset, tmp_path):
+    # os.fsync is wrapped to note, for every fsync of metrics.jsonl, the steps the file then held (what a machine
+    # crash would keep); the time cadence is set out of reach, so only the checkpoints should make it durable.
+    code = """
+        import os
+        from train.metrics import RunLog
+        from train.stop import StopFlag
+        RunLog.DURABLE_EVERY_S = 1e9
+        metrics = sys.argv[2].split("=", 1)[1] + "/metrics.jsonl"
+        durable, checks, fsync = [], [], os.fsync
+
+        def fsync_noting(fd):
+            if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(metrics):
+                durable.append(sorted({json.loads(l)["step"] for l in open(metrics)}))
+            return fsync(fd)
+        os.fsync = fsync_noting
+        save = trainer.save
+
+        def save_checking():
+            save()  # returns once the checkpoint is complete (its mark written)
+            checks.append([trainer.step, bool(durable) and trainer.step in durable[-1], len(durable)])
+        trainer.save = save_checking
+        trainer.run(StopFlag())
+        print(json.dumps({"checks": checks, "fsyncs": len(durable)}))
+    """
+    out = probe(code, tmp_path / "run", tiny_dataset, "schedule.max_steps=8", "checkpoint.every=4", "log.every=1")
+    # At each completed checkpoint its own step's line was durable; one fsync per checkpoint, none per line.
+    assert out["checks"] == [[4, True, 1], [8, True, 2]], out
+    assert out["fsyncs"] <= 3, out  # the two checkpoints, and the close at the end
+
+
+def test_runlog_makes_lines_durable_at_most_every_few_seconds(tmp_path, monkeypatch):
+    import os
+
+    import train.metrics as metrics
+    clock, fsyncs = [1000.0], []
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(clock[0]) or real_fsync(fd))
+    log = metrics.RunLog(tmp_path, tensorboard=False)
+    for step in range(1, 101):  # 100 lines, 0.2 s apart: 20 seconds
+        clock[0] += 0.2
+        log.write({"step": step, "loss": 1.0})
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 100
+    # one fsync per 5 s (samples.jsonl does not exist here), not 100 (an fsync per line before)
+    assert 3 <= len(fsyncs) <= 4 and all(b - a >= 5 for a, b in zip(fsyncs, fsyncs[1:])), fsyncs

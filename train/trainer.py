@@ -311,6 +311,10 @@ class Trainer:
         return [tokenizer.decode(row[prompt.size(1):].tolist()) for row in out]
 
     def save(self) -> None:
+        # Every metrics line of the steps this checkpoint holds is on disk before its completion mark.
+        self._flush_deferred()
+        if self.log is not None:
+            self.log.sync()
         states = [None] * self.place.world_size
         dist.all_gather_object(states, rng_state(self.place.device))
         client_state = {"model_config": self.model_config.to_dict(), "config": self.recipe.to_dict(), "step": self.step,
