@@ -142,6 +142,8 @@ class Recipe:
     # Free-form: GPTConfig.from_dict validates it (see model_config); treat it as read-only like the rest.
     model: dict = field(default_factory=dict)
     deepspeed: str = REQUIRED
+    # Warm start: the initial weights of a new run from an HF GPT-2 directory or another run (train.warm_start).
+    init_from: str | None = None
     # bf16 on GPUs (the DeepSpeed files enable it); fp32 for CPU runs, where bf16 matmuls are ~10x slower.
     precision: str = "bf16"
     # Speed/memory switches of the training forward; neither changes the weights, the checkpoints or their keys.
@@ -348,6 +350,8 @@ def check(recipe: Recipe) -> None:
         if value == REQUIRED:
             raise RecipeError(f"recipe key {key} is required")
     _check_data(recipe.data)
+    if recipe.init_from is not None and (not isinstance(recipe.init_from, str) or not recipe.init_from):
+        raise RecipeError(f"init_from must be a path or null, got {recipe.init_from!r}")
     for key in ("run_dir", "deepspeed", "sample.prompt", "mfu.gpu"):
         if not isinstance(_get(recipe, key), str):
             raise RecipeError(f"{key} must be a string, got {_get(recipe, key)!r}")
@@ -467,8 +471,9 @@ def schedule_shape(recipe: Recipe) -> dict:
 
 # ---- resuming with a changed recipe -------------------------------------------------------------------------
 
-# Where the run lives, not how it trains: a run directory may be moved or copied and resumed there.
-NOT_COMPARED = ("run_dir",)
+# Where the run lives, not how it trains: a run directory may be moved or copied and resumed there. init_from
+# seeds step 0 only: a resume continues its own checkpoint.
+NOT_COMPARED = ("run_dir", "init_from")
 # The model's shape is compared as a whole (resolved GPTConfig) by the trainer; seq_len and seed fix the loader's
 # window numbering and order, which its saved position counts in: none of them can change on resume.
 # optim.name: the saved optimizer state is another optimizer's (AdamW's moments, Muon's momentum buffers), in

@@ -27,7 +27,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import launch, optim, paths
+from . import launch, optim, paths, warm_start
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -131,6 +131,9 @@ class Trainer:
         self.peak = peak_flops(recipe.mfu, self.place.device)
         # Tokenize the sample prompt now: a missing BPE cache should stop the run before step 0, not at step N.
         self.prompt_tokens = tokenizer.encode(recipe.sample.prompt) if recipe.sample.every else None
+        # Warm start, read on every rank before anything is written; a resume continues its own checkpoint.
+        self.init_weights, self.init_source = (None, None) if recipe.init_from is None or self.resume_tag else \
+            warm_start.load(recipe.init_from, self.model_config)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -139,6 +142,9 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         model = GPT(self.model_config)
         model.activation_checkpointing = self.recipe.activation_checkpointing
+        if self.init_weights is not None:
+            warm_start.apply(model, self.init_weights)
+            self.init_weights = None
         self.n_params = model.num_params()
         if self.recipe.optim.name == "muon":
             # Every rank probes its own node, and all stop alike, before any update or collective of the engine.
@@ -359,7 +365,9 @@ class Trainer:
             draws = self.plan.max_steps * self.plan.total_tokens // self.plan.seq_len
             print(startup_table(r, self.plan, self.ds_config, self.n_params, compiled=self.engine.is_compiled,
                                 checkpointing=self.engine.module.activation_checkpointing,
-                                data_rows=self.loader.describe(draws)), flush=True)
+                                data_rows=[*self.loader.describe(draws),
+                                           *([("initial weights", self.init_source)] if self.init_source else [])]),
+                  flush=True)
             if self.resume_tag:
                 print(f"resuming from {self.ckpt_dir / self.resumed_from} at step {self.step}", flush=True)
         # resumed_step: TensorBoard drops what the killed run logged after the checkpoint (logged again now).
