@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from common import cli
 
+from . import summary
 from .stop import StopFlag
 
 
@@ -32,7 +34,12 @@ def train(args, stop: StopFlag) -> int:
     recipe = load(args.config, args.overrides)
     from .trainer import Trainer
     try:
-        return Trainer(recipe, allow_change=args.allow_change).run(stop)
+        trainer = Trainer(recipe, allow_change=args.allow_change)
+        started = time.monotonic()
+        status = trainer.run(stop)
+        if status == 0 and trainer.is_main and hasattr(trainer, "engine"):  # trained to the end just now
+            print(summary.of(trainer, time.monotonic() - started), flush=True)
+        return status
     finally:
         close_process_group()
 
