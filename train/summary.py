@@ -5,9 +5,10 @@ process trained, and from the wall time the caller measured; the commands name t
 """
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
+
+from common import cli, files
 
 from .rundir import RunDir
 from .rundir.checkpoints import newest_complete
@@ -17,11 +18,7 @@ def _records(run_dir: Path, after_step: int) -> tuple[dict, dict]:
     """(training lines, validation lines) of metrics.jsonl by step, the last line per step, for steps > after_step."""
     train, val = {}, {}
     path = RunDir(run_dir).metrics
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a partial line left by a killed writer
+    for _, record in files.read_json_lines(path) if path.exists() else []:
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= after_step:
             continue
         if "loss" in record and "skipped" not in record:
@@ -56,10 +53,9 @@ def text(run_dir, start_step: int, end_step: int, tokens: int, seconds: float, w
         rows.append(("GPU-hours", f"{world_size * seconds / 3600:.2f} ({world_size} GPU(s))"))
     newest = newest_complete(RunDir(run_dir).checkpoints)
     rows.append(("last checkpoint", str(newest) if newest is not None else "none"))
-    width = max(len(k) for k, _ in rows)
     run = shlex.quote(str(run_dir))
     tb = RunDir(run_dir).tensorboard
-    lines = ["", f"training finished: {run_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows), "next:",
+    lines = ["", f"training finished: {run_dir}", cli.table(rows, indent="  "), "next:",
              *([f"  tensorboard --logdir {shlex.quote(str(tb))}"] if tb.is_dir() else []),
              f"  python -m model sample {run} --prompt 'Hello, I am'",
              f"  python -m eval export {run} --out {shlex.quote(str(run_dir.parent / (run_dir.name + '-hf')))}"]
