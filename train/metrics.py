@@ -56,6 +56,7 @@ class RunLog:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         self.tb = None
+        self.sinks = []  # more receivers of the TensorBoard scalars: .log(scalars, step), .close() (train.wandb_log)
         self.synced = time.monotonic()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -80,10 +81,13 @@ class RunLog:
     def write(self, record: dict) -> None:
         record = {**record, "time": round(time.time(), 3)}
         self._append(self.metrics_path, record)
+        scalars = {f"{'val' if key.startswith('val') else 'train'}/{key}": value for key, value in record.items()
+                   if key not in ("step", "time") and isinstance(value, (int, float)) and value is not None}
         if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", value, record["step"])
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, record["step"])
+        for sink in self.sinks:
+            sink.log(scalars, record["step"])
 
     def write_samples(self, step: int, prompt: str, texts: list[str]) -> None:
         for i, text in enumerate(texts):
@@ -95,6 +99,8 @@ class RunLog:
         self.sync()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def mfu(tokens_per_s: float, model_config, seq_len: int, world_size: int, peak: float | None) -> float | None:

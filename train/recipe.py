@@ -126,6 +126,11 @@ class Sample:
 class Log:
     every: int = 1
     tensorboard: bool = True
+    # Weights & Biases (train.wandb_log): project default gpt2-pipeline, name default the run directory's name.
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    wandb_entity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -361,7 +366,11 @@ def check(recipe: Recipe) -> None:
     for key in ("optim.warmup_steps", "eval.every", "checkpoint.every", "checkpoint.keep_last",
                 "checkpoint.keep_every", "sample.every", "sample.num", "sample.max_new_tokens", "seed"):
         _positive_int(recipe, key, allow_zero=True)
-    for key in ("compile", "activation_checkpointing", "log.tensorboard"):
+    for key in ("wandb_project", "wandb_name", "wandb_entity"):
+        value = getattr(recipe.log, key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise RecipeError(f"log.{key} must be a non-empty string or null, got {value!r}")
+    for key in ("compile", "activation_checkpointing", "log.tensorboard", "log.wandb"):
         if not isinstance(_get(recipe, key), bool):
             raise RecipeError(f"{key} must be true or false, got {_get(recipe, key)!r}")
     if recipe.precision not in ("bf16", "fp32"):

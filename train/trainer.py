@@ -27,7 +27,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import launch, optim, paths, warm_start
+from . import launch, optim, paths, wandb_log, warm_start
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -134,6 +134,7 @@ class Trainer:
         # Warm start, read on every rank before anything is written; a resume continues its own checkpoint.
         self.init_weights, self.init_source = (None, None) if recipe.init_from is None or self.resume_tag else \
             warm_start.load(recipe.init_from, self.model_config)
+        wandb_log.check_available(recipe.log)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -373,6 +374,8 @@ class Trainer:
         # resumed_step: TensorBoard drops what the killed run logged after the checkpoint (logged again now).
         log = RunLog(self.run_dir, r.log.tensorboard,
                      resumed_step=self.step if self.resume_tag else None) if self.is_main else None
+        if log and r.log.wandb:
+            log.sinks.append(wandb_log.WandbSink(self.run_dir, r))
         self.log, self.stop = log, stop
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.is_main, file=sys.stderr)
