@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from common import cli
 from common.errors import PipelineError
 
 from . import envfile
@@ -176,11 +177,16 @@ class _Values:
         return tuple(value.split()) if split else ((value,) if value else ())
 
     def count(self, key: str, minimum: int = 1) -> int:
+        """A count as every command reads one (common.cli.parse_int: 100M, 1e8, 1_000)."""
         text = self.text(key)
-        if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum:
+        try:
+            value = cli.parse_int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
             kind = "a positive whole number" if minimum else "a whole number"
             self.fail(key, f"{key} must be {kind}, got {text!r}")
-        return int(text)
+        return value
 
     def choice(self, key: str, choices, what: str) -> str:
         text = self.text(key)

@@ -304,3 +304,11 @@ def test_an_unusable_device_is_one_line_for_every_command_that_takes_one(tmp_pat
             err = capsys.readouterr().err
             assert status == 2 and err.count("\n") == 1, err
             assert err.startswith(f"error: --device {device} is not usable here: "), err
+
+
+def test_a_pipeline_file_reads_counts_as_the_commands_do(tmp_path):
+    """slurm.config: PREP_SHARD_TOKENS=100M in a pipeline file is what --shard-tokens 100M is to prep tokenize."""
+    from slurm.config import read_pipeline
+    from tests.test_pipeline_plan import pipeline
+    p = read_pipeline(pipeline(tmp_path, PREP_SHARD_TOKENS="100M", PREP_VAL_TOKENS="1e6", PREP_TASKS="1_0"))
+    assert (p.PREP_SHARD_TOKENS, p.PREP_VAL_TOKENS, p.PREP_TASKS) == (100_000_000, 1_000_000, 10)
