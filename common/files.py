@@ -249,6 +249,10 @@ def fsync_file(path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:  # a full disk names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         os.close(fd)
 

@@ -11,16 +11,16 @@ SHAPE = ["batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128", "e
          "checkpoint.every=0", "log.tensorboard=false"]
 
 
-def probe(code: str, run_dir, dataset, *sets: str, timeout: int = 300) -> dict:
-    """Run `code` with `trainer` (a train.trainer.Trainer of the tiny recipe and `sets`) in a fresh process; the
-    code prints one JSON line last, returned here."""
-    script = textwrap.dedent("""
+def probe(code: str, run_dir, dataset, *sets: str, allow: tuple = (), timeout: int = 300) -> dict:
+    """Run `code` with `trainer` (a train.trainer.Trainer of the tiny recipe and `sets`, accepting changes of the
+    `allow` keys on resume) in a fresh process; the code prints one JSON line last, returned here."""
+    script = textwrap.dedent(f"""
         import json, sys
         import torch
         import torch.distributed as dist
         from train.recipe import load
         from train.trainer import Trainer
-        trainer = Trainer(load(sys.argv[1], sys.argv[2:]))
+        trainer = Trainer(load(sys.argv[1], sys.argv[2:]), allow_change={list(allow)!r})
     """) + textwrap.dedent(code)
     args = [f"run_dir={run_dir}", f"data.dir={dataset}", *SHAPE, *sets]
     result = subprocess.run([PYTHON, "-c", script, str(REPO / "configs/train/tiny-cpu.yaml"), *args], cwd=REPO,
@@ -136,3 +136,32 @@ def test_runlog_makes_lines_durable_at_most_every_few_seconds(tmp_path, monkeypa
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 100
     # one fsync per 5 s (samples.jsonl does not exist here), not 100 (an fsync per line before)
     assert 3 <= len(fsyncs) <= 4 and all(b - a >= 5 for a, b in zip(fsyncs, fsyncs[1:])), fsyncs
+
+
+def test_compiled_steps_trace_once_without_graph_breaks_and_again_after_a_resume(tiny_dataset, tmp_path):
+    # torch.compile on CPU (inductor, C++): the training step and the validation step (eval mode, no grad) are one
+    # graph each: 2 graphs in all over 10 updates and 2 validations, none broken, none recompiled (a recompile
+    # adds a graph); the resumed process compiles the same two once more and nothing else.
+    code = """
+        from torch._dynamo.utils import counters
+        from train.stop import StopFlag
+        trainer.run(StopFlag())
+        print(json.dumps({"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values()),
+                          "step": trainer.step, "resumed": getattr(trainer, "resumed_from", None)}))
+    """
+    sets = ["compile=true", "eval.every=5", "eval.val_batches=2", "checkpoint.every=5"]
+    first = probe(code, tmp_path / "run", tiny_dataset, *sets, "schedule.max_steps=10", timeout=600)
+    assert first == {"graphs": 2, "breaks": 0, "step": 10, "resumed": None}
+    again = probe(code, tmp_path / "run", tiny_dataset, *sets, "schedule.max_steps=13", allow=("schedule.max_steps",),
+                  timeout=600)
+    assert again == {"graphs": 2, "breaks": 0, "step": 13, "resumed": "global_step10"}
+
+
+def test_every_gpu_recipe_compiles_with_a_zero_stage_that_allows_it():
+    from train.recipe import batch_plan, deepspeed_config, load
+    recipes = sorted((REPO / "configs/train").glob("gpt2-*.yaml"))
+    assert len(recipes) == 4
+    for path in recipes:
+        recipe = load(path)
+        assert recipe.compile and not recipe.activation_checkpointing, path
+        deepspeed_config(recipe, batch_plan(recipe, 8))  # refuses compile with ZeRO-3
