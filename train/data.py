@@ -538,12 +538,18 @@ def train_loader(sources: list[Source], micro_batch: int, seq_len: int, rank: in
 
 def val_batches(dataset: Dataset, micro_batch: int, seq_len: int, rank: int, world_size: int,
                 n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same val windows at every evaluation: the first n_batches * world_size * B in file order, split by rank."""
+    """The same val windows at every evaluation: the first n_batches * world_size * B in file order, split by rank.
+    n_batches 0 (a run that never evaluates) reads and needs nothing."""
+    if n_batches == 0:
+        return []
     index = WindowIndex(dataset, "val", seq_len)
     per_batch = micro_batch * world_size
     n = min(n_batches, index.total // per_batch)
     if n == 0:
-        raise DatasetError(f"{dataset.path}: the val split holds {index.total} windows of {seq_len + 1} tokens, "
-                           f"fewer than one batch (micro_batch {micro_batch} x world_size {world_size})")
+        val_tokens = sum(f.tokens for f in index.files)
+        raise DatasetError(f"{dataset.path}: the val split holds {val_tokens:,} tokens, {index.total} windows of "
+                           f"{seq_len + 1}, fewer than one validation batch of {per_batch} windows (micro_batch "
+                           f"{micro_batch} x world_size {world_size}); prepare it with more --val-tokens, or set "
+                           "eval.every=0")
     return [index.read(np.arange(i * per_batch + rank * micro_batch, i * per_batch + (rank + 1) * micro_batch))
             for i in range(n)]

@@ -125,9 +125,10 @@ class Trainer:
         # Built before any collective so a bad recipe or dataset fails on every rank alike, with nothing written.
         self.loader = train_loader(self.sources, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
                                    self.place.world_size, recipe.seed, device=self.place.device)
-        # Dataset name -> this rank's val batches of it.
+        # Dataset name -> this rank's val batches of it (none when the run never evaluates).
         self.val = {s.name: val_batches(s.dataset, self.plan.micro_batch, self.plan.seq_len, self.place.rank,
-                                        self.place.world_size, recipe.eval.val_batches) for s in self.sources}
+                                        self.place.world_size, recipe.eval.val_batches if recipe.eval.every else 0)
+                    for s in self.sources}
         self.peak = peak_flops(recipe.mfu, self.place.device)
         # Tokenize the sample prompt now: a missing BPE cache should stop the run before step 0, not at step N.
         self.prompt_tokens = tokenizer.encode(recipe.sample.prompt) if recipe.sample.every else None
