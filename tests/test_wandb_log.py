@@ -6,6 +6,7 @@ import struct
 import subprocess
 
 import pytest
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 from tests.conftest import PYTHON, REPO
@@ -99,6 +100,7 @@ def test_log_wandb_without_the_package_is_one_line(tmp_path, tiny_dataset):
 
 def test_a_wandb_run_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     # Online with no API key (and no network here): W&B's refusal, in one line that says what to do.
+    wandb.teardown()  # W&B keeps the settings of an earlier init in this process (log_eval's, offline) until then
     for key, value in offline_env(tmp_path).items():
         if key.startswith("WANDB_"):
             monkeypatch.setenv(key, value)
