@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+# DeepSpeed's CPU communication op, built now into $(VENV)/torch_extensions (train uses that directory), so that
+# no CPU run builds it at start-up; without a C++ compiler this only prints a note.
+	$(PY) -m train.extensions
 	touch $@
 
 install: $(VENV)/.installed

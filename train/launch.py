@@ -109,6 +109,10 @@ def init_distributed(place: Placement, timeout: timedelta) -> None:
     import traceback
 
     import deepspeed
+    from . import extensions
+    extensions.use_venv_build_dir()  # where make install built DeepSpeed's ops: not rebuilt at each start-up
+    if place.device == "cpu":
+        extensions.wait_for_lock(extensions.op_build_dir())  # never a silent wait on a killed build's lock
     try:
         deepspeed.init_distributed(dist_backend=place.backend, timeout=timeout)
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
