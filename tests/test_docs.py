@@ -89,6 +89,8 @@ def python_command(line: str):
     except ValueError:
         return None
     for i, word in enumerate(words):
+        if word == "tensorboard" and i == 0:
+            return {}, words
         if word in PYTHON_WORDS and i + 1 < len(words) and (words[i + 1] in ("-m", "-c")
                                                              or words[i + 1].startswith("bench/")):
             argv = []
@@ -264,11 +266,16 @@ def test_python_blocks_run(checkout, name, code):
 
 def check_shell_commands(items, root: Path) -> tuple[list[str], int, int]:
     """(failures, commands run, commands parsed) for the shell items, run or parsed in `root`."""
-    to_run, to_parse = [], []
+    to_run, to_parse, failures = [], [], []
     for name, kind, payload in items:
         if kind != "shell":
             continue
         env, argv, synopsis = payload
+        if argv[0] == "tensorboard":
+            logdir = root / argv[argv.index("--logdir") + 1] if "--logdir" in argv else root / "-"
+            if not (Path(PYTHON).parent / "tensorboard").is_file() or not any(logdir.glob("events.out.tfevents.*")):
+                failures.append(f"{name}\n    no tensorboard in the venv, or no event files in {logdir}")
+            continue
         if argv[0] not in ("-m", "-c") and not (REPO / argv[0]).is_file():
             to_parse.append((name, ["missing"], {}))
         elif synopsis:
@@ -277,7 +284,6 @@ def check_shell_commands(items, root: Path) -> tuple[list[str], int, int]:
             to_run.append((name, env, argv))
         else:
             to_parse.append((name, argv, None))
-    failures = []
     for name, env, argv in to_run:
         result = subprocess.run([PYTHON, *argv], cwd=root, env=environment(env), capture_output=True,
                                 text=True, timeout=300)
@@ -302,12 +308,13 @@ def test_shell_commands(checkout):
     failures, ran, parsed = check_shell_commands(ITEMS, checkout)
     print(f"{ran} commands run, {parsed} parsed")
     assert not failures, "\n".join(failures)
-    assert ran >= 5, f"only {ran} doc commands could run here: the rule has stopped covering them"
+    assert ran >= 7, f"only {ran} doc commands could run here: the rule has stopped covering them"
 
 
 def test_the_checker_catches_what_a_doc_gets_wrong(tmp_path):
     """Each way a command goes stale is caught: a wrong flag, subcommand or value when parsed, a synopsis flag, a
-    runnable command that fails, a bench script that is gone; and right commands pass."""
+    runnable command that fails, a bench script that is gone, a TensorBoard directory with no events; and right
+    commands pass."""
     doc = tmp_path / "doc.md"
     doc.write_text("""```sh
 python -m model info --model tiny
@@ -317,6 +324,7 @@ python -m prep tokenize --input RAW --out DS --workers many
 python -m eval export RUN --out HF --force
 python -c "import model.nosuch"
 python bench/no_such_bench.py --fast
+tensorboard --logdir nowhere/tb
     python -m model nosuch   # indented: output or a continuation, not a command
 ```
 
@@ -326,11 +334,11 @@ python -m prep verify DS [--workers N]
 ```
 """)
     items = doc_items([doc])
-    assert len(items) == 9
+    assert len(items) == 10
     failures, ran, parsed = check_shell_commands(items, tmp_path)
     assert (ran, parsed) == (4, 5)
-    assert len(failures) == 6, failures
+    assert len(failures) == 7, failures
     assert not any(f.splitlines()[0].endswith(("info --model tiny", "--force")) for f in failures), failures
     for expected in ("--no-such-flag", "nosuch", "--workers many", "import model.nosuch", "no_such_bench",
-                     "--no-such-option"):
+                     "--no-such-option", "nowhere/tb"):
         assert any(expected in f.splitlines()[0] for f in failures), (expected, failures)
