@@ -31,7 +31,7 @@ def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     for m in read_jsonl(Path(run) / "metrics.jsonl"):
         if "step" not in m:
             continue
-        if "loss" in m:
+        if "loss" in m and "skipped" not in m:  # a skipped update (train.heal) changed nothing
             train[m["step"]] = m
         if "val_loss" in m:
             val[m["step"]] = m

@@ -48,6 +48,7 @@ DEFAULTS = {
     "mfu": {"gpu": "auto", "peak_tflops": None},
     "seed": 1337,
     "dist_timeout_minutes": 60,
+    "heal": {"max_skips_in_a_row": 5, "spike_factor": None, "watchdog_minutes": 30},
 }
 MINIMAL = ["run_dir=r", "data.dir=d", "deepspeed=ds.json", "batch.total_tokens=128", "batch.micro_batch=2",
            "batch.seq_len=64", "schedule.max_steps=1"]

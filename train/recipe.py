@@ -27,6 +27,7 @@ from common.errors import PipelineError, UsageError
 from model.config import ConfigError as ModelConfigError
 from model.config import GPTConfig
 
+from .heal import Heal
 from .schedule import DECAY_SHAPES, KINDS, decay_steps
 
 
@@ -164,6 +165,7 @@ class Recipe:
     sample: Sample = field(default_factory=Sample)
     log: Log = field(default_factory=Log)
     mfu: Mfu = field(default_factory=Mfu)
+    heal: Heal = field(default_factory=Heal)  # skipping bad updates, the watchdog (train.heal)
     seed: int = 1337
     # How long a collective waits for the slowest rank before the run fails; rank-0-only work (a universal
     # checkpoint conversion, a save to a slow filesystem) holds the others in one (docs/train.md).
@@ -398,6 +400,7 @@ def check(recipe: Recipe) -> None:
         if getattr(schedule, key) is not None:
             _positive_int(recipe, f"schedule.{key}")
     _check_lr_shape(recipe)
+    recipe.heal.check()
     if recipe.eval.command is not None and not isinstance(recipe.eval.command, str):
         raise RecipeError(f"eval.command must be a string or null, got {recipe.eval.command!r}")
     if recipe.checkpoint.keep_last < 1:

@@ -7,7 +7,6 @@ cleanly if any rank got SIGUSR1 or SIGTERM (save, exit PREEMPTED_EXIT).
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import launch, optim, paths, wandb_log, warm_start
+from . import heal, launch, optim, paths, wandb_log, warm_start
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -130,6 +129,7 @@ class Trainer:
                                         self.place.world_size, recipe.eval.val_batches if recipe.eval.every else 0)
                     for s in self.sources}
         self.peak = peak_flops(recipe.mfu, self.place.device)
+        self.healer = heal.Healer(recipe.heal)
         # Tokenize the sample prompt now: a missing BPE cache should stop the run before step 0, not at step N.
         self.prompt_tokens = tokenizer.encode(recipe.sample.prompt) if recipe.sample.every else None
         # Warm start, read on every rank before anything is written; a resume continues its own checkpoint.
@@ -253,7 +253,19 @@ class Trainer:
             raise TrainError(f"torch.compile failed in update {self.step + 1} "
                              f"({str(exc).strip().splitlines()[0]}); fix that or set compile: false") from None
 
+    def _judge(self, loss: float) -> str | None:
+        """Why this update is skipped (train.heal), None to apply it; stops the run after too many in a row."""
+        try:
+            return self.healer.judge(loss, self.step + 1)
+        except heal.TooManySkips as exc:
+            n, first = self.healer.in_a_row, self.healer.first_skipped
+            streak = (f"; {n} updates in a row skipped (from update {first}), more than heal.max_skips_in_a_row "
+                      f"{self.recipe.heal.max_skips_in_a_row}") if n > 1 else ""
+            raise TrainError(f"{exc} in update {self.step + 1} (after step {self.step}); stopped before it{streak} "
+                             f"(last good checkpoint: {self._last_good()})") from None
+
     def train_step(self) -> dict:
+        """One update's record for metrics.jsonl; a skipped update's (train.heal) has "skipped" and no step taken."""
         optim.set_lr(self.optimizer, self.peak_lrs, lr_multiplier(self.step, self.plan.max_steps,
                                                                   **schedule_shape(self.recipe)))
         started = time.perf_counter()
@@ -269,9 +281,10 @@ class Trainer:
             loss_sum += loss.detach().float()
             if micro == self.plan.grad_accum - 1:
                 mean_loss = self._all_mean(loss_sum / self.plan.grad_accum)
-                if not math.isfinite(mean_loss):
-                    raise TrainError(f"loss is {mean_loss} in update {self.step + 1} (after step {self.step}); stopped before it "
-                                     f"(last good checkpoint: {self._last_good()})")
+                reason = self._judge(mean_loss)  # the same on every rank: the loss is the agreed mean
+                if reason:
+                    heal.skip_update(self.engine)
+                    return self.healer.record(self.step + 1, reason, mean_loss)
             self.engine.step()
         step_time = self._synced_at - since
         self.step += 1
@@ -336,6 +349,21 @@ class Trainer:
             ckpt.rotate(self.ckpt_dir, c.keep_last, c.keep_every)
         dist.barrier()
 
+    def _preempted(self, stop: StopFlag) -> int:
+        if self.is_main:
+            print(f"preempted ({stop.signal or 'signal on another rank'}): saved "
+                  f"{ckpt.tag_for(self.step)}, exiting with status {PREEMPTED_EXIT}", flush=True)
+        return PREEMPTED_EXIT
+
+    def _report_skip(self, record: dict, log) -> None:
+        if log:
+            log.write(record)
+        if self.is_main:
+            loss = "non-finite" if record["loss"] is None else f"{record['loss']:.4f}"
+            print(f"warning: update {record['step']} skipped ({record['skipped']} loss {loss}): its gradients "
+                  f"dropped, its batch consumed ({record['skips_in_a_row']} in a row, of at most "
+                  f"{self.recipe.heal.max_skips_in_a_row})", file=sys.stderr, flush=True)
+
     def _last_good(self) -> str:
         newest = ckpt.newest_complete(self.ckpt_dir)
         return newest.name if newest is not None else "none"
@@ -383,6 +411,12 @@ class Trainer:
         try:
             while self.step < self.plan.max_steps:
                 record = self.train_step()
+                if "skipped" in record:  # nothing was applied: no eval, sample or checkpoint of this step
+                    self._report_skip(record, log)
+                    if not self.stop_requested:
+                        continue
+                    self.save()  # the last applied step's weights, the loader past the skipped batches
+                    return self._preempted(stop)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 data_wait=f"{record['data_wait_ms']:.1f}ms", refresh=False)
@@ -404,10 +438,7 @@ class Trainer:
                 if last or preempted or (r.checkpoint.every and self.step % r.checkpoint.every == 0):
                     self.save()
                 if preempted and not last:
-                    if self.is_main:
-                        print(f"preempted ({stop.signal or 'signal on another rank'}): saved "
-                              f"{ckpt.tag_for(self.step)}, exiting with status {PREEMPTED_EXIT}", flush=True)
-                    return PREEMPTED_EXIT
+                    return self._preempted(stop)
             return 0
         finally:
             self.loader.close()

@@ -1,0 +1,147 @@
+"""A run that heals (train.heal): a non-finite or spiking loss skips its update, bitwise as if its batch had been
+absent; too many skips in a row stop the run naming the last good checkpoint. Real DeepSpeed engines on CPU (gloo),
+faults injected by tests.heal_probe (a forward hook that makes the loss NaN)."""
+import json
+import math
+import os
+import subprocess
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, REPO
+from tests.fixtures_run import FAST, run_train, train_command
+from tests.test_train_distributed import free_port
+from train.heal import SPIKE_MIN, Heal, Healer, TooManySkips
+
+QUIET = ["eval.every=0", "sample.every=0", "log.tensorboard=false"]
+
+
+def probe_run(run_dir, dataset, env: dict, *sets, nproc=1, port=None, check_rc=0):
+    cmd = train_command(run_dir, dataset, *QUIET, *sets, nproc=nproc, port=port, module="tests.heal_probe")
+    return run_train(cmd, check_rc=check_rc, env={**os.environ, **env})
+
+
+def lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def live_weights(run_dir, step):
+    return torch.load(run_dir / f"live_fp32_step{step}.pt", weights_only=True)
+
+
+def client_state(run_dir, step) -> dict:
+    """The trainer's client state of a checkpoint: rank 0's model-states file holds it (a test's own file)."""
+    return torch.load(run_dir / f"checkpoints/global_step{step}/mp_rank_00_model_states.pt", weights_only=False)
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank_bitwise_as_if_the_batch_were_absent(tiny_dataset, tmp_path):
+    # Update 2's loss is NaN on rank 1 only; the agreed (all-reduced) loss is NaN on both ranks, both skip. The
+    # reference run draws and drops the same micro batches before its update 2: the same data after it.
+    sets = ["schedule.max_steps=4", "checkpoint.every=2", "deepspeed=configs/deepspeed/zero2.json"]
+    healed, reference = tmp_path / "healed", tmp_path / "reference"
+    result = probe_run(healed, tiny_dataset, {"HEAL_PROBE_NAN": "2:1"}, *sets, nproc=2, port=free_port())
+    probe_run(reference, tiny_dataset, {"HEAL_PROBE_DROP": "2"}, *sets, nproc=2, port=free_port())
+    assert_bitwise_equal(live_weights(healed, 4), live_weights(reference, 4))
+    records = lines(healed)
+    assert records[1] == {"step": 2, "skipped": "non-finite", "loss": None, "skips_in_a_row": 1,
+                          "time": records[1]["time"]}
+    applied = [r for r in records if "skipped" not in r]
+    assert [r["step"] for r in applied] == [1, 2, 3, 4]
+    assert [r["loss"] for r in applied] == [r["loss"] for r in lines(reference)]
+    assert "warning: update 2 skipped (non-finite loss non-finite)" in result.stderr
+    # The checkpoint after the skip holds the loader past the skipped draws: a resume never reads them again.
+    assert client_state(healed, 2)["loader"] == client_state(reference, 2)["loader"]
+
+
+STAGES = [("zero0", "fp32"), ("zero1", "bf16"), ("zero2", "bf16"), ("zero3", "fp32")]
+
+
+def test_every_zero_stage_and_precision_skips_without_touching_weights_or_optimizer(tiny_dataset, tmp_path):
+    # Each DeepSpeed optimizer wrapper drops the update its own way (a bare torch AdamW under ZeRO-0 fp32,
+    # BF16_Optimizer, ZeRO-1/2, ZeRO-3): the run with the skip ends bitwise where the run without the batch ends.
+    # One process runs the 8 single-rank trainings one after another (start-up is most of a run's time here).
+    script = textwrap.dedent("""
+        import os, sys
+        import torch.distributed as dist
+        from tests.heal_probe import ProbeTrainer
+        from train.recipe import load
+        from train.stop import StopFlag
+        stop = StopFlag()
+        for run_dir, variable, value, *sets in (line.split() for line in sys.argv[1:]):
+            os.environ.pop("HEAL_PROBE_NAN", None), os.environ.pop("HEAL_PROBE_DROP", None)
+            os.environ[variable] = value
+            assert ProbeTrainer(load("configs/train/tiny-cpu.yaml", [f"run_dir={run_dir}", *sets])).run(stop) == 0
+        dist.destroy_process_group()
+    """)
+    common = [f"data.dir={tiny_dataset}", *FAST, *QUIET, "schedule.max_steps=3", "checkpoint.every=0"]
+    runs = [f"{tmp_path / f'{ds}-{p}-{variable}'} HEAL_PROBE_{variable} 2 deepspeed=configs/deepspeed/{ds}.json "
+            f"precision={p} " + " ".join(common) for ds, p in STAGES for variable in ("NAN", "DROP")]
+    result = subprocess.run([PYTHON, "-c", script, *runs], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for ds, p in STAGES:
+        healed, reference = tmp_path / f"{ds}-{p}-NAN", tmp_path / f"{ds}-{p}-DROP"
+        assert_bitwise_equal(live_weights(healed, 3), live_weights(reference, 3))
+        assert [r.get("skipped") for r in lines(healed)] == [None, "non-finite", None, None], (ds, p)
+        assert [r["loss"] for r in lines(healed) if "skipped" not in r] == [r["loss"] for r in lines(reference)]
+
+
+def test_nan_forever_stops_after_the_limit_naming_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = probe_run(run_dir, tiny_dataset, {"HEAL_PROBE_NAN": "4+"}, "schedule.max_steps=8", "checkpoint.every=2",
+                       "heal.max_skips_in_a_row=2", check_rc=1)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("error: loss is nan in update 4 (after step 3); stopped before it; 3 updates in a row skipped "
+                    "(from update 4), more than heal.max_skips_in_a_row 2 (last good checkpoint: global_step2)"), last
+    assert [(r["step"], r.get("skipped")) for r in lines(run_dir)] == [(1, None), (2, None), (3, None),
+                                                                       (4, "non-finite"), (4, "non-finite")]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["global_step2"]
+
+
+def test_healer_judges_non_finite_spikes_and_streaks():
+    healer = Healer(Heal(max_skips_in_a_row=2, spike_factor=2.0))
+    for _ in range(SPIKE_MIN - 1):
+        assert healer.judge(3.0, 1) is None
+    assert healer.judge(100.0, 1) is None  # too little history to call anything a spike: it joins the window
+    healer = Healer(Heal(max_skips_in_a_row=2, spike_factor=2.0))
+    for _ in range(SPIKE_MIN):
+        assert healer.judge(3.0, 1) is None
+    assert healer.judge(6.1, 11) == "spike"
+    assert healer.judge(math.nan, 12) == "non-finite"
+    assert healer.judge(5.9, 13) is None and healer.in_a_row == 0  # below 2 x 3.0: applied, the streak ends
+    assert healer.judge(math.inf, 14) == "non-finite"
+    assert healer.judge(7.0, 15) == "spike"  # the mean (3.0 x 10, 5.9) is 3.26: 7.0 is above twice that
+    with pytest.raises(TooManySkips, match="loss is nan"):
+        healer.judge(math.nan, 16)
+    assert Healer(Heal()).judge(1e9, 1) is None  # spike_factor defaults to off
+
+
+def test_heal_section_bounds():
+    from train.recipe import RecipeError, load
+    base = [f"run_dir=x", "data.dir=y"]
+    recipe = REPO / "configs/train/tiny-cpu.yaml"
+    assert load(recipe, base).heal == Heal(max_skips_in_a_row=5, spike_factor=None, watchdog_minutes=30)
+    for bad, message in [("heal.max_skips_in_a_row=-1", "heal.max_skips_in_a_row must be a non-negative integer"),
+                         ("heal.spike_factor=1", "heal.spike_factor must be a number above 1"),
+                         ("heal.spike_factor=.nan", "heal.spike_factor must be a number above 1"),
+                         ("heal.watchdog_minutes=-1", "heal.watchdog_minutes must be a non-negative number"),
+                         ("heal.watchdog_minutes=1e9", "heal.watchdog_minutes must be a non-negative number"),
+                         ("heal.watchdog=1", "unknown recipe key 'heal.watchdog'")]:
+        with pytest.raises(RecipeError, match=message):
+            load(recipe, [*base, bad])
+
+
+def test_eval_report_reads_no_skipped_update_as_a_training_line(tmp_path):
+    from eval.report import read_metrics
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 3.0, "lr": 1e-3}, {"step": 2, "skipped": "non-finite", "loss": None, "skips_in_a_row": 1},
+        {"step": 2, "loss": 2.9, "lr": 1e-3}, {"step": 3, "skipped": "spike", "loss": 9.0, "skips_in_a_row": 1}]) + "\n")
+    train, _val = read_metrics(tmp_path)
+    assert {step: line["loss"] for step, line in train.items()} == {1: 3.0, 2: 2.9}
