@@ -1,7 +1,8 @@
 """python -m train --config configs/train/NAME.yaml [--set key=value ...]
 
 Alone, or under torchrun / deepspeed / srun. Exit status (common.cli): 0 done, 1 failure, 2 bad recipe or usage,
-99 preempted by SIGUSR1/SIGTERM after saving a checkpoint (requeue and run the same command to continue).
+99 preempted by SIGUSR1/SIGTERM after saving a checkpoint (requeue and run the same command to continue), 98 the
+watchdog saw no update finish for heal.watchdog_minutes (requeue likewise: it resumes from the last checkpoint).
 """
 from __future__ import annotations
 

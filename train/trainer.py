@@ -26,7 +26,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import heal, launch, optim, paths, wandb_log, warm_start
+from . import heal, launch, optim, paths, wandb_log, warm_start, watchdog
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -406,11 +406,13 @@ class Trainer:
         if log and r.log.wandb:
             log.sinks.append(wandb_log.WandbSink(self.run_dir, r))
         self.log, self.stop = log, stop
+        dog = watchdog.Watchdog(r.heal.watchdog_minutes, self.place.rank).start(self.step)
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.is_main, file=sys.stderr)
         try:
             while self.step < self.plan.max_steps:
                 record = self.train_step()
+                dog.beat(self.step)
                 if "skipped" in record:  # nothing was applied: no eval, sample or checkpoint of this step
                     self._report_skip(record, log)
                     if not self.stop_requested:
@@ -441,6 +443,7 @@ class Trainer:
                     return self._preempted(stop)
             return 0
         finally:
+            dog.close()
             self.loader.close()
             bar.close()
             if log:
