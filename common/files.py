@@ -215,25 +215,27 @@ def append_line(path, line: str, durable: bool = True) -> int:
     """
     if "\n" in line:
         raise ValueError("append_line: the line contains a newline")
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as exc:
-            # Such a mount still serves a file with a single writer (train's rank 0's metrics) whole-line
-            # safely; only concurrent appenders need the lock, and they fail at their own lock first.
-            if exc.errno not in NO_LOCKS:
-                raise
-        try:
+    try:
+        with open(path, "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as exc:
+                # Such a mount still serves a file with a single writer (train's rank 0's metrics) whole-line
+                # safely; only concurrent appenders need the lock, and they fail at their own lock first.
+                if exc.errno not in NO_LOCKS:
+                    raise
             cut = repair_last_line(f)
             f.write(line.encode("utf-8") + b"\n")
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        except OSError as exc:
-            if exc.filename is None:  # a full disk names no file: say which one
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
-            raise
-        # Closing the file releases the lock.
+            # Closing the file releases the lock.
+    except OSError as exc:
+        # A full disk names no file: say which one. Caught outside the `with`: after a failed flush, close()
+        # flushes the rest again, and its error (nameless too) would replace the first one.
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     return cut
 
 
@@ -282,7 +284,11 @@ def repair_last_line(f) -> int:
 
 
 class Locked(PipelineError):
-    """Another process holds the lock."""
+    """Another process holds the lock; `holder` is its record (this_process() of the holder)."""
+
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
 
 
 class LocksUnsupported(PipelineError):
@@ -305,9 +311,11 @@ def _flock(f, path: Path, operation: int) -> None:
 
 
 def this_process() -> str:
-    """'host H pid P since T': how lock files and other markers name the process that wrote them."""
+    """'host H pid P since T[, Slurm job J]': how lock files and other markers name the process that wrote them
+    (the job id lets a requeued job recognise its own earlier incarnation)."""
+    job = os.environ.get("SLURM_JOB_ID")
     return (f"host {socket.gethostname()} pid {os.getpid()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}")
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}" + (f", Slurm job {job}" if job else ""))
 
 
 def _record_holder(f) -> None:
@@ -358,8 +366,8 @@ def lock(path, what: str, wait: bool = False, shared: bool = False):
         except BlockingIOError:
             holder = _holder(f, shared)
             f.close()
-            raise Locked(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or pass --wait") \
-                from None
+            raise Locked(f"{what} is in use by {holder} (lock {path}); wait for it to finish, or pass --wait",
+                         holder) from None
         except BaseException:
             f.close()
             raise

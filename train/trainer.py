@@ -26,7 +26,7 @@ from prep.reader import Dataset
 
 from model import checkpoint as ckpt
 
-from . import heal, launch, optim, paths, wandb_log, warm_start, watchdog
+from . import heal, launch, optim, paths, wandb_log, warm_start, watchdog, writer
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
@@ -141,6 +141,8 @@ class Trainer:
     def build(self) -> None:
         import deepspeed
         launch.init_distributed(self.place, timedelta(minutes=self.recipe.dist_timeout_minutes))
+        # Before any update or run file: this run directory is ours alone (rank 0 holds the lock), and writable.
+        self.run_lock = writer.claim(self.run_dir, self.place.rank, self.place.world_size)
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         model = GPT(self.model_config)
         model.activation_checkpointing = self.recipe.activation_checkpointing
