@@ -11,8 +11,11 @@ runs DeepSpeed ZeRO-1 with the recipe's precision (bf16 module weights with fp32
 accumulation, or fp32). --compile and --activation-checkpointing set the recipe keys of the same names for the
 trainer and do the same to the plain loop's model (nn.Module.compile in place; GPT.activation_checkpointing), so the
 ratio stays like for like. tokens/s is the median over the steps after --skip warm-up steps (compilation happens in
-the first); the trainer's figure and its MFU are read from its metrics.jsonl (DeepSpeed start-up and checkpoint
-writing are excluded on both sides). The two alternate --rounds times to even out a shared machine.
+the first). The trainer's is its wall-clock period per update: the spacing of consecutive metrics.jsonl lines (one
+per update, log.every 1), so everything it does per update counts (the loader, the loss's all_reduce, DeepSpeed's
+step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writing do not; its MFU is read from the
+same file. --before DIR runs the trainer of another checkout (e.g. `git worktree add DIR COMMIT`) the same way, as a
+third row. They alternate --rounds times to even out a shared machine.
 """
 from __future__ import annotations
 
@@ -83,24 +86,27 @@ def plain_loop(args) -> list[dict]:
     return records
 
 
-def deepspeed_trainer(args) -> list[dict]:
+def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str = "configs/deepspeed/zero1.json") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         model = f"{{preset: {args.preset}, padded_vocab_size: {args.padded_vocab_size or 'null'}}}"
         sets = [f"run_dir={tmp}/run", f"data.dir={args.dataset}", f"model={model}",
                 f"precision={args.precision}", f"batch.micro_batch={args.micro_batch}",
                 f"batch.seq_len={args.seq_len}", f"batch.total_tokens={args.micro_batch * args.seq_len * args.grad_accum}",
                 f"schedule.max_steps={args.steps}", "eval.every=0", "sample.every=0", "checkpoint.every=0",
-                "log.tensorboard=false", f"seed={args.seed}", "deepspeed=configs/deepspeed/zero1.json",
+                "log.tensorboard=false", f"seed={args.seed}", f"deepspeed={deepspeed}",
                 f"compile={str(args.compile).lower()}",
                 f"activation_checkpointing={str(args.activation_checkpointing).lower()}"]
-        cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml"]
+        cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml", "--set", "log.every=1"]
         for s in sets:
             cmd += ["--set", s]
-        result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             sys.exit(f"python -m train exited {result.returncode}:\n{result.stderr[-3000:]}")
         lines = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-        return [r for r in lines if "loss" in r]
+        lines = [r for r in lines if "loss" in r]
+        tokens = args.micro_batch * args.seq_len * args.grad_accum
+        # The first line has no predecessor: its period is unknown, and it is a warm-up step anyway.
+        return [{**r, "tokens_per_s": tokens / (r["time"] - prev["time"])} for prev, r in zip(lines, lines[1:])]
 
 
 def main() -> int:
@@ -119,13 +125,21 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile both sides (recipe key compile)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute blocks in backward on both sides (recipe key activation_checkpointing)")
+    p.add_argument("--before", metavar="DIR", help="also run the trainer of this checkout (a third row)")
+    p.add_argument("--also-deepspeed", metavar="FILE", help="also run this checkout's trainer with this DeepSpeed "
+                   "config instead of ZeRO-1's configs/deepspeed/zero1.json (another row)")
     args = p.parse_args()
     if args.steps <= args.skip:
         p.error(f"--steps {args.steps} leaves nothing after --skip {args.skip}")
-    results = {"plain": [], "deepspeed": []}
-    mfus = {"plain": [], "deepspeed": []}
+    sides = [("plain", plain_loop), ("deepspeed", deepspeed_trainer)]
+    if args.also_deepspeed:
+        sides.append(("also", lambda a: deepspeed_trainer(a, deepspeed=args.also_deepspeed)))
+    if args.before:
+        sides.append(("before", lambda a: deepspeed_trainer(a, Path(args.before).resolve())))
+    results = {name: [] for name, _ in sides}
+    mfus = {name: [] for name, _ in sides}
     for _ in range(args.rounds):
-        for name, fn in (("plain", plain_loop), ("deepspeed", deepspeed_trainer)):
+        for name, fn in sides:
             records = fn(args)[args.skip:]
             results[name].append(statistics.median(r["tokens_per_s"] for r in records))
             if records[0]["mfu"] is not None:
@@ -143,6 +157,12 @@ def main() -> int:
     print(f"plain PyTorch loop     {plain:10.1f} tok/s")
     print(f"DeepSpeed trainer      {ds:10.1f} tok/s")
     print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}")
+    if args.before:
+        before = statistics.median(results["before"])
+        print(f"trainer of {args.before}: {before:10.1f} tok/s, ratio to plain {before / plain:10.3f}")
+    if args.also_deepspeed:
+        also = statistics.median(results["also"])
+        print(f"trainer with {args.also_deepspeed}: {also:10.1f} tok/s, ratio to plain {also / plain:10.3f}")
     for name, label in (("plain", "plain PyTorch loop"), ("deepspeed", "DeepSpeed trainer")):
         if mfus[name]:
             print(f"MFU {label:18s} {statistics.median(mfus[name]):10.3f}  (docs/train.md, MFU)")
