@@ -361,8 +361,8 @@ class Trainer:
         if log:
             log.write(record)
         if self.is_main:
-            loss = "non-finite" if record["loss"] is None else f"{record['loss']:.4f}"
-            print(f"warning: update {record['step']} skipped ({record['skipped']} loss {loss}): its gradients "
+            what = "non-finite loss" if record["loss"] is None else f"{record['skipped']}: loss {record['loss']:.4f}"
+            print(f"warning: update {record['step']} skipped ({what}): its gradients "
                   f"dropped, its batch consumed ({record['skips_in_a_row']} in a row, of at most "
                   f"{self.recipe.heal.max_skips_in_a_row})", file=sys.stderr, flush=True)
 
