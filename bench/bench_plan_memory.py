@@ -1,6 +1,6 @@
 """Check `python -m model plan`'s memory estimate against one real training step.
 
-    # GPU (one device): a real DeepSpeed bf16 engine, two optimizer steps, torch.cuda.max_memory_allocated
+    # GPU (one device): the trainer's DeepSpeed bf16 engine and optimizer, two updates, torch.cuda.max_memory_allocated
     python bench/bench_plan_memory.py --device cuda --model gpt2 --micro-batch 16 --seq-len 1024 \
         --deepspeed configs/deepspeed/zero1.json
     # CPU: the activation part only, as the rise of peak RSS over one forward + backward of the bf16 model
@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
@@ -60,23 +59,36 @@ def measure_cpu(config: GPTConfig, micro_batch: int, seq_len: int) -> int:
     return peak - base
 
 
-def measure_cuda(config: GPTConfig, micro_batch: int, seq_len: int, ds_config: dict) -> int:
-    """torch.cuda.max_memory_allocated over two steps of a real DeepSpeed engine (one GPU) built from
-    ds_config (one of configs/deepspeed/*.json) with train/'s AdamW settings."""
+def trainer_engine(model: str, micro_batch: int, seq_len: int, deepspeed_path: str, device: str):
+    """(engine, optimizer) as Trainer.build makes them for a one-device bf16 run of this shape: train.recipe's
+    DeepSpeed config (it refuses an optimizer section, so DeepSpeed never JIT-builds its FusedAdam with nvcc) and
+    train.optim.build's optimizer (torch's AdamW, fused on CUDA) handed to deepspeed.initialize."""
     import deepspeed
+
+    from train import optim
+    from train.recipe import Recipe, batch_plan, deepspeed_config, optimizer_offload, zero_stage
+    recipe = Recipe.from_dict({
+        "run_dir": "unused", "data": {"dir": "unused"}, "model": {"preset": model}, "deepspeed": deepspeed_path,
+        "precision": "bf16", "schedule": {"max_steps": 2},
+        "batch": {"total_tokens": micro_batch * seq_len, "micro_batch": micro_batch, "seq_len": seq_len}},
+        "bench_plan_memory")
+    ds_config = deepspeed_config(recipe, batch_plan(recipe, 1))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531")):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl")
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     torch.manual_seed(0)
-    model = GPT(config)
-    ds_config = {
-        **ds_config, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.1}},
-    }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    model = GPT(recipe.model_config())
+    built = optim.build(model, recipe.optim, device, offload=optimizer_offload(ds_config))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=built.optimizer, config=ds_config)
+    optim.forget_start_up_step(built.optimizer, zero_stage(ds_config), True)
+    optim.set_lr(built.optimizer, built.peak_lrs, 1.0)
+    return engine, built.optimizer
+
+
+def measure_cuda(model: str, config: GPTConfig, micro_batch: int, seq_len: int, deepspeed_path: str) -> int:
+    """torch.cuda.max_memory_allocated over two updates of the trainer's engine (trainer_engine) on one GPU."""
+    engine, _ = trainer_engine(model, micro_batch, seq_len, deepspeed_path, "cuda")
     x, y = batch(config, micro_batch, seq_len, engine.device)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # Adam's moments appear in the first step; the second shows the steady state
@@ -109,7 +121,7 @@ def main(argv=None) -> int:
         what = "activations vs peak RSS rise"
     else:
         estimate = mem["total"] - detail["allocator_fragmentation"] - detail["cuda_runtime"]
-        measured = measure_cuda(config, args.micro_batch, seq_len, json.loads(Path(args.deepspeed).read_text()))
+        measured = measure_cuda(args.model, config, args.micro_batch, seq_len, args.deepspeed)
         what = f"allocated ({args.deepspeed}) vs torch.cuda.max_memory_allocated"
     result = {"device": args.device, "model": args.model, "micro_batch": args.micro_batch, "seq_len": seq_len,
               "deepspeed": args.deepspeed, "estimate_bytes": int(estimate), "measured_bytes": int(measured),
