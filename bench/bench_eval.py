@@ -5,8 +5,8 @@
 
 Runs, in one process and in this order: ours at --batch-size, `hf` at --batch-size, `hf` at its default batch
 size 1. Each run scores the same docs of the offline HellaSwag task; docs/s counts only eval.harness.run_tasks (lm-eval's
-evaluate; model loading excluded). The model is --checkpoint (anything model.checkpoint.load_model reads) or, by default, a
-freshly initialised --preset: speed does not depend on the weights. All three must give the same accuracy.
+evaluate; model loading excluded). The model is --checkpoint (anything train.rundir.consolidate.load_model reads)
+or, by default, a freshly initialised --preset: speed does not depend on the weights. All three must give the same accuracy.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> None:
     from lm_eval.api.registry import get_model
 
     from eval.lm import PipelineLM
-    from model.checkpoint import load_model
+    from train.rundir.consolidate import load_model
     from model.config import GPTConfig
     from model.gpt import GPT
     if args.checkpoint:

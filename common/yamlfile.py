@@ -1,6 +1,8 @@
 """The one YAML rule for recipes, model files and --set values.
 
 YAML 1.1 (PyYAML) reads `1e-3` and `3e30` as strings; people writing recipes mean numbers, as YAML 1.2 does.
+Aliases (`*name`) are refused: no recipe needs them, and nested ones expand a small file into gigabytes (a
+"billion laughs" file) before any check could look at its size.
 """
 from __future__ import annotations
 
@@ -13,7 +15,23 @@ from .errors import PipelineError
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor[:40]}): recipes and model files take no anchors or aliases",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python's limit on the digits of an int read from text (4,300)
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value):,} digits",
+                                                    node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.add_implicit_resolver(

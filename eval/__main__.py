@@ -104,11 +104,12 @@ def cmd_watch(args) -> int:
 
 def cmd_report(args) -> int:
     from common import files
+    from train.rundir import RunDir
 
     from .report import write_report
     # Eval jobs finishing together each re-render the report: one at a time, so the last to render has read
     # every line appended before it, and no slower renderer replaces a newer report with an older one.
-    lock = args.run_dir / "eval" / ".watch" / "report.lock"
+    lock = RunDir(args.run_dir).watch / "report.lock"
     with files.lock(lock, f"the report of {args.run_dir}", wait=True) if lock.parent.is_dir() \
             else contextlib.nullcontext():
         report, curves = write_report(args.run_dir)

@@ -1,6 +1,6 @@
 """`eval watch RUN --submit CMD`: each complete checkpoint gets its own short evaluation job, exactly once.
 
-The dispatcher scores nothing and needs no GPU. For each complete checkpoint (model.checkpoint's rule, through
+The dispatcher scores nothing and needs no GPU. For each complete checkpoint (train.rundir.checkpoints' rule, through
 the Watcher it extends) that results.jsonl does not hold yet, it runs `CMD TAG`, which submits a job that scores
 TAG and records it (under Slurm, the eval_watch stage makes CMD `sbatch ... slurm/stage.sbatch eval PIPELINE`)
 and prints the job id, as `sbatch --parsable` does. The id goes into RUN/eval/.watch/<tag>.submitted, written
@@ -41,28 +41,23 @@ class Dispatcher(Watcher):
         self.unanswered: set[str] = set()  # jobs Slurm could not be asked about, said once each
 
     def settled(self) -> bool:
-        """Every checkpoint seen has its result, or was rotated away or given up, and every eval job submitted for
-        them has ended: --until-final then means every evaluation is over, not just the final one (an earlier job
-        may still be queued behind it), and each job has rendered its report and recorded its stage (a job appends
-        its result line first). A job Slurm cannot be asked about counts as ended: the results are in."""
-        if not self.seen <= set(self.finished):
-            return False
-        records = [self._read_record(self._record_file(tag)) for tag in sorted(self.seen)]
-        return all(self.job_state(record["job"]) not in ACTIVE for record in records if record is not None)
+        """Every checkpoint seen has its result, or was rotated away or given up: --until-final then means
+        every evaluation is over, not just the final one (an earlier job may still be queued behind it)."""
+        return self.seen <= set(self.finished)
 
     def _record_file(self, tag: str) -> Path:
-        return self.out / ".watch" / f"{tag}.submitted"
+        return self.dir.watch / f"{tag}.submitted"
 
     def _evaluate(self, pending: list[tuple[str, Path]]) -> None:
         for tag, path in pending:
             # Held for one state query and at most one sbatch: a second dispatcher waits seconds, then sees
             # the record this one wrote.
-            with files.lock(self.out / ".watch" / f"{tag}.submit.lock", f"the eval job submission of {tag}",
+            with files.lock(self.dir.watch / f"{tag}.submit.lock", f"the eval job submission of {tag}",
                             wait=True):
                 self._consider(tag, path)
 
     def _consider(self, tag: str, path: Path) -> None:
-        if tag in scored_tags(self.results):
+        if tag in scored_tags(self.dir.results):
             self.finished[tag] = "scored"
             return
         record_file = self._record_file(tag)
@@ -77,7 +72,7 @@ class Dispatcher(Watcher):
                 return
             if state in ACTIVE:
                 return
-            if tag in scored_tags(self.results):  # the job appended its line between our two looks
+            if tag in scored_tags(self.dir.results):  # the job appended its line between our two looks
                 self.finished[tag] = "scored"
                 return
             if not path.exists():

@@ -54,7 +54,7 @@ class PipelineLM(TemplateLM):
         if (model is None) == (checkpoint is None):
             raise ValueError("give exactly one of model= or checkpoint=")
         if model is None:
-            from model.checkpoint import load_model
+            from train.rundir.consolidate import load_model
             model, _ = load_model(checkpoint)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()

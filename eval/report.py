@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import files
+from train.rundir import RunDir
 
 from .harness import EvalError
 
@@ -28,7 +29,7 @@ def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     later line belongs to the run that continued, so it replaces the earlier one.
     """
     train, val = {}, {}
-    for m in read_jsonl(Path(run) / "metrics.jsonl"):
+    for m in read_jsonl(RunDir(run).metrics):
         if "step" not in m:
             continue
         if "loss" in m and "skipped" not in m:  # a skipped update (train.heal) changed nothing
@@ -66,7 +67,7 @@ def collect(run: Path) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
     """(table rows sorted by step, {metrics key: [(tokens, loss)]} for val_loss and each val_loss/NAME); val lines
     carry no tokens: taken from train lines."""
     train_lines, val_lines = read_metrics(run)
-    results = read_jsonl(run / "eval" / "results.jsonl")
+    results = read_jsonl(RunDir(run).results)
     train = {step: m["loss"] for step, m in train_lines.items()}
     tokens = {step: m["tokens"] for step, m in train_lines.items() if "tokens" in m}
     val = {step: m["val_loss"] for step, m in val_lines.items()}
@@ -176,13 +177,14 @@ def plot(path: Path, rows: list[dict], curves: dict[str, list[tuple[int, float]]
 
 def write_report(run: Path) -> tuple[Path, Path]:
     run = Path(run).resolve()
-    if not (run / "metrics.jsonl").exists() and not (run / "eval" / "results.jsonl").exists():
-        raise EvalError(f"{run}: neither metrics.jsonl nor eval/results.jsonl; not a run directory?")
+    layout = RunDir(run)
+    if not layout.metrics.exists() and not layout.results.exists():
+        raise EvalError(f"{run}: neither {layout.metrics.relative_to(run)} nor {layout.results.relative_to(run)}; "
+                        f"not a run directory?")
     rows, curves = collect(run)
-    out = run / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "report.md"
+    layout.eval.mkdir(parents=True, exist_ok=True)
+    report = layout.report
     files.write_text(report, markdown(run, rows))
-    curves_path = out / "curves.png"
+    curves_path = layout.curves
     plot(curves_path, rows, curves, run.name)
     return report, curves_path

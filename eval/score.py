@@ -6,37 +6,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import files
+from train.rundir import run_dir_of
 
 from .harness import EvalError, lm_eval_version, load_tasks, run_tasks, summarize
 
 
 def load_checkpoint(path):
-    """model.checkpoint.load_model with its errors turned into ours."""
-    from model.checkpoint import CheckpointError, load_model
+    """train.rundir.consolidate.load_model with its errors turned into ours."""
     from model.config import ConfigError
+    from train.rundir.checkpoints import CheckpointError
+    from train.rundir.consolidate import load_model
     try:
         return load_model(path)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         raise EvalError(f"cannot load checkpoint {path}: {exc}") from None
 
 
-def run_dir_of(path: Path) -> Path | None:
-    """The run directory a checkpoint path lies in (a run dir, its checkpoints dir, or a tag dir), else None."""
-    path = Path(path).resolve()
-    if (path / "checkpoints").is_dir():
-        return path
-    if path.name == "checkpoints":
-        return path.parent
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return None
-
-
 def default_output(ckpt: Path, tag: str) -> Path:
     """RUN/eval/<tag>.json inside a run; beside an HF directory otherwise."""
     run = run_dir_of(ckpt)
     if run is not None:
-        return run / "eval" / f"{tag}.json"
+        return run.eval_result(tag)
     ckpt = Path(ckpt).resolve()
     return ckpt.parent / f"{ckpt.name}.eval.json"
 

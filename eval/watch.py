@@ -1,7 +1,7 @@
 """`eval watch RUN`: score each complete checkpoint of a (possibly still running) training run exactly once.
 
-Which checkpoints are complete is model.checkpoint's rule (train's completion mark, written after every rank has
-finished the tag; `latest` for runs written before marks), so a tag still being written is never touched. The
+Which checkpoints are complete is train.rundir.checkpoints' rule (train's completion mark, written after every rank
+has finished the tag), so a tag still being written is never touched. The
 checkpoints found at one poll are scored by one `python -m eval checkpoint A B ...` child (start-up paid once):
 a crash (out of memory, a killed node) costs one attempt, not the watcher. `--only TAG` is the per-checkpoint
 eval job's mode; eval.dispatch submits those jobs instead of scoring. Work is shared safely between watchers
@@ -27,15 +27,15 @@ from pathlib import Path
 
 from common import files
 from common.errors import UsageError
-from model.checkpoint import CheckpointError, complete_tags, incomplete_reason, step_of, tag_dirs
-from train.recipe import read_run_recipe
+from train.rundir import RunDir, append_result, read_recipe
+from train.rundir.checkpoints import complete_tags, incomplete_reason, step_of, tag_dirs
 
 from .harness import EvalError
 
 
 def complete_checkpoints(run: Path) -> dict[str, Path]:
     """{tag: dir} of the run's complete checkpoints, oldest first."""
-    return {path.name: path for path in complete_tags(run / "checkpoints")}
+    return {path.name: path for path in complete_tags(RunDir(run).checkpoints)}
 
 
 def scored_tags(results: Path) -> set[str]:
@@ -91,16 +91,16 @@ class Watcher:
     def __init__(self, run: Path, eval_args: list[str], max_attempts: int = 3, python: str = sys.executable,
                  log=print, only: list[str] | None = None):
         self.run = Path(run).resolve()
-        if not (self.run / "checkpoints").is_dir() and not (self.run / "config.yaml").exists():
-            raise EvalError(f"{self.run} is not a run directory (no checkpoints/ and no config.yaml)")
-        self.out = self.run / "eval"
-        self.results = self.out / "results.jsonl"
+        self.dir = RunDir(self.run)
+        if not self.dir.looks_like_run():
+            raise EvalError(f"{self.run} is not a run directory (no {self.dir.checkpoints.name}/ and no "
+                            f"{self.dir.config.name})")
         self.eval_args = eval_args
         self.max_attempts = max_attempts
         self.python = python
         self.log = log
         self.only = None if only is None else list(dict.fromkeys(only))  # --only: these tags and no others
-        recipe = read_run_recipe(self.run)  # train's own loader: the final step is the one train stops at
+        recipe = read_recipe(self.run)  # train's own loader: the final step is the one train stops at
         self.max_steps = None if recipe is None else recipe.max_steps
         self.command = None if recipe is None else recipe.eval.command
         self._check_only()
@@ -109,7 +109,7 @@ class Watcher:
         self.waiting: set[str] = set()   # --only tags the run has not written yet
 
     def _attempts_file(self, tag: str) -> Path:
-        return self.out / ".watch" / f"{tag}.attempts"
+        return self.dir.watch / f"{tag}.attempts"
 
     def _attempts(self, tag: str) -> int:
         path = self._attempts_file(tag)
@@ -117,26 +117,16 @@ class Watcher:
 
     def _claim_file(self, tag: str) -> Path:
         """The watcher's claim to run eval.command for `tag`, written just before it starts the command."""
-        return self.out / ".watch" / f"{tag}.command"
+        return self.dir.watch / f"{tag}.command"
 
     def _started_file(self, tag: str) -> Path:
         """Written by the command's own process before it execs: the command ran, or runs."""
-        return self.out / ".watch" / f"{tag}.command.started"
+        return self.dir.watch / f"{tag}.command.started"
 
     def _claimed_by(self, tag: str) -> str | None:
-        """Who claimed eval.command for `tag` (None: nobody); "" for a marker an earlier version left.
-
-        Earlier versions wrote <tag>.command (the command's text) just before starting the command and had no
-        start mark, so such a marker may mean it ran: it is read as started, never run again.
-        """
+        """Who claimed eval.command for `tag` (None: nobody)."""
         claim = self._claim_file(tag)
-        if not claim.exists():
-            return None
-        try:
-            who = files.read_json(claim).get("claimed_by")
-        except (ValueError, AttributeError):
-            return ""
-        return who if isinstance(who, str) and who else ""
+        return files.read_json(claim)["claimed_by"] if claim.exists() else None
 
     def _check_only(self) -> None:
         """--only names checkpoints this run can write: a name that is no tag, or a step after the run's last, is a
@@ -154,16 +144,12 @@ class Watcher:
 
     def poll_once(self) -> None:
         """Score every complete checkpoint not yet scored; notes rotated-away ones."""
-        (self.out / ".watch").mkdir(parents=True, exist_ok=True)
-        try:
-            complete = complete_checkpoints(self.run)
-        except CheckpointError as exc:  # e.g. an empty `latest` of a run written before completion marks
-            self.log(f"eval watch: {exc}; looking again at the next poll")
-            return
+        self.dir.watch.mkdir(parents=True, exist_ok=True)
+        complete = complete_checkpoints(self.run)
         if self.only is not None:
             complete = {tag: path for tag, path in complete.items() if tag in self.only}
             self._note_unlisted(set(self.only) - set(complete) - self.seen - set(self.finished))
-        done = scored_tags(self.results)
+        done = scored_tags(self.dir.results)
         for tag in sorted(self.seen - set(complete) - done - set(self.finished)):
             self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
         self.seen |= set(complete)
@@ -179,7 +165,7 @@ class Watcher:
     def _note_unlisted(self, tags: set[str]) -> None:
         """--only names tags that are not complete checkpoints (never seen complete by this watcher)."""
         for tag in sorted(tags):
-            path = self.run / "checkpoints" / tag
+            path = self.dir.checkpoints / tag
             if not path.exists():
                 written = tag_dirs(path.parent)
                 if not written or step_of(tag) > step_of(written[-1].name):  # the run has not got there yet
@@ -204,10 +190,10 @@ class Watcher:
                 if not path.exists():  # complete when we listed it, deleted while an earlier one was being scored
                     self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
                     continue
-                lock_file = locks.enter_context(files.try_lock(self.out / ".watch" / f"{tag}.lock"))
+                lock_file = locks.enter_context(files.try_lock(self.dir.watch / f"{tag}.lock"))
                 if lock_file is None:
                     continue  # another watcher (or the scoring child of a dead one) has it; its line will show up
-                if tag in scored_tags(self.results):  # finished by another watcher since we looked
+                if tag in scored_tags(self.dir.results):  # finished by another watcher since we looked
                     self.finished[tag] = "scored"
                     continue
                 attempts = self._attempts(tag)
@@ -216,11 +202,11 @@ class Watcher:
                     continue
                 mine.append((tag, path, attempts, lock_file))
             # A <tag>.json already there was scored by a watcher that died before appending its line.
-            to_score = [item for item in mine if not (self.out / f"{item[0]}.json").exists()]
+            to_score = [item for item in mine if not self.dir.eval_result(item[0]).exists()]
             rc = self._score(to_score) if to_score else 0
             blamed = False
             for tag, path, attempts, lock_file in mine:
-                per_ckpt = self.out / f"{tag}.json"
+                per_ckpt = self.dir.eval_result(tag)
                 if per_ckpt.exists():
                     self._record(tag, path, per_ckpt, lock_file)
                 elif not path.exists():
@@ -243,7 +229,7 @@ class Watcher:
         """
         cmd = [self.python, "-m", "eval", "checkpoint", *(str(path) for _, path, _, _ in items), *self.eval_args]
         if len(items) == 1:
-            cmd += ["--out", str(self.out / f"{items[0][0]}.json")]
+            cmd += ["--out", str(self.dir.eval_result(items[0][0]))]
         child = subprocess.Popen(cmd, pass_fds=[lock_file.fileno() for *_, lock_file in items],
                                  preexec_fn=die_with_parent(os.getpid()))
         tags = ", ".join(f"{tag} (attempt {attempts + 1} of {self.max_attempts})" for tag, _, attempts, _ in items)
@@ -255,7 +241,7 @@ class Watcher:
         record = files.read_json(per_ckpt, EvalError)
         if self.command:
             record["command"] = self._run_command(tag, path, lock_file)
-        files.append_json_line(self.results, record)
+        append_result(self.run, record)
         for marker in (self._started_file(tag), self._claim_file(tag)):  # results.jsonl records it now
             marker.unlink(missing_ok=True)
         self.finished[tag] = "scored"
@@ -275,7 +261,7 @@ class Watcher:
         command = fill_command(self.command, path, self.run)
         started = self._started_file(tag)
         claimed_by = self._claimed_by(tag)
-        if started.exists() or claimed_by == "":
+        if started.exists():
             self.log(f"eval watch: {tag}: eval.command was started by a watcher killed before it finished; "
                      f"not run again: {command}")
             return {"cmd": command, "returncode": None,
@@ -303,7 +289,7 @@ class Watcher:
         final = self.final_tag()
         if until_final and final is None:
             raise EvalError(f"--until-final needs schedule.max_steps or schedule.max_tokens and batch.total_tokens "
-                            f"in {self.run / 'config.yaml'}")
+                            f"in {self.dir.config}")
         while True:
             self.poll_once()
             if self.only is not None and (once or all(tag in self.finished for tag in self.only)):

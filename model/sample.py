@@ -1,6 +1,6 @@
 """`python -m model sample CKPT_OR_HF_DIR --prompt "..." --num 4 --seed 42`: text from a trained or imported GPT-2.
 
-CKPT_OR_HF_DIR is anything model.checkpoint.load_model accepts (an HF directory, a training run, its checkpoints
+CKPT_OR_HF_DIR is anything train.rundir.consolidate.load_model accepts (an HF directory, a training run, its checkpoints
 dir or one checkpoint tag); `--preset NAME` samples from a freshly initialised model instead (a smoke test).
 The same seed gives the same samples on the same device.
 """
@@ -29,7 +29,7 @@ def load(args) -> tuple[GPT, str]:
         config = GPTConfig.preset(args.preset)
         torch.manual_seed(args.seed)  # the random init is part of what --seed fixes
         return GPT(config).eval(), f"preset {args.preset} (random init, seed {args.seed})"
-    from .checkpoint import load_model
+    from train.rundir.consolidate import load_model
     model, meta = load_model(args.source)
     where = f"{meta['kind']} {meta['path']}"
     if meta["kind"] == "deepspeed":

@@ -100,16 +100,15 @@ def check_recipe(p: Pipeline):
 def check_resume(p: Pipeline, recipe) -> None:
     """A RUN_DIR with checkpoints is resumed by train, which refuses a recipe that differs from the run's in keys
     TRAIN_ALLOW_CHANGE does not name: said here, before anything is submitted, not by the train job."""
-    from common import yamlfile
-    from train import paths, recipe as recipes
-    from model.checkpoint import complete_tags
-    tags = complete_tags(p.RUN_DIR / "checkpoints") if (p.RUN_DIR / "checkpoints").is_dir() else []
-    saved_file = p.RUN_DIR / "config.yaml"
-    if not tags or not saved_file.exists():
+    from train import recipe as recipes
+    from train.rundir import RunDir, read_recipe
+    from train.rundir.checkpoints import complete_tags
+    run = RunDir(p.RUN_DIR)
+    tags = complete_tags(run.checkpoints) if run.checkpoints.is_dir() else []
+    if not tags or not run.config.exists():
         return
-    recipe = paths.absolute(recipe)   # as the trainer compares it
     try:
-        changes = recipes.check_resume(yamlfile.load(saved_file) or {}, recipe, list(p.TRAIN_ALLOW_CHANGE), tags[-1])
+        changes = recipes.check_resume(read_recipe(run.path), recipe, list(p.TRAIN_ALLOW_CHANGE), tags[-1])
     except PipelineError as exc:
         raise ConfigError(f"RUN_DIR {p.RUN_DIR} holds a run to resume: {exc} (pipeline key TRAIN_ALLOW_CHANGE)") \
             from None

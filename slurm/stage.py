@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common import files
 from common.errors import PipelineError
+from train.rundir import RunDir
 
 from . import jobs
 from .config import Pipeline
@@ -202,12 +203,12 @@ def eval_watch(run: Run, args) -> int:
         signal.signal(signal.SIGTERM, stop)
     try:
         if not train_job:
-            if not (p.RUN_DIR / "config.yaml").exists():
+            if not RunDir(p.RUN_DIR).config.exists():
                 raise StageFailed(f"no training run at {p.RUN_DIR} (no config.yaml): train first")
             status = run.call(watch)
         else:
             while True:
-                if watcher is None and (p.RUN_DIR / "config.yaml").exists():
+                if watcher is None and RunDir(p.RUN_DIR).config.exists():
                     watcher = run.child(watch)
                 if watcher is not None and watcher.poll() is not None:
                     status = watcher.returncode

@@ -13,10 +13,11 @@ import psutil
 import pytest
 import torch
 
-from model import checkpoint as ckpt
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import run_train, train_command
 from tests.test_train_bad_input import assert_one_line_error
+from train.rundir import FORMAT, RunDir
+from train.rundir import checkpoints as ckpt
 
 
 def tag(step: int, files=None, mark=True, saving=False, root=None):
@@ -36,7 +37,7 @@ def names(dirs):
     return [d.name for d in dirs]
 
 
-def test_only_marked_tags_are_complete_and_legacy_runs_go_by_latest(tmp_path):
+def test_only_marked_tags_are_complete(tmp_path):
     root = tmp_path / "checkpoints"
     tag(2, root=root)
     tag(4, root=root, mark=False, saving=True)  # a save cut short: files there, no mark
@@ -45,20 +46,11 @@ def test_only_marked_tags_are_complete_and_legacy_runs_go_by_latest(tmp_path):
     assert names(ckpt.complete_tags(root)) == ["global_step2"]
     assert "did not finish" in ckpt.incomplete_reason(root / "global_step4")
     assert "has 3 bytes" in ckpt.incomplete_reason(cut)
-    (root / "latest").write_text("global_step6")  # `latest` does not make a tag of a marked run complete
+    (root / "latest").write_text("global_step6")  # `latest` does not make a tag complete
     assert names(ckpt.complete_tags(root)) == ["global_step2"]
-
-    legacy = tmp_path / "legacy"  # written before marks: complete at or before the step `latest` names
-    for step in (1, 2, 3):
-        tag(step, root=legacy, mark=False)
-    assert ckpt.complete_tags(legacy) == []  # no `latest` yet: nothing known to be whole
-    (legacy / "latest").write_text("global_step2")
-    assert names(ckpt.complete_tags(legacy)) == ["global_step1", "global_step2"]
-    tag(4, root=legacy)  # resumed by this code: its tags carry marks, the old ones still count
-    assert names(ckpt.complete_tags(legacy)) == ["global_step1", "global_step2", "global_step4"]
-    (legacy / "latest").write_text("")
-    with pytest.raises(ckpt.CheckpointError, match="is empty: DeepSpeed writes it in place"):
-        ckpt.complete_tags(legacy)
+    tag(8, root=root, mark=False)  # no mark and no saving.json: not complete, whatever `latest` says
+    (root / "latest").write_text("global_step8")
+    assert names(ckpt.complete_tags(root)) == ["global_step2"]
 
 
 def test_rotation_never_deletes_an_unfinished_tag_or_the_newest_complete_one(tmp_path):
@@ -71,6 +63,7 @@ def test_rotation_never_deletes_an_unfinished_tag_or_the_newest_complete_one(tmp
 
 
 def copy_checkpoints(source_run, run_dir, steps):
+    RunDir(run_dir).start()
     for step in steps:
         shutil.copytree(source_run / "checkpoints" / f"global_step{step}", run_dir / "checkpoints" / f"global_step{step}")
     return run_dir / "checkpoints"
@@ -117,7 +110,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint_naming_it(tmp_path, tiny_r
     ckpt.verify(ckpts / "global_step6")
 
 
-def test_no_readable_checkpoint_and_an_empty_latest_are_one_line(tmp_path, tiny_run, tiny_dataset):
+def test_no_readable_checkpoint_is_one_line(tmp_path, tiny_run, tiny_dataset):
     run_dir = tmp_path / "run"
     ckpts = copy_checkpoints(tiny_run, run_dir, (3,))
     states = ckpts / "global_step3" / "mp_rank_00_model_states.pt"
@@ -127,13 +120,32 @@ def test_no_readable_checkpoint_and_an_empty_latest_are_one_line(tmp_path, tiny_
     assert_one_line_error(result, 1, "no readable checkpoint in", "global_step3 skipped")
     assert f"checkpoint global_step3 skipped: cannot read {states}" in result.stdout
 
-    legacy = tmp_path / "legacy"  # a run written before marks, whose `latest` a crash left empty
-    ckpts = copy_checkpoints(tiny_run, legacy, (3,))
-    (ckpts / "global_step3" / ckpt.MARK).unlink()
-    (ckpts / "latest").write_text("")
-    result = run_train(train_command(legacy, tiny_dataset), check_rc=None)
-    assert_one_line_error(result, 1, f"{ckpts / 'latest'} is empty", "not atomically")
-    assert sorted(p.name for p in legacy.iterdir()) == ["checkpoints"]  # nothing written
+
+def test_a_run_dir_or_checkpoint_of_an_earlier_version_is_refused_in_one_line(tmp_path, tiny_run, tiny_dataset,
+                                                                               shared_dir):
+    """Nothing reads the artefacts of earlier versions: train, eval watch, eval checkpoint and model sample each
+    refuse them in one line, and write nothing."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old, ignore=shutil.ignore_patterns("eval", "tb"))
+    (old / "format.json").unlink()  # as every run written before the format version was
+    for mark in (old / "checkpoints").glob(f"*/{ckpt.MARK}"):
+        mark.write_text(json.dumps({k: v for k, v in json.loads(mark.read_text()).items() if k != "format"}))
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    hellaswag = str(shared_dir / "data" / "hellaswag_val.jsonl")
+    tag = old / "checkpoints" / "global_step6"
+    refusals = {
+        "train": (train_command(old, tiny_dataset), f"{old} was written by an earlier version"),
+        "eval watch": ([PYTHON, "-m", "eval", "watch", str(old), "--once", "--hellaswag-file", hellaswag],
+                       f"{old} was written by an earlier version"),
+        "eval checkpoint": ([PYTHON, "-m", "eval", "checkpoint", str(tag), "--hellaswag-file", hellaswag],
+                            f"{tag} was written by an earlier version"),
+        "model sample": ([PYTHON, "-m", "model", "sample", str(old), "--num", "1"],
+                         f"{old} was written by an earlier version"),
+    }
+    for what, (cmd, line) in refusals.items():
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert_one_line_error(result, 1, line, f"(format 0, this one reads {FORMAT}): start a new run_dir")
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(tmp_path, tiny_run, tiny_dataset):
@@ -294,6 +306,7 @@ def test_sigkill_of_one_rank_during_a_save_resumes_from_a_complete_checkpoint(tm
     first = ckpts / "global_step4"
     sizes = {n: (first / n).stat().st_size for name_set in RANK_FILES.values() for n in name_set}
     zoo = tmp_path / "zoo" / "checkpoints"  # every tag cut short, beside one whole one, for eval watch
+    RunDir(zoo.parent).start()
     shutil.copytree(first, zoo / first.name)
 
     for i, kind in enumerate([(0, "writing"), (1, "writing"), (0, "written")]):

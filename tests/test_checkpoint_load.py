@@ -1,10 +1,9 @@
-"""model.checkpoint.load_model on real DeepSpeed checkpoints of every ZeRO stage, bf16 and fp32.
+"""train.rundir.consolidate.load_model on real DeepSpeed checkpoints of every ZeRO stage, bf16 and fp32.
 
 One subprocess (`python -m tests.test_checkpoint_load OUT`, the __main__ block below) trains a small GPT for two
-optimizer steps under each engine variant, saves a checkpoint the way train/ does (model.checkpoint.save, with
+optimizer steps under each engine variant, saves a checkpoint the way train/ does (train.rundir.checkpoints.save, with
 client_state param_names) and writes the live engine's fp32 weights beside it; the tests compare load_model's
-weights with those. The variants whose fp32 masters are mapped by name are also saved the way train/ saved before
-(DeepSpeed's save_checkpoint alone: no completion mark, no param_names), and must load the same.
+weights with those.
 """
 import os
 import shutil
@@ -16,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import MARK, CheckpointError, load_model, write_mark
 from model.config import GPTConfig
 from model.gpt import GPT
+from train.rundir import RunDir
+from train.rundir.checkpoints import CheckpointError, write_mark
+from train.rundir.consolidate import load_model
 
 # (ZeRO stage, precision); "bf16-fp32acc" is bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer).
 VARIANTS = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (1, "bf16-fp32acc"),
@@ -26,12 +27,10 @@ VARIANTS = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (1, "bf16-fp32ac
 # Small vocabulary keeps engine setup and checkpoint I/O to a fraction of a second per variant.
 MODEL = dict(preset="tiny", vocab_size=512, block_size=32)
 STEPS = 2
-# Saved a second time as before param_names and completion marks: "zero0-bf16-legacy" ...
-LEGACY = [(0, "bf16"), (1, "bf16-fp32acc")]
 
 
-def variant_name(stage, precision, legacy=False):
-    return f"zero{stage}-{precision}" + ("-legacy" if legacy else "")
+def variant_name(stage, precision):
+    return f"zero{stage}-{precision}"
 
 
 @pytest.fixture(scope="session")
@@ -44,13 +43,9 @@ def ds_runs(tmp_path_factory, repo_root):
     return out
 
 
-ALL = [(*v, False) for v in VARIANTS] + [(*v, True) for v in LEGACY]
-
-
-@pytest.mark.parametrize("stage,precision,legacy", ALL, ids=[variant_name(*v) for v in ALL])
-def test_load_model_gives_live_fp32_weights(ds_runs, stage, precision, legacy):
-    run = ds_runs / variant_name(stage, precision, legacy)
-    assert (run / "checkpoints" / f"global_step{STEPS}" / MARK).is_file() != legacy
+@pytest.mark.parametrize("stage,precision", VARIANTS, ids=[variant_name(*v) for v in VARIANTS])
+def test_load_model_gives_live_fp32_weights(ds_runs, stage, precision):
+    run = ds_runs / variant_name(stage, precision)
     expected = torch.load(run / "expected_fp32.pt", weights_only=True)
     model, meta = load_model(run)
     assert meta["kind"] == "deepspeed" and meta["tag"] == f"global_step{STEPS}"
@@ -67,8 +62,8 @@ def test_load_model_gives_live_fp32_weights(ds_runs, stage, precision, legacy):
         assert meta["weights"].startswith("fp32 master")
     if precision == "bf16-fp32acc":
         assert "BF16_Optimizer" in meta["weights"]
-    if (stage, precision) in LEGACY:  # by the recorded names; the old way only for checkpoints without them
-        assert meta["weights"].endswith("no param_names recorded)" if legacy else "by parameter name)"), meta
+    if (stage, precision) in [(0, "bf16"), (1, "bf16-fp32acc")]:  # the masters this module maps itself
+        assert meta["weights"].endswith("by parameter name)"), meta
 
 
 def test_every_path_form_finds_the_same_checkpoint(ds_runs):
@@ -103,9 +98,9 @@ def test_sample_from_a_training_run(ds_runs, capsys):
     assert f"step {STEPS}" in err
 
 
-def copy_run(ds_runs, tmp_path, variant=(1, "bf16"), legacy=False):
+def copy_run(ds_runs, tmp_path, variant=(1, "bf16")):
     dst = tmp_path / "run"
-    shutil.copytree(ds_runs / variant_name(*variant, legacy), dst)
+    shutil.copytree(ds_runs / variant_name(*variant), dst)
     return dst, dst / "checkpoints" / f"global_step{STEPS}"
 
 
@@ -115,15 +110,8 @@ def test_missing_path(tmp_path):
 
 
 def test_directory_that_is_no_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="latest"):
+    with pytest.raises(CheckpointError, match="nor a run or checkpoints dir with a complete checkpoint"):
         load_model(tmp_path)
-
-
-def test_latest_names_a_missing_tag(ds_runs, tmp_path):
-    run, _ = copy_run(ds_runs, tmp_path, (0, "bf16"), legacy=True)  # only runs without marks go by `latest`
-    (run / "checkpoints" / "latest").write_text("global_step999")
-    with pytest.raises(CheckpointError, match="global_step999"):
-        load_model(run)
 
 
 @pytest.mark.parametrize("variant,pattern", [((1, "bf16"), "*optim_states.pt"),
@@ -162,7 +150,7 @@ def make_runs(out: Path) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from model.checkpoint import save
+    from train.rundir.checkpoints import save
     deepspeed.init_distributed(dist_backend="gloo")
     config = GPTConfig.from_dict(MODEL)
     for stage, precision in VARIANTS:
@@ -185,13 +173,11 @@ def make_runs(out: Path) -> None:
             engine.backward(loss)
             engine.step()
         run = out / variant_name(stage, precision)
+        RunDir(run).start()
         client_state = {"model_config": config.to_dict(), "config": {"model": MODEL}, "step": STEPS,
                         "tokens_seen": STEPS * 2 * 16, "loader": {}, "rng": {}}
         save(engine, run / "checkpoints", STEPS, {**client_state, "param_names": [[n for n, _ in group]
                                                                                     for group in groups]}, 0, 1)
-        if (stage, precision) in LEGACY:
-            legacy = out / variant_name(stage, precision, legacy=True)
-            engine.save_checkpoint(str(legacy / "checkpoints"), tag=f"global_step{STEPS}", client_state=client_state)
         if stage == 0 and precision != "fp32":
             # FP16_UnfusedOptimizer keeps the masters in the order the parameters were handed to it.
             names = [n for group in groups for n, _ in group]
@@ -202,11 +188,11 @@ def make_runs(out: Path) -> None:
         else:
             expected = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
         torch.save({n: t.detach().float().clone() for n, t in expected.items()}, run / "expected_fp32.pt")
-        if (stage, precision) in LEGACY:
-            shutil.copy(run / "expected_fp32.pt", legacy / "expected_fp32.pt")
         if (stage, precision) == (0, "fp32"):
+            RunDir(out / "no-model-config").start()
             engine.save_checkpoint(str(out / "no-model-config" / "checkpoints"), tag="global_step2",
                                    client_state={"step": STEPS})
+            write_mark(out / "no-model-config" / "checkpoints" / "global_step2", STEPS, 1)
 
 
 if __name__ == "__main__":

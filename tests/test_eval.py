@@ -67,7 +67,7 @@ def test_local_task_is_lm_evals_hellaswag(hellaswag_file):
 def test_export_loads_in_transformers_offline(exported, latest_tag_dir):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from model.checkpoint import load_model
+    from train.rundir.consolidate import load_model
     hf = GPT2LMHeadModel.from_pretrained(exported, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(exported, local_files_only=True)
     ours, _ = load_model(latest_tag_dir)
@@ -82,7 +82,7 @@ def test_agreement_with_lm_eval_hf_backend(exported, latest_tag_dir, hellaswag_f
 
     from eval import harness
     from eval.lm import PipelineLM
-    from model.checkpoint import load_model
+    from train.rundir.consolidate import load_model
     model, _ = load_model(latest_tag_dir)
     ours = harness.run_tasks(PipelineLM(model=model, batch_size=16, device="cpu"),
                              harness.load_tasks(["hellaswag"], hellaswag_file), limit=LIMIT, log_samples=True)
@@ -150,7 +150,7 @@ def test_greedy_follows_argmax_on_ties():
 
 
 def test_checkpoint_cli_writes_result(eval_run, latest_tag_dir, hellaswag_file):
-    from model.checkpoint import load_model
+    from train.rundir.consolidate import load_model
     proc = subprocess.run([PYTHON, "-m", "eval", "checkpoint", str(latest_tag_dir), "--hellaswag-file",
                            str(hellaswag_file), "--limit", "20", "--batch-size", "8"],
                           cwd=REPO, capture_output=True, text=True)

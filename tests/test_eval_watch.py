@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import PYTHON, REPO
+from train.rundir import RunDir
 
 WATCH_LIMIT = "8"  # docs per checkpoint: the watcher's bookkeeping is under test here, not the scores
 
@@ -24,6 +25,12 @@ def step_of(tag_dir):
 
 def tag_dirs(run):
     return sorted((p for p in (run / "checkpoints").glob("global_step*") if p.is_dir()), key=step_of)
+
+
+def new_run(run):
+    """A run directory as train starts one (its format.json), for runs assembled here from tiny_run's files."""
+    RunDir(run).start()
+    return run
 
 
 def set_latest(run, tag):
@@ -86,7 +93,7 @@ def watched_run(tiny_run, hellaswag_file, shareable_dir):
     source = tag_dirs(tiny_run)
     assert len(source) >= 2, "tiny_run must hold at least two checkpoints"
     a_src, c_src = source[0], source[-1]
-    run = shareable_dir / "run"
+    run = new_run(shareable_dir / "run")
     (run / "checkpoints").mkdir(parents=True)
     recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())
     recipe["schedule"]["max_steps"] = step_of(c_src)
@@ -134,7 +141,7 @@ def test_watch_scores_each_complete_checkpoint_once(watched_run):
 
 
 def test_watch_retries_a_failed_evaluation_then_gives_up(tiny_run, hellaswag_file, tmp_path):
-    run = tmp_path / "run"
+    run = new_run(tmp_path / "run")
     src = tag_dirs(tiny_run)[0]
     tag = run / "checkpoints" / src.name
     shutil.copytree(src, tag)
@@ -222,7 +229,7 @@ def one_checkpoint_run(tiny_run, run, command, scored=False):
     goes straight to recording it and running the command.
     """
     src = tag_dirs(tiny_run)[-1]
-    tag = run / "checkpoints" / src.name
+    tag = new_run(run) / "checkpoints" / src.name
     shutil.copytree(src, tag)
     set_latest(run, tag.name)
     recipe = yaml.safe_load((tiny_run / "config.yaml").read_text())
@@ -403,7 +410,7 @@ def test_a_requeued_watcher_job_carries_on_without_scoring_or_running_anything_t
 
 def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     from eval.__main__ import main
-    run = tmp_path / "run"
+    run = new_run(tmp_path / "run")
     (run / "checkpoints").mkdir(parents=True)
     rc = main(["watch", str(run), "--once", "--hellaswag-file", str(tmp_path / "missing.jsonl")])
     err = capsys.readouterr().err
@@ -421,10 +428,10 @@ def test_final_step_from_either_schedule_form(tmp_path):
                         (["schedule.max_steps=null", "schedule.max_tokens=1000", "batch.total_tokens=512"], 2),
                         (["schedule.max_steps=null", "schedule.max_tokens=1024", "batch.total_tokens=512"], 2)):
         run = tmp_path / str(len(list(tmp_path.iterdir())))
-        run.mkdir()
+        new_run(run)
         (run / "config.yaml").write_text(yaml.safe_dump(load(tiny, sets).to_dict()))
         assert Watcher(run, []).max_steps == final, sets
-    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)  # no config.yaml yet: no final step known
+    (new_run(tmp_path / "fresh") / "checkpoints").mkdir(parents=True)  # no config.yaml yet: no final step known
     assert Watcher(tmp_path / "fresh", []).max_steps is None
 
 
@@ -451,7 +458,7 @@ def test_one_process_scores_several_checkpoints_as_one_process_each_would(tiny_r
 def test_two_dispatchers_submit_each_checkpoint_once(tiny_run, tmp_path):
     """`eval watch --submit CMD`: CMD TAG runs once per checkpoint, under the per-tag submission lock, even with
     two dispatchers looking at once; the job id it prints is the record the second one finds."""
-    run = tmp_path / "run"
+    run = new_run(tmp_path / "run")
     for src in tag_dirs(tiny_run):
         shutil.copytree(src, run / "checkpoints" / src.name)
     shutil.copy(tiny_run / "config.yaml", run / "config.yaml")

@@ -277,6 +277,7 @@ def test_muon_sigkill_and_resume_log_bitwise_identical_losses(muon_run, tiny_dat
 def test_a_muon_checkpoint_on_another_world_size_is_refused_before_anything_runs(muon_run, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(muon_run / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(muon_run / "format.json", run_dir / "format.json")
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     cmd = train_command(run_dir, tiny_dataset, *MUON_RUN[:-4], "schedule.max_steps=8", "checkpoint.every=2",
                         "eval.every=2", "sample.every=0") + ["--allow-change", "schedule.max_steps"]

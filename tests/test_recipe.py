@@ -10,7 +10,7 @@ import yaml
 
 from common import yamlfile
 from model.__main__ import main as model_main
-from model.config import GPTConfig
+from model.config import ConfigError, GPTConfig
 from tests.conftest import REPO
 from train.recipe import (
     Recipe,
@@ -21,17 +21,19 @@ from train.recipe import (
     check_resume,
     deepspeed_config,
     load,
-    read_run_recipe,
     zero_stage,
 )
+from train.rundir import RunDir, read_recipe
 
 TINY = REPO / "configs/train/tiny-cpu.yaml"
 RECIPES = sorted((REPO / "configs/train").glob("*.yaml"))
 
 # The keys and defaults of the untyped recipe this module replaced, verbatim: they must not change (keys are only
-# added; data.dir is no longer required, since data.mix may stand in its place: exactly one of the two is checked).
+# added; data.dir is no longer required, since data.mix may stand in its place: exactly one of the two is checked;
+# the model section is saved resolved, as GPTConfig).
 DEFAULTS = {
-    "run_dir": "<required>", "data": {"dir": None, "mix": []}, "model": {}, "deepspeed": "<required>",
+    "run_dir": "<required>", "data": {"dir": None, "mix": []}, "model": GPTConfig().to_dict(),
+    "deepspeed": "<required>",
     "precision": "bf16", "compile": False, "activation_checkpointing": False,
     "batch": {"total_tokens": "<required>", "micro_batch": "<required>", "seq_len": "<required>"},
     "optim": {"name": "adamw", "max_lr": 6.0e-4, "min_lr_ratio": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
@@ -71,7 +73,9 @@ def test_shipped_recipes_load_unchanged_and_round_trip_through_config_yaml(path)
     saved = yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))  # what RUN/config.yaml holds
     assert Recipe.from_dict(saved) == recipe
     for key, value in yamlfile.load(path).items():  # every value the file sets is the value train runs with
-        assert saved[key] == ({**DEFAULTS[key], **value} if isinstance(value, dict) and key != "model" else value)
+        expected = GPTConfig.from_dict(value).to_dict() if key == "model" else \
+            {**DEFAULTS[key], **value} if isinstance(value, dict) else value
+        assert saved[key] == expected
 
 
 def test_recipe_is_typed_and_frozen():
@@ -93,19 +97,23 @@ def test_unknown_key_is_named_with_the_known_ones():
         load(TINY, ["log.tensorboard=yes please"])
 
 
-def test_a_saved_recipe_of_an_earlier_version_still_reads(tmp_path):
+def test_a_saved_recipe_reads_back_and_a_key_it_does_not_know_is_refused_naming_the_file(tmp_path):
     saved = load(TINY).to_dict()
-    saved["checkpoint"]["export_live_fp32"] = False  # written into config.yaml by earlier versions
+    RunDir(tmp_path).start()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert read_run_recipe(tmp_path) == load(TINY)
-    assert read_run_recipe(tmp_path / "nothing-yet") is None
+    assert read_recipe(tmp_path) == load(TINY)
+    assert read_recipe(tmp_path / "nothing-yet") is None
+    saved["checkpoint"]["export_live_fp32"] = False  # a key of no recipe this version reads
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(RecipeError, match=rf"^{tmp_path / 'config.yaml'}: unknown recipe key 'checkpoint.export_"):
+        read_recipe(tmp_path)
 
 
 def test_one_float_rule_for_train_model_info_and_plan(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     recipe = tmp_path / "dropout.yaml"
     recipe.write_text(TINY.read_text().replace("model: {preset: tiny}", "model: {preset: tiny, dropout: 1e-1}"))
-    assert load(recipe).model_config().dropout == 0.1
+    assert load(recipe).model.dropout == 0.1
     assert GPTConfig.resolve(str(recipe)).dropout == 0.1
     assert cli_json(["info", "--model", str(recipe)])["config"]["dropout"] == 0.1
     assert cli_json(["plan", "--recipe", str(recipe)])["model"]["dropout"] == 0.1
@@ -147,7 +155,7 @@ def test_plan_and_train_agree_on_steps_tokens_batch_and_zero(name, world, tmp_pa
 # --- a resume whose recipe differs from the checkpoint's --------------------------------------------------------
 
 def test_resume_check_names_each_difference_and_accepts_only_allowed_keys(tmp_path):
-    saved = load(TINY).to_dict()
+    saved = load(TINY)
     changed = load(TINY, ["optim.max_lr=1e-3", "schedule.max_steps=300", "run_dir=elsewhere"])
     with pytest.raises(RecipeChangeError) as err:
         check_resume(saved, changed, ["schedule.max_steps"], "RUN/checkpoints/global_step6")
@@ -157,8 +165,6 @@ def test_resume_check_names_each_difference_and_accepts_only_allowed_keys(tmp_pa
     assert "--allow-change" in message and "\n" not in message
     assert check_resume(saved, changed, ["optim.max_lr", "schedule.max_steps"], "c") == {
         "optim.max_lr": (0.003, 0.001), "schedule.max_steps": (200, 300)}
-    assert check_resume({**saved, "checkpoint": {**saved["checkpoint"], "export_live_fp32": True}},
-                        load(TINY), [], "c") == {}  # keys earlier versions saved are not differences
     with pytest.raises(RecipeChangeError, match="batch.seq_len 64 -> 32; batch.seq_len cannot change on resume"):
         check_resume(saved, load(TINY, ["batch.seq_len=32"]), [], "c")
 
@@ -174,3 +180,58 @@ def test_allow_change_names_must_be_changeable_keys():
     with pytest.raises(RecipeError, match="--allow-change optim.lr: not a recipe key that can change; known keys: "
                                           "data.dir, data.mix, deepspeed,"):
         check_allowed_keys(["optim.lr"])
+
+
+# --- every value bounded, every error one short line ------------------------------------------------------------
+
+@pytest.mark.parametrize("sets,message", [
+    (["batch.total_tokens=1180591620717411303424"], "batch.total_tokens must be a positive integer (at most "
+                                                    "1,073,741,824), got 1180591620717411303424"),
+    (["batch.micro_batch=16777216"], "batch.micro_batch x batch.seq_len = 1,073,741,824 tokens in one forward pass"),
+    (["seed=-1"], "seed must be a non-negative integer, got -1"),
+    (["seed=9223372036854775808"], "seed must be a non-negative integer (at most 9,223,372,036,854,775,807)"),
+    (["sample.every=10", "sample.prompt="], "sample.prompt is empty while sample.every is on"),
+    (["sample.num=100000"], "sample.num must be a non-negative integer (at most 1,024)"),
+    (["eval.val_batches=0"], "eval.val_batches must be a positive integer, got 0"),
+    (["schedule.max_steps=4503599627370496"], "updates of batch.total_tokens 256 is more than 2^53 tokens"),
+    (["model.n_embd=1099511627776"], "model: n_embd must be at most 65,536, got 1,099,511,627,776"),
+    (["dist_timeout_minutes=0"], "dist_timeout_minutes must be a positive integer, got 0"),
+    (["data.dir="], "data.dir must be a non-empty string, got ''"),
+    (["run_dir=[1, 2]"], "run_dir must be a non-empty string, got [1, 2]"),
+])
+def test_every_value_is_bounded_before_anything_starts(sets, message):
+    with pytest.raises(RecipeError) as err:
+        load(TINY, sets)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_sampling_off_needs_no_prompt_and_the_largest_seed_is_taken():
+    assert load(TINY, ["sample.every=0", "sample.prompt="]).sample.prompt == ""
+    assert load(TINY, ["seed=9223372036854775807"]).seed == 2 ** 63 - 1
+
+
+def test_micro_steps_per_update_are_bounded_per_world_size():
+    recipe = load(TINY, ["batch.total_tokens=1073741824", "batch.micro_batch=1", "batch.seq_len=64"])
+    with pytest.raises(RecipeError, match=r"takes 16,777,216 micro steps per update on 1 rank\(s\).*at most 65,536"):
+        batch_plan(recipe, 1)
+    assert batch_plan(recipe, 512).grad_accum == 32_768  # the same batch on 512 ranks is fine
+
+
+@pytest.mark.parametrize("sets", [["precision=" + "x" * 2_000_000], ["seed=" + "9" * 100_000],
+                                  ["optim.betas=[" + "0.5, " * 20_000 + "0.5]"], ["x" * 3_000_000 + "=1"]])
+def test_an_error_quotes_at_most_a_short_prefix_of_a_huge_value(sets):
+    with pytest.raises(RecipeError) as err:
+        load(TINY, sets)
+    assert len(str(err.value)) < 400 and "..." in str(err.value), str(err.value)[:500]
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_file_without_expanding_it(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]  # 9^9
+    bomb.write_text(TINY.read_text() + "\n".join(lines) + "\n")
+    with pytest.raises(RecipeError, match=rf"^training recipe: {bomb} line \d+: not valid YAML \(an alias \(\*a\): "
+                                          r"recipes and model files take no anchors or aliases\)$"):
+        load(bomb)
+    with pytest.raises(ConfigError, match="take no anchors or aliases"):
+        GPTConfig.resolve(str(bomb))

@@ -5,7 +5,7 @@ import shutil
 import yaml
 
 from tests.fixtures_run import read_metrics, run_train, train_command
-from model.checkpoint import read_client_state
+from train.rundir.checkpoints import read_client_state
 
 
 def tree(path):
@@ -15,7 +15,8 @@ def tree(path):
 def test_changed_recipe_is_refused_unless_allowed_then_recorded(tmp_path, tiny_run, tiny_dataset):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoints", run_dir / "checkpoints")
-    shutil.copy(tiny_run / "config.yaml", run_dir / "config.yaml")
+    for name in ("format.json", "config.yaml"):
+        shutil.copy(tiny_run / name, run_dir / name)
     before = tree(run_dir)
     cmd = train_command(run_dir, tiny_dataset, "schedule.max_steps=7", "optim.max_lr=1e-3")  # one more step
 
@@ -38,7 +39,7 @@ def test_changed_recipe_is_refused_unless_allowed_then_recorded(tmp_path, tiny_r
 
 def saved_param_groups(tag_dir):
     """The optimizer's param groups as the checkpoint saved them (ZeRO-1: the base optimizer's state)."""
-    from model.checkpoint import safe_load
+    from train.rundir.checkpoints import safe_load
     optim_file = sorted(tag_dir.glob("*optim_states.pt"))[0]
     return safe_load(optim_file)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
 
@@ -48,7 +49,8 @@ def test_allowed_optimizer_option_changes_are_applied_not_only_recorded(tmp_path
     decay, betas and eps must still train (and save) with the new ones."""
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoints", run_dir / "checkpoints")
-    shutil.copy(tiny_run / "config.yaml", run_dir / "config.yaml")
+    for name in ("format.json", "config.yaml"):
+        shutil.copy(tiny_run / name, run_dir / name)
     before = saved_param_groups(run_dir / "checkpoints/global_step6")
     assert [g["weight_decay"] for g in before] == [0.1, 0.0] and {tuple(g["betas"]) for g in before} == {(0.9, 0.95)}
     changed = ["optim.weight_decay=0.05", "optim.betas=[0.8, 0.9]", "optim.eps=1e-6"]

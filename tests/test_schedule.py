@@ -55,15 +55,3 @@ def test_recipe_schedule_keys_are_validated():
     with pytest.raises(RecipeError, match=r"warmup \(10 updates\) and the decay \(196 updates"):
         load(TINY, ["schedule.kind=wsd", "schedule.decay_fraction=0.98"])
     load(TINY, ["schedule.kind=cosine", "schedule.decay_fraction=0.98"])  # only wsd has a decay phase
-
-
-def test_a_checkpoint_from_before_these_keys_resumes_as_cosine_adamw():
-    from train.recipe import recipe_changes
-    r = load(TINY)
-    saved = r.to_dict()
-    for section, keys in (("optim", ("name", "muon_lr", "muon_momentum", "muon_weight_decay")),
-                          ("schedule", ("kind", "decay_fraction", "decay_shape"))):
-        for key in keys:
-            del saved[section][key]
-    assert recipe_changes(saved, r) == {}
-    assert recipe_changes(saved, load(TINY, ["schedule.kind=wsd"])) == {"schedule.kind": ("cosine", "wsd")}

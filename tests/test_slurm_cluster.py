@@ -78,7 +78,7 @@ def eval_jobs(run) -> dict[str, list[str]]:
 
 def assert_one_eval_job_per_checkpoint(cluster, run) -> list[str]:
     """Every complete checkpoint got exactly one eval job, which COMPLETED, ran once and recorded it once."""
-    from model.checkpoint import complete_tags
+    from train.rundir.checkpoints import complete_tags
     checkpoints = [p.name for p in complete_tags(run / "checkpoints")]
     scored = [json.loads(line)["tag"] for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
     jobs = eval_jobs(run)

@@ -5,8 +5,8 @@ import shutil
 
 import torch
 
-from model.checkpoint import read_client_state
 from tests.fixtures_run import run_train, train_command
+from train.rundir.checkpoints import read_client_state
 
 
 def assert_one_line_error(result, rc, *needles):
@@ -42,11 +42,12 @@ def test_vocab_and_block_size_mismatch(tmp_path, tiny_dataset):
 def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path, tiny_run, tiny_dataset):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(tiny_run / "format.json", run_dir / "format.json")
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
     result = run_train(train_command(run_dir, tiny_dataset, "model.n_layer=3"), check_rc=None)
     assert_one_line_error(result, 1, "another shape", "n_layer: checkpoint 2 vs recipe 3")
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "format.json"]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):

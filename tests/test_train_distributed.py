@@ -9,9 +9,9 @@ import psutil
 import pytest
 import torch
 
-from model.checkpoint import load_model
 from tests.conftest import REPO
 from tests.fixtures_run import read_metrics, run_train, sigkill_after_step, train_command
+from train.rundir.consolidate import load_model
 
 STEPS = {0: 4, 1: 6, 2: 4, 3: 4}  # ZeRO-1's run is also the uninterrupted baseline of the exactness test
 LAUNCHER = {0: "deepspeed", 1: "torchrun", 2: "torchrun", 3: "torchrun"}  # both multi-process launchers covered
@@ -99,6 +99,7 @@ def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(ze
     source = zero_runs(2)
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(source / "format.json", run_dir / "format.json")
     out = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero2.json",
                                   "schedule.max_steps=6", "checkpoint.every=2", "eval.every=2", "sample.every=0")
                     + ["--allow-change", "schedule.max_steps"])  # the run is extended from 4 steps to 6

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from prep.reader import Dataset, DatasetError
+from prep.reader import Dataset
 from prep.shard import HEADER_BYTES, ShardError
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import read_metrics, run_train, train_command
@@ -77,19 +77,6 @@ def test_state_with_batches_in_flight_resumes_at_the_first_unseen_batch(dataset)
         assert same(batches(b, 90 - cut), expected[cut:]), cut
         b.close()
     a.close()
-
-
-def test_a_checkpoint_of_the_old_loader_continues_its_numpy_permutation(dataset):
-    # What the loader wrote before it recorded its order: no "order" key; its epochs were numpy permutations.
-    B, T, world, rank, seed = 4, 32, 2, 1, 7
-    loader = TrainLoader(dataset, B, T, rank, world, seed, prefetch=0)
-    total = loader.index.total
-    loader.load_state_dict({"epoch": 2, "position": 40, "seed": seed, "windows": total})
-    old = np.random.default_rng([seed, 2]).permutation(total)
-    assert loader.next_windows().tolist() == old[40 + rank * B: 40 + (rank + 1) * B].tolist()
-    assert loader.state_dict()["order"] == "permutation"  # and its later checkpoints say so
-    with pytest.raises(DatasetError, match="window order 'zigzag', which this version does not know"):
-        loader.load_state_dict({**loader.state_dict(), "order": "zigzag"})
 
 
 def test_close_stops_the_reader_threads_and_an_unclosed_loader_does_not_hold_exit(dataset, tiny_dataset):

@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from model.checkpoint import read_client_state
 from prep.reader import Dataset, DatasetError
 from tests.conftest import PYTHON, REPO, SHARED
 from tests.fixtures_data import write_jsonl
@@ -16,6 +15,7 @@ from tests.fixtures_run import read_metrics, run_train, train_command
 from tests.test_train_distributed import free_port
 from train.data import Interleave, MixLoader, Source, TrainLoader, open_sources
 from train.recipe import RecipeError, load
+from train.rundir.checkpoints import read_client_state
 
 TINY = REPO / "configs/train/tiny-cpu.yaml"
 
@@ -326,6 +326,7 @@ def test_a_mixture_resumes_on_2_ranks_with_bitwise_identical_losses(mix_run, tin
     source, _ = mix_run
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints" / "global_step2", run_dir / "checkpoints" / "global_step2")
+    shutil.copy(source / "format.json", run_dir / "format.json")
     (run_dir / "checkpoints" / "latest").write_text("global_step2")
     out = run_train(mix_command(run_dir, tiny_dataset, dictionaries[0]))
     assert "resuming from" in out.stdout and "global_step2 at step 2" in out.stdout
@@ -343,6 +344,7 @@ def test_a_mixture_resumes_on_another_world_size_at_the_same_global_draw(mix_run
     source, _ = mix_run
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints" / "global_step4", run_dir / "checkpoints" / "global_step4")
+    shutil.copy(source / "format.json", run_dir / "format.json")
     (run_dir / "checkpoints" / "latest").write_text("global_step4")
     out = run_train(mix_command(run_dir, tiny_dataset, dictionaries[0], nproc=1))
     assert "global_step4_universal at step 4" in out.stdout, out.stdout[-2000:]

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from model.checkpoint import load_model
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import read_metrics, run_train, train_command
-from model.checkpoint import read_client_state
 from train.recipe import load
+from train.rundir.checkpoints import read_client_state
+from train.rundir.consolidate import load_model
 
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "step_time_s", "peak_mem_mb"}
 
@@ -158,6 +158,7 @@ def test_compiled_run_tracks_the_eager_run_keeps_keys_and_resumes(tiny_run, tiny
     # Resume the compiled run from its step-3 checkpoint, as after a kill: steps 4-6 again, still on track.
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir / "checkpoints/global_step3", resumed / "checkpoints/global_step3")
+    shutil.copy(run_dir / "format.json", resumed / "format.json")
     (resumed / "checkpoints/latest").write_text("global_step3")
     out = run_train(train_command(resumed, tiny_dataset, "compile=true"))
     assert "at step 3" in out.stdout

@@ -182,11 +182,12 @@ def test_mfu_uses_the_shared_flops_formula_and_peak_table():
 
 
 def test_rotation_keeps_the_newest_and_every_mth_and_never_an_unfinished_tag(tmp_path):
-    # A run written before completion marks: `latest` says what is complete (marks: tests/test_checkpoint_faults.py).
-    from model.checkpoint import complete_tags, rotate
+    # Tags marked complete by the module's own write_mark (marks: tests/test_checkpoint_faults.py).
+    from train.rundir.checkpoints import complete_tags, rotate, write_mark
     for step in range(1, 11):
         (tmp_path / f"global_step{step}").mkdir()
-    (tmp_path / "latest").write_text("global_step9")  # global_step10 is still being written
+        if step < 10:  # global_step10 is still being written
+            write_mark(tmp_path / f"global_step{step}", step, 1)
     assert [t.name for t in complete_tags(tmp_path)] == [f"global_step{s}" for s in range(1, 10)]
     assert rotate(tmp_path, keep_last=2, keep_every=4) == [1, 2, 3, 5, 6, 7]
     assert sorted(int(p.name[11:]) for p in tmp_path.glob("global_step*")) == [4, 8, 9, 10]

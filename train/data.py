@@ -21,17 +21,91 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from prep.reader import Dataset, DatasetError, ShardFile
 from prep.shard import HEADER_BYTES, TOKEN_DTYPE
 
-from .recipe import MIX_RESOLUTION
+from .section import REQUIRED, RecipeError, is_number, shown, string
+
+if TYPE_CHECKING:
+    import torch
+
+# A dataset's name becomes a metrics key (val_loss/NAME) and a TensorBoard tag.
+DATASET_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# The finest share a mixture interleaves (Interleave.RESOLUTION).
+MIX_RESOLUTION = 65536
+# Interleave's start-up computes one period of draws, resolution x datasets steps in Python: 64 datasets at the
+# finest resolution is 4M steps, seconds; far more datasets would stall start-up for minutes.
+MAX_MIX = 64
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    dir: str = REQUIRED
+    weight: float = REQUIRED  # relative: the weights of a mix are normalised to sum to 1
+    name: str | None = None  # in metrics (val_loss/NAME) and the loader state; default: the directory's name
+
+
+@dataclass(frozen=True)
+class Data:
+    """The recipe's data section: exactly one of dir (one prepared dataset) and mix (several, each drawn at its
+    weight; docs/train.md, Mixtures)."""
+    dir: str | None = None
+    mix: tuple = field(default=(), metadata={"items": MixEntry})
+
+    def entries(self) -> list[tuple[str, str, float]]:
+        """(name, directory, weight as written) of each dataset the run reads."""
+        if not self.mix:
+            return [(Path(self.dir).name, self.dir, 1)]
+        return [(e.name if e.name is not None else Path(e.dir).name, e.dir, e.weight) for e in self.mix]
+
+    def check(self) -> None:
+        if (self.dir is None) == (not self.mix):
+            both = ("; both are set (a recipe file's data.dir is cleared with --set data.dir=null)"
+                    if self.dir is not None else "")
+            raise RecipeError(f"give exactly one of data.dir (one dataset) and data.mix (several, with weights){both}")
+        if self.dir is not None:
+            string("data.dir", self.dir, nonempty=True)
+            return
+        if len(self.mix) < 2:
+            raise RecipeError("data.mix lists one dataset; a mixture needs two or more (one dataset is data.dir)")
+        if len(self.mix) > MAX_MIX:
+            raise RecipeError(f"data.mix lists {len(self.mix)} datasets; at most {MAX_MIX} are supported")
+        names, dirs = {}, {}
+        for i, entry in enumerate(self.mix):
+            where = f"data.mix[{i}]"
+            if entry.dir == REQUIRED or not isinstance(entry.dir, str) or not entry.dir:
+                raise RecipeError(f"{where}.dir is required: the directory of a prepared dataset, got "
+                                  f"{shown(entry.dir)}")
+            weight = entry.weight
+            if weight == REQUIRED:
+                raise RecipeError(f"{where}.weight is required (a positive number; the weights are normalised)")
+            if not is_number(weight) or weight <= 0:
+                raise RecipeError(f"{where}.weight must be a positive number, got {shown(weight)}")
+            name = entry.name if entry.name is not None else Path(entry.dir).name
+            if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+                raise RecipeError(f"{where}: the name {shown(name)} is not letters, digits, '.', '_' or '-'; "
+                                  f"set {where}.name")
+            if name in names:
+                raise RecipeError(f"{where}: the name {name!r} is data.mix[{names[name]}]'s too; set {where}.name")
+            resolved = Path(entry.dir).resolve()
+            if resolved in dirs:
+                raise RecipeError(f"{where}.dir {entry.dir} is data.mix[{dirs[resolved]}]'s too; list each dataset "
+                                  f"once, with the weights added")
+            names[name], dirs[resolved] = i, i
+        total = sum(e.weight for e in self.mix)
+        for i, entry in enumerate(self.mix):
+            if entry.weight / total < 1 / MIX_RESOLUTION:
+                raise RecipeError(f"data.mix[{i}].weight {entry.weight} is below 1/{MIX_RESOLUTION:,} of the total "
+                                  f"({total}), finer than the interleaving resolves")
 
 # Micro batches asked for ahead of the one being used, and the threads reading them (8 x 16 x 1025 tokens is about
 # 1 MiB). Two threads keep two cold reads in flight, so a slow read (milliseconds on a network filesystem) does not
@@ -52,6 +126,7 @@ def window_counts(dataset: Dataset, split: str, seq_len: int) -> list[int]:
 
 def as_tensors(rows: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T+1) uint16 windows -> (inputs, targets) as int64 tensors, in pinned memory when `pin`."""
+    import torch
     n, t = rows.shape[0], rows.shape[1] - 1
     x = torch.empty((n, t), dtype=torch.int64, pin_memory=pin)
     y = torch.empty((n, t), dtype=torch.int64, pin_memory=pin)
@@ -132,20 +207,6 @@ class FeistelOrder:
             out[outside] = self._encrypt(out[outside])
             outside = out >= self.n
         return out.astype(np.int64)
-
-
-class PermutationOrder:
-    """numpy's permutation of every window, held in memory (8 bytes a window): the order of checkpoints written
-    before the loader recorded its order, kept so that those runs resume exactly where they were."""
-
-    def __init__(self, n: int, seed: int, epoch: int):
-        self.permutation = np.random.default_rng([seed, epoch]).permutation(n)
-
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        return self.permutation[positions]
-
-
-ORDERS = {"feistel": FeistelOrder, "permutation": PermutationOrder}
 
 
 class _ReadAhead:
@@ -231,10 +292,9 @@ class TrainLoader(_ReadAhead):
                 f"{dataset.path}: the train split holds {self.index.total} windows of {seq_len + 1} tokens, fewer than "
                 f"one micro step needs (micro_batch {micro_batch} x world_size {world_size})")
         super().__init__(device, prefetch)
-        self.order_name = "feistel"
         self.epoch, self.position = 0, 0
-        self._order = None  # (order name, epoch, order) of the last epoch asked for
-        self._windows = {}  # (order name, epoch, position) -> this rank's windows, for the next few micro steps
+        self._order = None  # (epoch, order) of the last epoch asked for
+        self._windows = {}  # (epoch, position) -> this rank's windows, for the next few micro steps
 
     @property
     def cursor(self) -> tuple[int, int]:
@@ -246,9 +306,9 @@ class TrainLoader(_ReadAhead):
 
     # ---- the order ----------------------------------------------------------------------------------------------
     def _order_for(self, epoch: int):
-        if self._order is None or self._order[:2] != (self.order_name, epoch):
-            self._order = (self.order_name, epoch, ORDERS[self.order_name](self.index.total, self.seed, epoch))
-        return self._order[2]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, FeistelOrder(self.index.total, self.seed, epoch))
+        return self._order[1]
 
     def _plan(self, cursor: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
         """This rank's windows for the micro step at `cursor` (epoch, position), and the cursor after it.
@@ -258,9 +318,9 @@ class TrainLoader(_ReadAhead):
         epoch, position = cursor
         if position + self.per_step > self.index.total:
             epoch, position = epoch + 1, 0
-        if (self.order_name, epoch, position) not in self._windows:
+        if (epoch, position) not in self._windows:
             self._windows = self._order_chunk(epoch, position)
-        return self._windows[self.order_name, epoch, position], (epoch, position + self.per_step)
+        return self._windows[epoch, position], (epoch, position + self.per_step)
 
     def _order_chunk(self, epoch: int, position: int) -> dict:
         """This rank's windows for the next ORDER_CHUNK micro steps of the epoch, evaluated in one call: the
@@ -269,7 +329,7 @@ class TrainLoader(_ReadAhead):
         starts = position + np.arange(steps) * self.per_step + self.rank * self.micro_batch
         windows = self._order_for(epoch)((starts[:, None] + np.arange(self.micro_batch)).ravel())
         windows = windows.reshape(steps, self.micro_batch)
-        return {(self.order_name, epoch, position + k * self.per_step): windows[k] for k in range(steps)}
+        return {(epoch, position + k * self.per_step): windows[k] for k in range(steps)}
 
     def _read(self, windows: np.ndarray, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.index.read(windows, pin)
@@ -285,7 +345,7 @@ class TrainLoader(_ReadAhead):
     # ---- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "windows": self.index.total,
-                "order": self.order_name}
+                "order": "feistel"}
 
     def load_state_dict(self, state: dict) -> None:
         if "mix" in state:
@@ -295,14 +355,11 @@ class TrainLoader(_ReadAhead):
             raise DatasetError(
                 f"loader state does not match this dataset/seed ({state['windows']} windows, seed {state['seed']} in "
                 f"the checkpoint; {self.index.total} windows, seed {self.seed} now)")
-        # A state without "order" was written before the order was recorded, by a loader that used numpy's
-        # permutation: that run goes on with it, so its epochs stay exact.
-        order = state.get("order", "permutation")
-        if order not in ORDERS:
-            raise DatasetError(f"loader state names the window order {order!r}, which this version does not know "
-                               f"(known: {', '.join(ORDERS)}); resume with the version that wrote the checkpoint")
+        if state.get("order") != "feistel":
+            raise DatasetError(f"loader state names the window order {state.get('order')!r}, which this version does "
+                               f"not read (only feistel): written by an earlier version: start a new run_dir")
         self._drop_pending()
-        self.order_name, self.epoch, self.position = order, state["epoch"], state["position"]
+        self.epoch, self.position = state["epoch"], state["position"]
 
 
 # ---- mixtures -------------------------------------------------------------------------------------------------

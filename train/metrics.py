@@ -12,6 +12,8 @@ from common.files import append_json_line, fsync_file
 from common.hardware import gpu_kind, gpu_spec
 from model.flops import flops_per_token
 
+from .rundir import RunDir
+
 
 def peak_flops(mfu_section, device: str) -> float | None:
     """Per-device peak bf16 FLOP/s from the recipe's mfu section (train.recipe.Mfu): its override, or
@@ -53,15 +55,15 @@ class RunLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool, resumed_step: int | None = None):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.samples_path = self.run_dir / "samples.jsonl"
+        self.metrics_path = RunDir(run_dir).metrics
+        self.samples_path = RunDir(run_dir).samples
         self.tb = None
         self.sinks = []  # more receivers of the TensorBoard scalars: .log(scalars, step), .close() (train.wandb_log)
         self.synced = time.monotonic()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             purge = None if resumed_step is None else resumed_step + 1
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+            self.tb = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=purge)
 
     def _append(self, path: Path, record: dict) -> None:
         cut = append_json_line(path, record, durable=False)

@@ -15,15 +15,102 @@ The optimizer is DeepSpeed's MuonWithAuxAdam, the class its ZeRO 1-3 and BF16 pa
 AdamW as the auxiliary optimizer of the non-Muon groups (the same AdamW an adamw run uses). DeepSpeed 0.19.8 wraps
 Muon's update (muon_update, both Newton-Schulz iterations) in torch.compile whatever the recipe's `compile` says,
 so a muon run needs inductor's toolchain: muon_compile_problem checks it before the engine is built.
+
+The recipe's optim section (Optim) is defined and checked here, with the rules for Muon under each DeepSpeed
+configuration (check_deepspeed). torch is imported where it is used, so reading a recipe does not load it.
 """
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from common.errors import PipelineError
+
+from .section import RecipeError, choice, integer, is_number, number, shown
+
+if TYPE_CHECKING:
+    import torch
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+@dataclass(frozen=True)
+class Optim:
+    """The recipe's optim section. adamw: AdamW on every parameter. muon: Muon on the transformer blocks' weight
+    matrices and AdamW (max_lr, betas, eps, weight_decay) on the rest: embeddings, biases, gains."""
+    name: str = "adamw"
+    max_lr: float = 6.0e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0
+    # Muon's peak lr, momentum (Nesterov) and decoupled weight decay: modded-nanogpt's Muon record of 2024-10-29.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+
+    def check(self) -> None:
+        choice("optim.name", self.name, OPTIMIZERS)
+        for key in ("max_lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "muon_lr", "muon_weight_decay"):
+            number(f"optim.{key}", getattr(self, key))
+        if self.min_lr_ratio > 1:
+            raise RecipeError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        integer("optim.warmup_steps", self.warmup_steps, low=0)
+        betas = self.betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
+            raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {shown(betas)}")
+        if not (is_number(self.muon_momentum) and 0 <= self.muon_momentum < 1):
+            raise RecipeError(f"optim.muon_momentum must be a number in [0, 1), got {shown(self.muon_momentum)}")
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def optimizer_offload(ds_config: dict) -> bool:
+    """The DeepSpeed config keeps optimizer state in CPU memory or on NVMe (ZeRO-Offload)."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def bf16_optimizer(ds_config: dict) -> bool:
+    """DeepSpeed 0.19.8 wraps the optimizer in its BF16_Optimizer: bf16 with fp32 gradient accumulation at ZeRO 1."""
+    accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
+    return (ds_config.get("bf16", {}).get("enabled", False) and accum in ("fp32", "float32")
+            and zero_stage(ds_config) == 1 and not optimizer_offload(ds_config))
+
+
+def check_deepspeed(optim: Optim, precision: str, ds: dict, path) -> None:
+    """Refuse, in one line each, the combinations with Muon that DeepSpeed 0.19.8 runs other than as Muon + AdamW
+    (each checked by tests/test_muon.py against a reference; docs/train.md, Choosing an optimizer). `ds`: the
+    filled-in DeepSpeed config from `path`; ZeRO-3's reduce_scatter is set off in it for Muon."""
+    if optim.name != "muon":
+        return
+    stage = zero_stage(ds)
+    where = f"optim.name muon with {path} (ZeRO stage {stage}, {precision})"
+    if optimizer_offload(ds):
+        raise RecipeError(f"{where}: optimizer offload is not supported with Muon here (its CPU path is untested); "
+                          f"use a config without offload_optimizer")
+    if stage == 0 and precision == "bf16":
+        # Its wrapper for ZeRO 0 bf16 takes one optimizer step on zero gradients at start-up. For AdamW the
+        # trainer undoes it (forget_start_up_step, tested); with Muon's mixed groups that is untested.
+        raise RecipeError(f"{where}: DeepSpeed's ZeRO-0 bf16 wrapper takes a dummy optimizer step at start-up, "
+                          f"which is undone for AdamW only; use ZeRO 1 (configs/deepspeed/zero1.json) or fp32")
+    if optim.grad_clip > 0 and stage > 0 and not bf16_optimizer(ds):
+        # There the Muon update is written into the gradient partitions before the norm is taken: the clip scales
+        # the orthogonalised update by grad_clip / (norm of updates and gradients) -- 0.025x in the tests.
+        raise RecipeError(f"{where}: DeepSpeed clips Muon's orthogonalised update here, not the gradient, which "
+                          f"shrinks every Muon step; set optim.grad_clip=0, or use bf16 with "
+                          f"data_types.grad_accum_dtype fp32 at ZeRO 1 (configs/deepspeed/zero1.json), which clips "
+                          f"the gradient first")
+    if stage == 3:
+        if ds["zero_optimization"].get("reduce_scatter", False):
+            raise RecipeError(f"{where}: DeepSpeed's ZeRO-3 Muon needs zero_optimization.reduce_scatter false; "
+                              f"remove it from the JSON or set it false")
+        ds["zero_optimization"]["reduce_scatter"] = False  # its default is true, which ZeRO-3 Muon refuses
 
 # Newton-Schulz variant for DeepSpeed's muon_update: "gram" (its default) iterates on the small Gram matrix, the
 # same quintic polynomial as the "standard" iteration, in fp16 where the device supports it, else fp32.
@@ -52,6 +139,7 @@ def muon_compile_problem(device: str) -> str | None:
     launcher with a C compiler, on a GPU) before any engine exists, and leaves Muon's own compiled code alone.
     Any exception counts: nothing in compiling x * 2 + 1 can fail but the toolchain.
     """
+    import torch
     try:
         torch.compile(_probe, dynamic=False)(torch.ones(8, device=device))
     except Exception as exc:  # noqa: BLE001 -- see the docstring
@@ -108,6 +196,7 @@ def param_groups(model: torch.nn.Module, optim) -> list[dict]:
 
 def build(model: torch.nn.Module, optim, device: str, offload: bool) -> Built:
     """The optimizer over model's parameters; `offload`: the DeepSpeed config offloads optimizer state."""
+    import torch
     groups = param_groups(model, optim)
     name_of = {id(p): n for group in groups for n, p in zip(group.pop("names"), group["params"])}
     peak_lrs = [group.get("lr", optim.max_lr) for group in groups]

@@ -381,7 +381,7 @@ def apply_recipe(args) -> argparse.Namespace:
                       steps=run.max_steps, tokens=None, activation_checkpointing=recipe.activation_checkpointing,
                       precision=recipe.precision, ds_config=deepspeed_config(recipe, run), deepspeed=recipe.deepspeed)
         if args.model is None:
-            values.update(model=args.recipe, model_config=recipe.model_config())
+            values.update(model=args.recipe, model_config=recipe.model)
     elif args.set:
         raise PlanError("--set changes a recipe key: it needs --recipe")
     values["model"] = "gpt2" if values["model"] is None else values["model"]

@@ -13,9 +13,45 @@ The trainer multiplies each group's peak lr by this value before every update, s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from .section import RecipeError, choice, integer, is_number, shown
 
 KINDS = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The recipe's schedule section."""
+    # Exactly one of max_steps / max_tokens; max_tokens is rounded up to whole steps.
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    # The lr multiplier over the run: cosine, or warmup-stable-decay with its decay over the last decay_fraction of
+    # the updates, linear or 1-sqrt. Warmup and the floor are optim.warmup_steps and optim.min_lr_ratio, for both.
+    kind: str = "cosine"
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+
+    def check(self) -> None:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise RecipeError("give exactly one of schedule.max_steps and schedule.max_tokens")
+        for key in ("max_steps", "max_tokens"):
+            if getattr(self, key) is not None:
+                integer(f"schedule.{key}", getattr(self, key))
+        choice("schedule.kind", self.kind, KINDS)
+        choice("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
+        if not (is_number(self.decay_fraction) and 0 < self.decay_fraction <= 1):
+            raise RecipeError(f"schedule.decay_fraction must be a number in (0, 1], got {shown(self.decay_fraction)}")
+
+    def check_shape(self, max_steps: int, warmup_steps: int) -> None:
+        """The rule between this section and optim.warmup_steps, once the run's length is known."""
+        if self.kind == "wsd":
+            decay = decay_steps(max_steps, self.decay_fraction)
+            if warmup_steps + decay > max_steps:
+                raise RecipeError(f"schedule.kind wsd: the warmup ({warmup_steps} updates) and the decay "
+                                  f"({decay} updates, decay_fraction {self.decay_fraction} of {max_steps}) overlap; "
+                                  f"shorten optim.warmup_steps or schedule.decay_fraction")
 
 
 def decay_steps(max_steps: int, decay_fraction: float) -> int:

@@ -1,22 +1,21 @@
-"""The run directory's checkpoints: layout, completeness, scanning, saving, rotation, safe reading, weights.
+"""RUN/checkpoints: completeness, scanning, resume choice, collective saving, rotation, safe reading.
 
-Every stage asks this module about checkpoints: train saves, rotates and resumes through it, `eval watch` scans
-with it, `eval checkpoint` / `eval export` / `model sample` load weights with load_model.
+Train saves, rotates and resumes through this module, `eval watch` scans with it, and consolidate.py reads weights
+for `eval checkpoint` / `eval export` / `model sample` through its safe reader.
 
 Layout of RUN/checkpoints/ (DeepSpeed writes each tag's *.pt files; this module writes everything else):
 
     global_stepN/                 the tag of step N: DeepSpeed's *model_states.pt and *optim_states.pt files, plus
     global_stepN/saving.json      written by rank 0 before any rank writes the tag's files;
     global_stepN/complete.json    the completion mark: written (atomically) by rank 0 once every rank has written
-                                  and fsynced its files, after a barrier: step, world size, each file and its size
+                                  and fsynced its files, after a barrier: format version, step, world size, each
+                                  file and its size
     global_stepN_universal/       the tag converted by DeepSpeed's ds_to_universal (resume on another world size)
     latest                        the newest complete tag's name, written (atomically) after its mark, for
                                   DeepSpeed's own tools; this project decides completeness by the marks
 
-A tag is complete when its mark is there and every file it lists has the recorded size. A tag with neither mark
-nor saving.json was written before marks existed: it counts as complete when `latest` names it or a later step
-(DeepSpeed's rank 0 wrote `latest` after its own files, which is reliable for one rank only). A tag with
-saving.json and no mark was cut short and is never read.
+A tag is complete when its mark is there, of this format version, and every file it lists has the recorded size.
+A tag with saving.json and no mark was cut short and is never read; a mark of another format version is refused.
 
 Trust: a checkpoint file is a pickle, and unpickling runs whatever code the file names. Every file is therefore
 read with torch.load(weights_only=True) and an allow-list of exactly the classes this trainer's DeepSpeed
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import re
 import shutil
@@ -41,6 +39,8 @@ from pathlib import Path
 from common import files
 from common.errors import PipelineError
 
+from . import CHECKPOINTS, FORMAT, RunDir, earlier_version
+
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MARK = "complete.json"
 SAVING = "saving.json"
@@ -49,7 +49,6 @@ UNIVERSAL_SUFFIX = "_universal"
 # What train puts into client_state (rides in rank 0's model-states file). param_names: the parameter names of
 # each optimizer param group in the order the trainer built them, which is the order of the fp32 master copies.
 CLIENT_KEYS = ("model_config", "config", "step", "tokens_seen", "loader", "rng", "world_size", "param_names")
-REQUIRED_CLIENT_KEYS = ("model_config", "step", "loader")
 # torch.save's writer reports a failed write (a full disk, a quota, a file size limit) as a RuntimeError.
 _TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter failed|unexpected pos \d+ vs \d+|write\(\): fd \d+ failed")
 
@@ -71,7 +70,7 @@ def step_of(name: str) -> int | None:
 def checkpoints_dir(path) -> Path:
     """RUN/checkpoints for a run dir; the path itself when it is a checkpoints dir."""
     path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
 
 
 # ---- scanning and completeness -------------------------------------------------------------------------------
@@ -84,25 +83,12 @@ def tag_dirs(ckpt_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def read_latest(ckpt_dir) -> int | None:
-    """The step RUN/checkpoints/latest names, None without the file."""
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text:
-        raise CheckpointError(
-            f"{path} is empty: DeepSpeed writes it in place, not atomically, and a crash cut that write short, so "
-            f"which checkpoints of this run are whole is unknown; write the name of the newest whole one into it "
-            f"(e.g. `echo global_stepN > {path}`) and rerun")
-    step = step_of(text)
-    if step is None:
-        raise CheckpointError(f"{path} names {text!r}, which is not a global_stepN checkpoint")
-    return step
+def incomplete_reason(tag_dir) -> str | None:
+    """Why tag_dir's completion mark does not vouch for it (None: it does). Only stats the files.
 
-
-def mark_problem(tag_dir) -> str | None:
-    """Why tag_dir's completion mark does not vouch for it (None: it does). Only stats the files."""
+    A mark of another format version is not a reason to skip the tag but an error: the run was written by another
+    version of this project, and going on would mix the two.
+    """
     tag_dir = Path(tag_dir)
     try:
         mark = files.read_json(tag_dir / MARK)
@@ -113,6 +99,8 @@ def mark_problem(tag_dir) -> str | None:
         return f"no {MARK}"
     except (ValueError, KeyError, TypeError) as exc:
         return f"{tag_dir / MARK} is not a valid completion mark ({type(exc).__name__}: {exc})"
+    if mark.get("format") != FORMAT:
+        raise CheckpointError(earlier_version(tag_dir, mark.get("format")))
     for name, size in sorted(listed.items()):
         try:
             actual = (tag_dir / name).stat().st_size
@@ -123,39 +111,14 @@ def mark_problem(tag_dir) -> str | None:
     return None
 
 
-def _is_legacy(tag_dir: Path) -> bool:
-    """Written before completion marks existed: neither mark nor saving.json."""
-    return not (tag_dir / MARK).exists() and not (tag_dir / SAVING).exists()
-
-
 def complete_tags(ckpt_dir) -> list[Path]:
     """The complete tags of RUN/checkpoints, oldest first (see the module docstring for the rule)."""
-    ckpt_dir = Path(ckpt_dir)
-    tags = tag_dirs(ckpt_dir)
-    legacy = [t for t in tags if _is_legacy(t)]
-    latest = read_latest(ckpt_dir) if legacy else None  # `latest` matters only for tags without marks
-    if legacy and latest is not None and not (ckpt_dir / tag_for(latest)).is_dir():
-        raise CheckpointError(f"{ckpt_dir / LATEST} names {tag_for(latest)} but {ckpt_dir / tag_for(latest)} "
-                              f"does not exist")
-    return [t for t in tags if (t in legacy and latest is not None and step_of(t.name) <= latest)
-            or (t not in legacy and mark_problem(t) is None)]
+    return [t for t in tag_dirs(ckpt_dir) if incomplete_reason(t) is None]
 
 
 def newest_complete(ckpt_dir) -> Path | None:
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
-
-
-def incomplete_reason(tag_dir) -> str | None:
-    """Why one tag is not complete (None: it is), by the same rule as complete_tags."""
-    tag_dir = Path(tag_dir)
-    if not _is_legacy(tag_dir):
-        return mark_problem(tag_dir)
-    latest = read_latest(tag_dir.parent)
-    step = step_of(tag_dir.name)
-    if latest is None or step is None or step > latest:
-        return f"no {MARK}, and {tag_dir.parent / LATEST} does not name it or a later step"
-    return None
 
 
 # ---- safe reading --------------------------------------------------------------------------------------------
@@ -243,7 +206,7 @@ def read_client_state(tag_dir) -> dict:
     """client_state of a tag without building an engine (memory-mapped, so cheap even for big models)."""
     path = rank0_states_file(tag_dir)
     state = safe_load(path)
-    missing = [k for k in REQUIRED_CLIENT_KEYS if k not in state]
+    missing = [k for k in CLIENT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: no {', '.join(missing)} in client_state; not written by this trainer")
     return {k: state[k] for k in CLIENT_KEYS if k in state}
@@ -262,9 +225,11 @@ def resume_candidate(ckpt_dir, log=print) -> tuple[Path | None, dict | None]:
     """The newest complete checkpoint that reads, and its client_state; (None, None) when there is none at all.
 
     A newer tag that was cut short, or is complete but does not read, is skipped with one line saying why; when
-    complete tags exist but none reads, that is an error (starting over would overwrite them).
+    complete tags exist but none reads, that is an error (starting over would overwrite them). A run directory of
+    another format version is refused first.
     """
     ckpt_dir = Path(ckpt_dir)
+    RunDir(ckpt_dir.parent).check_format()
     complete = complete_tags(ckpt_dir)
     newest = complete[-1] if complete else None
     for tag in tag_dirs(ckpt_dir):
@@ -328,7 +293,7 @@ def save(engine, ckpt_dir, step: int, client_state: dict, rank: int, world_size:
     if rank == 0:
         try:
             tag_dir.mkdir(parents=True, exist_ok=True)
-            # saving.json before the old mark goes: a tag saved again never looks legacy-complete in between.
+            # saving.json before the old mark goes: a tag saved again always says why it has no mark.
             files.write_json(tag_dir / SAVING, {"step": step, "world_size": world_size, "host": socket.gethostname(),
                                                 "pid": os.getpid(), "started": _now()})
             (tag_dir / MARK).unlink(missing_ok=True)
@@ -366,8 +331,8 @@ def save(engine, ckpt_dir, step: int, client_state: dict, rank: int, world_size:
 def write_mark(tag_dir: Path, step: int, world_size: int) -> None:
     listed = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
               if p.is_file() and p.name not in (MARK, SAVING) and files.TMP_MARK not in p.name}
-    files.write_json(tag_dir / MARK, {"tag": tag_dir.name, "step": step, "world_size": world_size,
-                                      "files": listed, "written": _now()})
+    files.write_json(tag_dir / MARK, {"format": FORMAT, "tag": tag_dir.name, "step": step,
+                                      "world_size": world_size, "files": listed, "written": _now()})
     (tag_dir / SAVING).unlink(missing_ok=True)
 
 
@@ -415,44 +380,20 @@ def to_universal(ckpt_dir, tag: str) -> str:
     return out_tag
 
 
-# ---- weights for eval, sample and export -----------------------------------------------------------------------
-def load_model(path):
-    """path: an HF directory, a checkpoint tag dir, a checkpoints dir or a run dir (its newest complete tag).
-
-    Returns (GPT in fp32 on CPU, in eval mode; meta with kind, tag, step, tokens_seen, path, zero_stage, weights).
-    Weights are the fp32 master copy the optimizer keeps, not the bf16 module copy, so evaluation sees exactly
-    what training would resume from.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if (path / "config.json").is_file():
-        return _load_hf(path)
-    model, meta = _load_deepspeed(resolve_tag(path))
-    return model.eval(), meta
-
-
-def _load_hf(path: Path):
-    from .config import ConfigError
-    from .gpt import GPT
-    try:
-        model = GPT.from_hf(path)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    return model.eval(), {"kind": "hf", "path": str(path), "tag": None, "step": None, "tokens_seen": None}
-
-
+# ---- which tag a path names -------------------------------------------------------------------------------
 def resolve_tag(path) -> Path:
     """A complete tag dir: the path itself, or the newest complete tag of a run or checkpoints dir."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     if list(path.glob("*model_states.pt")) or (path / MARK).exists() or (path / SAVING).exists():
-        problem = incomplete_reason(path) if not _is_legacy(path) else None  # a tag named by hand: legacy is fine
+        problem = incomplete_reason(path)
         if problem:
             raise CheckpointError(f"partial checkpoint {path}: {problem}")
         return path
     ckpt_dir = checkpoints_dir(path)
+    if ckpt_dir != path:  # a run dir
+        RunDir(path).check_format()
     newest = newest_complete(ckpt_dir)
     tags = tag_dirs(ckpt_dir)
     if newest is None and tags:
@@ -461,69 +402,8 @@ def resolve_tag(path) -> Path:
     if newest is None:
         raise CheckpointError(
             f"{path} is neither a Hugging Face directory (no config.json), a checkpoint tag dir "
-            f"(no *model_states.pt) nor a run or checkpoints dir with a complete checkpoint ({MARK}, or a "
-            f"`latest` file for runs written before marks)")
+            f"(no *model_states.pt) nor a run or checkpoints dir with a complete checkpoint ({MARK})")
     return newest
-
-
-def _load_deepspeed(tag_dir: Path):
-    from .config import ConfigError, GPTConfig
-    from .gpt import GPT
-    model_files = sorted(tag_dir.glob("*model_states.pt"))
-    if not model_files:
-        raise CheckpointError(f"partial checkpoint {tag_dir}: no *model_states.pt file")
-    rank0 = rank0_states_file(tag_dir)
-    check_readable(tag_dir)  # zero_to_fp32 unpickles without restriction
-    states = safe_load(rank0)
-    if not isinstance(states.get("model_config"), dict):
-        raise CheckpointError(f"{rank0} has no client_state['model_config']: not written by this project's train")
-    try:
-        config = GPTConfig.from_dict(states["model_config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{rank0}: model_config: {exc}") from None
-
-    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
-    world = int(states.get("dp_world_size", 1))
-    optim_files = sorted(tag_dir.glob("*optim_states.pt"))
-    if stage >= 1 and len(optim_files) != world:
-        raise CheckpointError(f"partial checkpoint {tag_dir}: {len(optim_files)} of {world} "
-                              f"*optim_states.pt files (ZeRO stage {stage}, {world} ranks)")
-    if stage == 3 and len(model_files) != world:
-        raise CheckpointError(f"partial checkpoint {tag_dir}: {len(model_files)} of {world} "
-                              f"*model_states.pt files (ZeRO stage 3, {world} ranks)")
-
-    model = GPT.empty(config)  # every weight is about to be replaced
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    names = states.get("param_names")  # absent in checkpoints written before it was recorded
-    optims = [safe_load(f)["optimizer_state_dict"] for f in sorted(optim_files, key=_rank)]
-    if optims and _is_bf16_optimizer(optims[0]):
-        state, source = _bf16_optimizer_state(optims, names, shapes, states)
-    elif stage >= 1:
-        state, source = _zero_fp32_state(tag_dir), "fp32 master (zero_to_fp32)"
-    else:
-        state, source = _stage0_state(states, names, shapes)
-
-    if "transformer.wte.weight" in state:
-        state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied: one fp32 master for both
-    _load_weights(model, state, tag_dir)
-    meta = {"kind": "deepspeed", "path": str(tag_dir), "tag": tag_dir.name,
-            "step": states.get("step"), "tokens_seen": states.get("tokens_seen"),
-            "zero_stage": stage, "weights": source, "config": states.get("config")}
-    return model, meta
-
-
-def _zero_fp32_state(tag_dir: Path) -> dict:
-    """DeepSpeed's own consolidation of the ZeRO-partitioned fp32 master weights."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it narrates to stdout; samples go there
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise CheckpointError(f"cannot consolidate ZeRO checkpoint {tag_dir}: {exc}") from None
-
-
-def _rank(optim_file: Path) -> int:
-    return _writer_rank(optim_file) or 0
 
 
 def fsync_own_files(tag_dir: Path, rank: int) -> None:
@@ -543,117 +423,3 @@ def _writer_rank(file: Path) -> int | None:
     if match := re.match(r"zero_pp_rank_(\d+)_", file.name):
         return int(match.group(1))
     return 0 if re.match(r"mp_rank_\d+_model_states\.pt$", file.name) else None
-
-
-def _is_bf16_optimizer(optim: dict) -> bool:
-    """bf16 with fp32 gradient accumulation (ZeRO 1) uses BF16_Optimizer, whose files zero_to_fp32 rejects."""
-    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
-    return ZERO_STAGE not in optim and SINGLE_PARTITION_OF_FP32_GROUPS in optim
-
-
-def _check_names(names, shapes: dict, where: str) -> list[list[str]]:
-    flat = [n for group in names for n in group]
-    if sorted(flat) != sorted(shapes):
-        missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
-        raise CheckpointError(f"{where}: client_state param_names do not match model_config "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    return names
-
-
-def _bf16_optimizer_state(optims: list[dict], names, shapes: dict, states: dict) -> tuple[dict, str]:
-    """BF16_Optimizer's fp32 masters: group g is one flat tensor, split evenly over the ranks (rank order), holding
-    the group's parameters back to back in the trainer's order (DeepSpeed pads only at the end)."""
-    import torch
-    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
-    if names is None:
-        return _bf16_optimizer_state_by_mappings(optims, states), \
-            "fp32 master (BF16_Optimizer partitions, by DeepSpeed's slice mappings: no param_names recorded)"
-    names = _check_names(names, shapes, "BF16_Optimizer checkpoint")
-    state = {}
-    for g, group in enumerate(names):
-        flat = torch.cat([o[SINGLE_PARTITION_OF_FP32_GROUPS][g] for o in optims])
-        offset = 0
-        for name in group:
-            numel = math.prod(shapes[name])
-            if offset + numel > flat.numel():
-                raise CheckpointError(f"BF16_Optimizer checkpoint: group {g} ends before {name}")
-            state[name] = flat.narrow(0, offset, numel).view(shapes[name]).float().clone()
-            offset += numel
-    return state, "fp32 master (BF16_Optimizer partitions, by parameter name)"
-
-
-def _bf16_optimizer_state_by_mappings(optims: list[dict], states: dict) -> dict:
-    """Checkpoints without param_names: each rank's slice mappings name the parameters in its flat partition."""
-    import torch
-    from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS
-    pieces: dict[str, list] = {}
-    for optim in optims:
-        for flat, mapping in zip(optim[SINGLE_PARTITION_OF_FP32_GROUPS], optim[PARAM_SLICE_MAPPINGS]):
-            for name, address in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
-    state = {}
-    for group in states.get("param_shapes") or []:
-        for name, shape in group.items():
-            full = torch.cat(pieces.get(name, []) or [torch.empty(0)])
-            if full.numel() != shape.numel():
-                raise CheckpointError(f"BF16_Optimizer checkpoint: {name} has {full.numel()} of {shape.numel()} values")
-            state[name] = full.view(shape).float().clone()
-    return state
-
-
-def _stage0_state(states: dict, names, shapes: dict) -> tuple[dict, str]:
-    """ZeRO 0: fp32 runs train the module itself; bf16/fp16 runs keep fp32 masters in the optimizer's fp32_groups,
-    one list per param group in the trainer's order, which param_names records."""
-    import torch
-    module = {k: v for k, v in states["module"].items() if k != "lm_head.weight"}  # tied to wte
-    optimizer = states.get("optimizer")
-    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
-    if not groups or all(v.dtype == torch.float32 for v in module.values()):
-        state, source = {k: v.float() for k, v in module.items()}, "module"
-    elif names is not None:
-        names = _check_names(names, shapes, "ZeRO 0 checkpoint")
-        state, source = {}, "fp32 master (optimizer fp32_groups, by parameter name)"
-        for g, (group_names, masters) in enumerate(zip(names, groups)):
-            if len(group_names) != len(masters):
-                raise CheckpointError(f"ZeRO 0 checkpoint: param group {g} has {len(masters)} fp32 masters for "
-                                      f"{len(group_names)} recorded names")
-            for name, master in zip(group_names, masters):
-                if tuple(master.shape) != tuple(shapes[name]):
-                    raise CheckpointError(f"ZeRO 0 checkpoint: the fp32 master of {name} has shape "
-                                          f"{tuple(master.shape)}, model_config says {tuple(shapes[name])}")
-                state[name] = master.float()
-    else:
-        state, source = _stage0_by_value(module, groups), \
-            "fp32 master (optimizer fp32_groups, matched by value: no param_names recorded)"
-    return state, source
-
-
-def _stage0_by_value(module: dict, groups) -> dict:
-    """Checkpoints without param_names: each master is matched to the one module weight it rounds to (DeepSpeed
-    copies master -> module after every step, so the low-precision weight equals the master cast down)."""
-    import torch
-    state = {}
-    for master in (t for group in groups for t in group):
-        name = next((k for k, v in module.items() if k not in state and v.shape == master.shape
-                     and torch.equal(master.to(v.dtype), v)), None)
-        if name is None:
-            raise CheckpointError(f"ZeRO 0 checkpoint: an fp32 master of shape {tuple(master.shape)} "
-                                  f"matches no module weight")
-        state[name] = master.float()
-    if len(state) != len(module):
-        raise CheckpointError(f"ZeRO 0 checkpoint: {len(state)} fp32 masters for {len(module)} module weights")
-    return state
-
-
-def _load_weights(model, state: dict, where: Path) -> None:
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    extra = sorted(set(state) - set(ours))
-    if missing or extra:
-        raise CheckpointError(f"{where}: weights do not match model_config: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
-    for key, value in state.items():
-        if value.shape != ours[key].shape:
-            raise CheckpointError(f"{where}: {key} has shape {tuple(value.shape)}, model_config expects "
-                                  f"{tuple(ours[key].shape)}")
-    model.load_weights({key: value.to(ours[key].dtype).contiguous() for key, value in state.items()})  # fp32
