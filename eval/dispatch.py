@@ -41,9 +41,14 @@ class Dispatcher(Watcher):
         self.unanswered: set[str] = set()  # jobs Slurm could not be asked about, said once each
 
     def settled(self) -> bool:
-        """Every checkpoint seen has its result, or was rotated away or given up: --until-final then means
-        every evaluation is over, not just the final one (an earlier job may still be queued behind it)."""
-        return self.seen <= set(self.finished)
+        """Every checkpoint seen has its result, or was rotated away or given up, and every eval job submitted for
+        them has ended: --until-final then means every evaluation is over, not just the final one (an earlier job
+        may still be queued behind it), and each job has rendered its report and recorded its stage (a job appends
+        its result line first). A job Slurm cannot be asked about counts as ended: the results are in."""
+        if not self.seen <= set(self.finished):
+            return False
+        records = [self._read_record(self._record_file(tag)) for tag in sorted(self.seen)]
+        return all(self.job_state(record["job"]) not in ACTIVE for record in records if record is not None)
 
     def _record_file(self, tag: str) -> Path:
         return self.dir.watch / f"{tag}.submitted"
