@@ -100,13 +100,14 @@ def check_recipe(p: Pipeline):
 def check_resume(p: Pipeline, recipe) -> None:
     """A RUN_DIR with checkpoints is resumed by train, which refuses a recipe that differs from the run's in keys
     TRAIN_ALLOW_CHANGE does not name: said here, before anything is submitted, not by the train job."""
-    from train import recipe as recipes
+    from train import paths, recipe as recipes
     from train.rundir import RunDir, read_recipe
     from train.rundir.checkpoints import complete_tags
     run = RunDir(p.RUN_DIR)
     tags = complete_tags(run.checkpoints) if run.checkpoints.is_dir() else []
     if not tags or not run.config.exists():
         return
+    recipe = paths.absolute(recipe)   # as the trainer compares it
     try:
         changes = recipes.check_resume(read_recipe(run.path), recipe, list(p.TRAIN_ALLOW_CHANGE), tags[-1])
     except PipelineError as exc:
