@@ -19,6 +19,10 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N docs of each task")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the transformer's arithmetic: bf16 autocast or fp32; the LM head and log-softmax run in "
+                        "fp32 either way (default auto: bf16 on CUDA, fp32 elsewhere; bf16 on a CPU reproduces a "
+                        "GPU's scores)")
 
 
 def scoring_flags(args) -> list[str]:
@@ -30,6 +34,8 @@ def scoring_flags(args) -> list[str]:
         out += ["--limit", str(args.limit)]
     if args.device:
         out += ["--device", args.device]
+    if args.dtype != "auto":
+        out += ["--dtype", args.dtype]
     return out
 
 
@@ -49,8 +55,9 @@ def cmd_checkpoint(args) -> int:
     print_table("eval checkpoint", {"checkpoints": ", ".join(map(str, args.ckpt)), "tasks": ", ".join(tasks),
                                     "hellaswag file": args.hellaswag_file or "data/eval/hellaswag_val.jsonl",
                                     "limit": args.limit or "all docs", "batch size": args.batch_size,
-                                    "device": device, "output": args.out or "RUN/eval/<tag>.json"})
-    scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, device)
+                                    "device": device,
+                                    "dtype": args.dtype, "output": args.out or "RUN/eval/<tag>.json"})
+    scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, device, args.dtype)
     failed = 0
     for ckpt in args.ckpt:
         try:

@@ -9,6 +9,10 @@ faster for three reasons:
 - rows are batched longest first, so there is little padding;
 - the 50k-wide LM head runs only on the scored positions, which is where a small model spends most of its time.
 `batch_size` counts rows (sequences per forward pass), each at most max_length tokens, like the hf backend's.
+
+`dtype` bf16 runs the transformer under bf16 autocast (the default on CUDA); the LM head and log-softmax always run
+in fp32, so the log-likelihoods stay those of the fp32 `hf` backend to within the features' rounding: bf16 logits
+keep about 3 significant digits, and summed over a 20-40-token ending that flips close HellaSwag decisions.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from common import tokenizer as bpe
 from model.gpt import GPT
 
 MODEL_NAME = "gpt2-pipeline"
+DTYPES = ("auto", "bf16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere
 
 
 @dataclass
@@ -49,7 +54,7 @@ class PipelineLM(TemplateLM):
     `get_model("gpt2-pipeline").create_from_arg_obj({"checkpoint": PATH}, {"batch_size": 32})`."""
 
     def __init__(self, model: GPT | None = None, checkpoint: str | None = None, batch_size: int = 32,
-                 device: str | None = None, **_ignored):
+                 device: str | None = None, dtype: str = "auto", **_ignored):
         super().__init__()
         if (model is None) == (checkpoint is None):
             raise ValueError("give exactly one of model= or checkpoint=")
@@ -61,8 +66,11 @@ class PipelineLM(TemplateLM):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         # bf16 where the hardware is built for it; on CPU, fp32 matches the `hf` backend's float32 exactly.
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.dtype = dtype if dtype != "auto" else "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = torch.bfloat16 if self.dtype == "bf16" else None
         # LM-head positions per slice: on CPU small enough that a slice's logits (128 x 50257 fp32, 26 MB) stay in
         # cache for log_softmax and argmax (about 20% faster than one big slice there); on GPU, few large launches.
         self.head_chunk = 8192 if self.device.type == "cuda" else 128
@@ -173,9 +181,7 @@ class PipelineLM(TemplateLM):
         starts = torch.arange(0, len(hidden) + self.head_chunk, self.head_chunk, device=hidden.device)
         bounds = torch.searchsorted(source[order], starts).tolist()
         for k, start in enumerate(range(0, len(hidden), self.head_chunk)):
-            with self._autocast():
-                logits = self.model.head(hidden[start:start + self.head_chunk])
-            logits = logits.float()
+            logits = self._logits(hidden[start:start + self.head_chunk])
             which = order[bounds[k]:bounds[k + 1]]  # the targets this slice predicts
             local, wanted = source[which] - start, targets[which]
             logprobs[which] = F.log_softmax(logits, dim=-1)[local, wanted]
@@ -186,6 +192,11 @@ class PipelineLM(TemplateLM):
             hit[at_max] = logits[local[at_max]].argmax(dim=-1) == wanted[at_max]
             greedy[which] = hit
         return logprobs, greedy
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head in fp32 whatever dtype the features were computed in (see the module's docstring)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.head(hidden.to(self.model.lm_head.weight.dtype)).float()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]

@@ -38,9 +38,9 @@ def write_result(path: Path, record: dict) -> None:
 
 
 def evaluate_checkpoint(ckpt, tasks=("hellaswag",), hellaswag_file=None, limit=None, batch_size=32,
-                        device=None) -> dict:
+                        device=None, dtype="auto") -> dict:
     """Load, score and describe one checkpoint; inputs are all checked before the model is run."""
-    return Scorer(tasks, hellaswag_file, limit, batch_size, device).score(ckpt)
+    return Scorer(tasks, hellaswag_file, limit, batch_size, device, dtype).score(ckpt)
 
 
 class Scorer:
@@ -51,19 +51,18 @@ class Scorer:
     record's `timings` splits its wall time into tasks (0 after the first checkpoint), model and score seconds.
     """
 
-    def __init__(self, tasks=("hellaswag",), hellaswag_file=None, limit=None, batch_size=32, device=None):
+    def __init__(self, tasks=("hellaswag",), hellaswag_file=None, limit=None, batch_size=32, device=None,
+                 dtype="auto"):
         start = time.perf_counter()
         self.tasks = load_tasks(list(tasks), hellaswag_file)
         self.tasks_s = time.perf_counter() - start  # charged to the first checkpoint scored
-        self.limit, self.batch_size, self.device = limit, batch_size, device
+        self.limit, self.batch_size, self.device, self.dtype = limit, batch_size, device, dtype
 
     def score(self, ckpt) -> dict:
-        import torch
-
         from .lm import PipelineLM
         begin = time.perf_counter()
         model, meta = load_checkpoint(ckpt)
-        lm = PipelineLM(model=model, batch_size=self.batch_size, device=self.device)
+        lm = PipelineLM(model=model, batch_size=self.batch_size, device=self.device, dtype=self.dtype)
         loaded = time.perf_counter()
         raw = run_tasks(lm, self.tasks, limit=self.limit)
         end = time.perf_counter()
@@ -79,7 +78,7 @@ class Scorer:
             "limit": self.limit,
             "batch_size": self.batch_size,
             "device": str(lm.device),
-            "dtype": "bfloat16 autocast" if lm.autocast_dtype == torch.bfloat16 else "float32",
+            "dtype": lm.dtype,  # bf16: the transformer under bf16 autocast, the LM head in fp32
             "num_params": model.num_params(),
             "wall_time_s": round(end - begin + tasks_s, 3),
             "timings": {"tasks_s": round(tasks_s, 3), "model_s": round(loaded - begin, 3),
