@@ -6,7 +6,6 @@ cleanly if any rank got SIGUSR1 or SIGTERM (save, exit PREEMPTED_EXIT).
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -16,21 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
-from common import files, tokenizer
+from common import tokenizer
 from common.errors import PipelineError
 from model.gpt import GPT
 from prep.reader import Dataset
 
-from model import checkpoint as ckpt
-
-from . import heal, launch, optim, paths, wandb_log, warm_start, watchdog, writer
+from . import heal, launch, optim, paths, rundir, wandb_log, warm_start, watchdog, writer
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
-from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, optimizer_offload,
-                     schedule_shape, startup_table, zero_stage)
+from .optim import optimizer_offload, zero_stage
+from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, schedule_shape,
+                     startup_table)
+from .rundir import checkpoints as ckpt
 from .schedule import lr_multiplier
 from .stop import StopFlag
 
@@ -57,7 +55,7 @@ def set_rng_state(state: dict, device: str) -> None:
 
 
 def check_inputs(recipe: Recipe, dataset: Dataset) -> None:
-    config = recipe.model_config()
+    config = recipe.model
     if dataset.n_vocab > config.vocab_size:
         raise TrainError(f"dataset {dataset.path} has vocabulary {dataset.n_vocab} but the model's vocab_size is "
                          f"{config.vocab_size}; set model.vocab_size to {dataset.n_vocab}")
@@ -74,7 +72,7 @@ def resume_point(ckpt_dir: Path, recipe: Recipe, log=print) -> tuple[str | None,
     if tag_dir is None:
         return None, None
     tag = tag_dir.name
-    want = recipe.model_config().to_dict()
+    want = recipe.model.to_dict()
     if state["model_config"] != want:
         diff = ", ".join(f"{k}: checkpoint {state['model_config'].get(k)!r} vs recipe {v!r}"
                          for k, v in want.items() if state["model_config"].get(k) != v)
@@ -94,26 +92,27 @@ class Trainer:
         self.sources = open_sources(recipe.data.entries())
         for source in self.sources:
             check_inputs(recipe, source.dataset)
-        self.model_config = recipe.model_config()
+        self.model_config = recipe.model
         self.ds_config = deepspeed_config(recipe, self.plan)
         # DeepSpeed's throughput timer (on unless told) synchronizes the GPU at the start and end of every micro
         # step, so the host never runs ahead of it; the trainer measures tokens/s itself.
         self.ds_config.setdefault("timers", {"throughput": {"enabled": False}})
         self.ds_config["wall_clock_breakdown"] = False
         self.run_dir = Path(recipe.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = rundir.RunDir(self.run_dir).checkpoints
         self.resume_tag, self.resume_state = resume_point(
             self.ckpt_dir, recipe, log=lambda line: print(line, flush=True) if self.is_main else None)
         # Refused here, before any engine or file exists; accepted changes are recorded once training resumes.
         check_allowed_keys(list(allow_change))
-        self.recipe_changes = {} if self.resume_state is None else check_resume(
-            self.resume_state.get("config") or {}, recipe, list(allow_change), self.ckpt_dir / self.resume_tag)
-        saved_world = (self.resume_state or {}).get("world_size", self.place.world_size)
+        self.saved_recipe = None if self.resume_state is None else paths.absolute(Recipe.from_saved(
+            self.resume_state["config"], f"{self.ckpt_dir / self.resume_tag}: client_state config"))
+        self.recipe_changes = {} if self.saved_recipe is None else check_resume(
+            self.saved_recipe, recipe, list(allow_change), self.ckpt_dir / self.resume_tag)
+        saved_world = self.resume_state["world_size"] if self.resume_state else self.place.world_size
         # ZeRO partitions optimizer state by rank; without ZeRO it sits whole in the model-states file.
         self.universal = (self.resume_tag is not None and saved_world != self.place.world_size
                           and zero_stage(self.ds_config) > 0)
-        saved_optim = (((self.resume_state or {}).get("config") or {}).get("optim") or {}).get("name", "adamw")
-        if self.universal and saved_optim == "muon":
+        if self.universal and self.saved_recipe.optim.name == "muon":
             # Checked by hand on a 2-rank ZeRO-2 Muon checkpoint: ds_to_universal stops with KeyError 'exp_avg'
             # (it expects Adam's state in every group; the Muon group holds momentum_buffer).
             raise TrainError(f"{self.ckpt_dir / self.resume_tag} was trained with Muon on {saved_world} ranks; "
@@ -196,7 +195,7 @@ class Trainer:
         optim.restore_hyperparameters(self.optimizer, self.hyperparameters)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
-        rng = state.get("rng") or []
+        rng = state["rng"]
         if not self.universal and len(rng) == self.place.world_size:
             set_rng_state(rng[self.place.rank], self.place.device)
         else:
@@ -373,14 +372,9 @@ class Trainer:
     def _record_recipe(self) -> None:
         """RUN/config.yaml is the recipe the newest checkpoint continues: written at the start of a run, and on a
         resume only when the user allowed changes, which RUN/recipe_history.jsonl then records."""
-        config = self.run_dir / "config.yaml"
-        if self.resume_tag is not None and not self.recipe_changes and config.exists():
+        if self.resume_tag is not None and not self.recipe_changes and rundir.RunDir(self.run_dir).config.exists():
             return
-        if self.recipe_changes:
-            files.append_line(self.run_dir / "recipe_history.jsonl", json.dumps({
-                "step": self.step, "time": round(time.time(), 3), "checkpoint": self.resume_tag,
-                "changes": {k: {"old": old, "new": new} for k, (old, new) in self.recipe_changes.items()}}))
-        files.write_text(config, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        rundir.write_recipe(self.run_dir, self.recipe.to_dict(), self.recipe_changes, self.step, self.resume_tag)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self, stop: StopFlag) -> int:
