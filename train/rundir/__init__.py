@@ -11,6 +11,7 @@ Train writes a run directory (rank 0, except the checkpoint files every rank wri
     samples.jsonl          sample texts
     tb/                    TensorBoard events
     checkpoints/           DeepSpeed tags with completion marks (train.rundir.checkpoints)
+    checkpoints/rotated.jsonl  the tags rotation deleted, with their identities (train.rundir.identity)
     eval/                  <tag>.json per scored checkpoint, results.jsonl (append_result),
                            report.md, curves.png, .watch/ (the watcher's locks and marks)
     logs/                  the slurm/ scripts' logs
@@ -85,6 +86,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    @property
+    def rotated(self) -> Path:
+        """One line per tag rotation deleted, with its identity (train.rundir.identity)."""
+        return self.checkpoints / "rotated.jsonl"
 
     @property
     def eval(self) -> Path:

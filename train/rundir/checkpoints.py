@@ -40,6 +40,7 @@ from common import files
 from common.errors import PipelineError
 
 from . import CHECKPOINTS, FORMAT, RunDir, earlier_version
+from .identity import record_rotation
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MARK = "complete.json"
@@ -353,6 +354,8 @@ def rotate(ckpt_dir, keep_last: int, keep_every: int) -> list[int]:
     removed = []
     for step in steps:
         if step not in keep:
+            # Said before it goes, so that eval can tell which checkpoints it never got to score.
+            record_rotation(ckpt_dir / tag_for(step), keep_last, keep_every)
             for suffix in ("", UNIVERSAL_SUFFIX):
                 shutil.rmtree(ckpt_dir / f"{tag_for(step)}{suffix}", ignore_errors=True)
             removed.append(step)
