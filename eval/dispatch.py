@@ -24,7 +24,8 @@ from common import files
 from slurm.jobs import ACTIVE, job_state as slurm_job_state
 
 from .harness import EvalError
-from .watch import Watcher, scored_tags
+from . import results
+from .watch import Watcher
 
 JOB_ID = re.compile(r"\d+(_\d+)?")
 
@@ -62,7 +63,8 @@ class Dispatcher(Watcher):
                 self._consider(tag, path)
 
     def _consider(self, tag: str, path: Path) -> None:
-        if tag in scored_tags(self.dir.results):
+        wanted = results.key_of(path)
+        if wanted in results.scored_keys(self.run):
             self.finished[tag] = "scored"
             return
         record_file = self._record_file(tag)
@@ -77,7 +79,7 @@ class Dispatcher(Watcher):
                 return
             if state in ACTIVE:
                 return
-            if tag in scored_tags(self.dir.results):  # the job appended its line between our two looks
+            if wanted in results.scored_keys(self.run):  # the job appended its line between our two looks
                 self.finished[tag] = "scored"
                 return
             if not path.exists():

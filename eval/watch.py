@@ -30,6 +30,7 @@ from common.errors import UsageError
 from train.rundir import RunDir, append_result, read_recipe
 from train.rundir.checkpoints import complete_tags, incomplete_reason, step_of, tag_dirs
 
+from . import results
 from .harness import EvalError
 
 
@@ -143,14 +144,16 @@ class Watcher:
         return f"global_step{self.max_steps}" if self.max_steps else None
 
     def poll_once(self) -> None:
-        """Score every complete checkpoint not yet scored; notes rotated-away ones."""
+        """Score every complete checkpoint not yet scored; record the ones rotation deleted unscored."""
         self.dir.watch.mkdir(parents=True, exist_ok=True)
         complete = complete_checkpoints(self.run)
         if self.only is not None:
             complete = {tag: path for tag, path in complete.items() if tag in self.only}
             self._note_unlisted(set(self.only) - set(complete) - self.seen - set(self.finished))
-        done = scored_tags(self.dir.results)
-        for tag in sorted(self.seen - set(complete) - done - set(self.finished)):
+        scored = results.scored_keys(self.run)
+        # By identity: a tag name of a run restarted from scratch is another model, scored again.
+        done = {tag for tag, path in complete.items() if results.key_of(path) in scored}
+        for tag in sorted(self.seen - set(complete) - {tag for tag, _ in scored} - set(self.finished)):
             self._note(tag, "rotated", "rotated away (checkpoint.keep_last) before it was evaluated; skipped")
         self.seen |= set(complete)
         pending = []
@@ -161,6 +164,8 @@ class Watcher:
                 pending.append((tag, path))
         if pending:
             self._evaluate(pending)
+        # Last: rotation at the final save runs while that checkpoint is scored, and the watcher may exit next.
+        results.record_rotated_unscored(self.run, self.log)
 
     def _note_unlisted(self, tags: set[str]) -> None:
         """--only names tags that are not complete checkpoints (never seen complete by this watcher)."""
@@ -193,21 +198,23 @@ class Watcher:
                 lock_file = locks.enter_context(files.try_lock(self.dir.watch / f"{tag}.lock"))
                 if lock_file is None:
                     continue  # another watcher (or the scoring child of a dead one) has it; its line will show up
-                if tag in scored_tags(self.dir.results):  # finished by another watcher since we looked
+                wanted = results.key_of(path)
+                if wanted in results.scored_keys(self.run):  # finished by another watcher since we looked
                     self.finished[tag] = "scored"
                     continue
                 attempts = self._attempts(tag)
                 if attempts >= self.max_attempts:
                     self._note(tag, "failed", f"gave up after {attempts} failed attempts; nothing recorded")
                     continue
-                mine.append((tag, path, attempts, lock_file))
-            # A <tag>.json already there was scored by a watcher that died before appending its line.
-            to_score = [item for item in mine if not self.dir.eval_result(item[0]).exists()]
+                mine.append((tag, path, attempts, lock_file, wanted))
+            # A <tag>.json of this checkpoint already there was scored by a watcher that died before appending
+            # its line (one of an earlier checkpoint of the same name is scored over).
+            to_score = [item for item in mine if results.result_of(self.run, item[4]) is None]
             rc = self._score(to_score) if to_score else 0
             blamed = False
-            for tag, path, attempts, lock_file in mine:
-                per_ckpt = self.dir.eval_result(tag)
-                if per_ckpt.exists():
+            for tag, path, attempts, lock_file, wanted in mine:
+                per_ckpt = results.result_of(self.run, wanted)
+                if per_ckpt is not None:
                     self._record(tag, path, per_ckpt, lock_file)
                 elif not path.exists():
                     self._note(tag, "rotated", "rotated away while it was being evaluated; skipped")
@@ -227,12 +234,12 @@ class Watcher:
         The child holds the locks too (pass_fds) and is killed with the watcher: a watcher killed mid-evaluation
         leaves nothing running that would score, or be recorded, a second time.
         """
-        cmd = [self.python, "-m", "eval", "checkpoint", *(str(path) for _, path, _, _ in items), *self.eval_args]
+        cmd = [self.python, "-m", "eval", "checkpoint", *(str(path) for _, path, *_ in items), *self.eval_args]
         if len(items) == 1:
             cmd += ["--out", str(self.dir.eval_result(items[0][0]))]
-        child = subprocess.Popen(cmd, pass_fds=[lock_file.fileno() for *_, lock_file in items],
+        child = subprocess.Popen(cmd, pass_fds=[item[3].fileno() for item in items],
                                  preexec_fn=die_with_parent(os.getpid()))
-        tags = ", ".join(f"{tag} (attempt {attempts + 1} of {self.max_attempts})" for tag, _, attempts, _ in items)
+        tags = ", ".join(f"{tag} (attempt {attempts + 1} of {self.max_attempts})" for tag, _, attempts, *_ in items)
         self.log(f"eval watch: scoring {tags} (pid {child.pid})")
         return child.wait()
 

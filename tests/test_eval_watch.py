@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import PYTHON, REPO
 from train.rundir import RunDir
+from train.rundir.identity import checkpoint_identity
 
 WATCH_LIMIT = "8"  # docs per checkpoint: the watcher's bookkeeping is under test here, not the scores
 
@@ -238,8 +239,9 @@ def one_checkpoint_run(tiny_run, run, command, scored=False):
     (run / "config.yaml").write_text(yaml.safe_dump(recipe))
     if scored:
         (run / "eval").mkdir()
+        identity = checkpoint_identity(tag)  # the result of this very checkpoint, not of another of its name
         (run / "eval" / f"{tag.name}.json").write_text(json.dumps(
-            {"tag": tag.name, "step": step_of(src), "tasks": {"hellaswag": {"acc_norm": 0.3, "n_docs": 8}}}))
+            {**identity, "tasks": {"hellaswag": {"acc_norm": 0.3, "n_docs": 8}}}))
     return tag
 
 

@@ -16,6 +16,7 @@ from tests.test_train_distributed import free_port
 from train.data import Interleave, MixLoader, Source, TrainLoader, open_sources
 from train.recipe import RecipeError, load
 from train.rundir.checkpoints import read_client_state
+from train.rundir.identity import checkpoint_identity
 
 TINY = REPO / "configs/train/tiny-cpu.yaml"
 
@@ -311,8 +312,9 @@ def test_a_mixture_run_logs_val_loss_per_dataset_and_its_epochs(mix_run, diction
     assert [(d["name"], d["drawn"]) for d in state["mix"]] == [("shakespeare", 17), (name, 7)]  # 24 draws at 0.7/0.3
     # The report shows each dataset's val loss beside the overall one (one scored checkpoint is enough).
     (run_dir / "eval").mkdir(exist_ok=True)
+    identity = checkpoint_identity(run_dir / "checkpoints" / "global_step6")  # a result of this run's checkpoint
     (run_dir / "eval" / "results.jsonl").write_text(json.dumps(
-        {"step": 6, "tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.25, "n_docs": 20}}}) + "\n")
+        {**identity, "tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.25, "n_docs": 20}}}) + "\n")
     subprocess.run([PYTHON, "-m", "eval", "report", str(run_dir)], check=True, cwd=REPO, capture_output=True)
     report = (run_dir / "eval" / "report.md").read_text()
     assert f"| val loss | val loss {name} | val loss shakespeare | HellaSwag acc |" in report
