@@ -45,11 +45,16 @@ def print_table(title: str, rows: dict) -> None:
 
 
 def cmd_checkpoint(args) -> int:
+    from train.rundir import run_dir_of
+
     from .harness import EvalError
+    from .results import check_result_out, publish
     from .score import Scorer, default_output, write_result
     if args.out and len(args.ckpt) > 1:
         raise EvalError(f"--out names one result file but {len(args.ckpt)} checkpoints were given; without --out "
                         "each result goes to RUN/eval/<tag>.json")
+    if args.out:
+        check_result_out(args.out)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     device = torch_device(args.device)
     print_table("eval checkpoint", {"checkpoints": ", ".join(map(str, args.ckpt)), "tasks": ", ".join(tasks),
@@ -71,6 +76,9 @@ def cmd_checkpoint(args) -> int:
             continue
         out = args.out or default_output(ckpt, record["tag"])
         write_result(Path(out), record)
+        run = run_dir_of(ckpt)
+        if run is not None:
+            publish(run.path, record)
         for name, m in record["tasks"].items():
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "task_version")
             print(f"{name} (v{m['task_version']}, {m['n_docs']} docs): {metrics}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common import files
 from train.rundir import run_dir_of
+from train.rundir.identity import checkpoint_identity
 
 from .harness import EvalError, lm_eval_version, load_tasks, run_tasks, summarize
 
@@ -70,6 +71,8 @@ class Scorer:
         return {
             "checkpoint": str(Path(ckpt).resolve()),
             "tag": meta.get("tag") or Path(ckpt).resolve().name,
+            # What was scored, not just its name: results are keyed by it (eval.results).
+            **{k: v for k, v in (checkpoint_identity(meta["path"]) or {}).items() if k.startswith("checkpoint_")},
             "kind": meta.get("kind"),
             "step": meta.get("step"),
             "tokens_seen": meta.get("tokens_seen"),
@@ -91,6 +94,9 @@ def export_checkpoint(ckpt, out, force: bool = False) -> dict:
     """Write a checkpoint as an HF directory at `out`: a new path, an empty directory, or (force) an earlier
     export; anything else is refused before the checkpoint is even read."""
     from model.hf import export_target, save_hf
+
+    from .results import check_export_out
+    check_export_out(Path(out))
     export_target(out, force)
     model, meta = load_checkpoint(ckpt)
     save_hf(model, out, force=force, source={k: meta.get(k) for k in ("kind", "path", "tag", "step", "tokens_seen")})
