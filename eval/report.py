@@ -7,19 +7,13 @@ from common import files
 from train.rundir import RunDir
 
 from .harness import EvalError
+from .results import current_segment, read_records, run_records
 
 # OpenAI GPT-2 124M, lm-eval 0-shot HellaSwag acc_norm (see docs/eval.md, Comparability).
 GPT2_124M_ACC_NORM = 0.3114
 # Half-width of a 95% normal interval, in standard errors: a score is read as different from the reference only
 # when the reference lies outside score ± Z95 * stderr.
 Z95 = 1.96
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of an append-only JSON-lines file of the run; none while it does not exist yet."""
-    if not path.exists():
-        return []
-    return [record for _, record in files.read_json_lines(path, EvalError) if isinstance(record, dict)]
 
 
 def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -29,7 +23,7 @@ def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     later line belongs to the run that continued, so it replaces the earlier one.
     """
     train, val = {}, {}
-    for m in read_jsonl(RunDir(run).metrics):
+    for m in current_segment(read_records(RunDir(run).metrics)):  # not an earlier run's in this directory
         if "step" not in m:
             continue
         if "loss" in m and "skipped" not in m:  # a skipped update (train.heal) changed nothing
@@ -67,7 +61,7 @@ def collect(run: Path) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
     """(table rows sorted by step, {metrics key: [(tokens, loss)]} for val_loss and each val_loss/NAME); val lines
     carry no tokens: taken from train lines."""
     train_lines, val_lines = read_metrics(run)
-    results = read_jsonl(RunDir(run).results)
+    results = run_records(run)[0]
     train = {step: m["loss"] for step, m in train_lines.items()}
     tokens = {step: m["tokens"] for step, m in train_lines.items() if "tokens" in m}
     val = {step: m["val_loss"] for step, m in val_lines.items()}
@@ -88,6 +82,7 @@ def collect(run: Path) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
         }
     curves = {key: [(_at_or_before(tokens, s) or 0, v) for s, v in sorted(series.items())]
               for key, series in {"val_loss": val, **per_dataset}.items()}
+    curves["train_loss"] = [(tokens.get(s, 0), v) for s, v in sorted(train.items())]
     return sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0)), curves
 
 
@@ -124,6 +119,26 @@ def markdown(run: Path, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def other_checkpoints(unscored: list[dict], earlier: list[dict]) -> str:
+    """The report's sections on checkpoints of this run never scored, and scores of an earlier run here."""
+    lines = []
+    if unscored:
+        lines += ["", "## Not scored", "", "| step | checkpoint | why |", "|---:|:---|:---|"]
+        lines += [f"| {_fmt(r.get('step'), 'd')} | {r.get('tag')} | {r['unscored']} |"
+                  for r in sorted(unscored, key=lambda r: r.get("step") or 0)]
+    if earlier:
+        lines += ["", "## Earlier runs in this directory",
+                  "", "Checkpoints that are not of the current run (it restarted from scratch, or they were deleted "
+                      "by hand): their scores, without the current run's losses.", "",
+                  "| step | checkpoint | written | HellaSwag acc_norm | docs |", "|---:|:---|:---|---:|---:|"]
+        for r in sorted(earlier, key=lambda r: (str(r.get("checkpoint_written")), r.get("step") or 0)):
+            hs = r.get("tasks", {}).get("hellaswag", {})
+            lines.append(f"| {_fmt(r.get('step'), 'd')} | {r.get('tag')} | {r.get('checkpoint_written') or '–'} | "
+                         f"{_with_interval(hs.get('acc_norm'), hs.get('acc_norm_stderr'))} | "
+                         f"{_fmt(hs.get('n_docs'), 'd')} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def plot(path: Path, rows: list[dict], curves: dict[str, list[tuple[int, float]]], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -133,13 +148,16 @@ def plot(path: Path, rows: list[dict], curves: dict[str, list[tuple[int, float]]
         for i, (key, curve) in enumerate(curves.items()):
             if not curve:
                 continue
-            if key == "val_loss":
+            if key == "train_loss":
+                ax_loss.plot(*zip(*curve), linewidth=1, color="tab:gray", alpha=0.8, label="train loss")
+            elif key == "val_loss":
                 ax_loss.plot(*zip(*curve), marker="o", ms=3, color="tab:blue",
-                             label="val loss" + (" (mixture)" if len(curves) > 1 else ""))
+                             label="val loss" + (" (mixture)" if any(k.startswith(PER_DATASET) for k in curves)
+                                                 else ""))
             else:  # colours C1, C2, ...: C0 is tab:blue, the overall curve's
                 ax_loss.plot(*zip(*curve), marker=".", ms=3, linestyle="--", linewidth=1, color=f"C{i}",
                              label=f"val loss {key.removeprefix(PER_DATASET)}")
-        ax_loss.set(xlabel="tokens", ylabel="validation loss", title="Validation loss")
+        ax_loss.set(xlabel="tokens", ylabel="loss", title="Training and validation loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
         scored = sorted((r for r in rows if r["tokens"] is not None and r["acc_norm"] is not None),
@@ -184,7 +202,8 @@ def write_report(run: Path) -> tuple[Path, Path]:
     rows, curves = collect(run)
     layout.eval.mkdir(parents=True, exist_ok=True)
     report = layout.report
-    files.write_text(report, markdown(run, rows))
+    _, unscored, earlier = run_records(run)
+    files.write_text(report, markdown(run, rows) + other_checkpoints(unscored, earlier))
     curves_path = layout.curves
     plot(curves_path, rows, curves, run.name)
     return report, curves_path
