@@ -101,6 +101,8 @@ def cleanup_leftovers() -> None:
             _run("ip", "netns", "delete", ns, check=False)
     if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
         _run("ip", "link", "delete", BRIDGE, check=False)
+    for i in range(len(NODES)):   # a node's veth outlives its namespace's name while the namespace lingers
+        _run("ip", "link", "delete", f"{PREFIX}v{i}", check=False)
 
 
 class SlurmCluster:
