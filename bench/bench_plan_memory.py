@@ -66,7 +66,8 @@ def trainer_engine(model: str, micro_batch: int, seq_len: int, deepspeed_path: s
     import deepspeed
 
     from train import optim
-    from train.recipe import Recipe, batch_plan, deepspeed_config, optimizer_offload, zero_stage
+    from train.optim import optimizer_offload, zero_stage
+    from train.recipe import Recipe, batch_plan, deepspeed_config
     recipe = Recipe.from_dict({
         "run_dir": "unused", "data": {"dir": "unused"}, "model": {"preset": model}, "deepspeed": deepspeed_path,
         "precision": "bf16", "schedule": {"max_steps": 2},
@@ -78,7 +79,7 @@ def trainer_engine(model: str, micro_batch: int, seq_len: int, deepspeed_path: s
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     torch.manual_seed(0)
-    model = GPT(recipe.model_config())
+    model = GPT(recipe.model)
     built = optim.build(model, recipe.optim, device, offload=optimizer_offload(ds_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=built.optimizer, config=ds_config)
     optim.forget_start_up_step(built.optimizer, zero_stage(ds_config), True)
