@@ -31,7 +31,9 @@ SLOW_MODULES = {"test_slurm_cluster", "test_pipeline_local", "test_train_distrib
                 "test_checkpoint_faults", "test_checkpoint_load", "test_eval_watch", "test_eval", "test_eval_dtype",
                 "test_hf", "test_muon", "test_train_mix", "test_export", "test_recipe_resume", "test_optim_startup",
                 "test_train_step", "test_train_val_split", "test_train_bad_input", "test_prep_resume",
-                "test_gpu_check", "test_train_metrics", "test_train_heal", "test_eval_lineage"}
+                "test_gpu_check", "test_train_metrics", "test_train_heal", "test_eval_lineage",
+                "test_train_watchdog", "test_train_writer", "test_train_summary",
+                "test_wandb_log", "test_warm_start", "test_train_paths"}
 SLOW_TESTS = {"test_a_run_dir_with_another_recipe_is_refused_before_anything_is_submitted",
               "test_python_blocks_run", "test_shell_commands",
               "test_every_update_logs_its_data_wait_to_metrics_and_tensorboard",
