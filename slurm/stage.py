@@ -26,6 +26,9 @@ from .config import Pipeline
 from .plan import SLURM_DIR, eval_stage, sbatch_argv
 
 PREEMPTED = 99   # the trainer's exit status after saving on SIGUSR1 / SIGTERM (train.trainer.PREEMPTED_EXIT)
+HUNG = 98        # no update for heal.watchdog_minutes, every rank's stacks in the log (train.watchdog.HUNG_EXIT)
+# A run that hangs again after this many requeues hangs for a reason a restart does not cure: stop, keep the log.
+MAX_HUNG_REQUEUES = 3
 TRAIN_SRUN = SLURM_DIR / "train_srun.sh"
 
 
@@ -142,6 +145,9 @@ def train(run: Run, args) -> int:
         status = run.call(argv)
         if status == PREEMPTED:
             run.say("training stopped after saving a checkpoint; run the same command again to resume", err=True)
+        elif status == HUNG:
+            run.say("training hung (no update for heal.watchdog_minutes; every rank's stacks are in the log); run "
+                    "the same command again to resume from the last checkpoint", err=True)
         return status
     from train.launch import resolve_env   # the rendezvous rule, as every rank applies it
     env = os.environ
@@ -159,11 +165,16 @@ def train(run: Run, args) -> int:
         requeued = int(restarts or 0) > int(env.get("SLURM_RESTART_COUNT", "0") or 0)
         run.outcome = f"{'requeued' if requeued else 'stopped'} by Slurm (exit {status})"
         run.say(f"training ended by Slurm: {run.outcome}")
-    elif status == PREEMPTED:
-        run.say(f"training saved a checkpoint after a preemption signal: requeueing job {run.slurm_job}")
+    elif status == HUNG and int(env.get("SLURM_RESTART_COUNT", "0") or 0) >= MAX_HUNG_REQUEUES:
+        raise StageFailed(f"training hung again (no update for heal.watchdog_minutes; every rank's stacks are in "
+                          f"the log) after {MAX_HUNG_REQUEUES} requeues: not requeued again; resubmit to resume")
+    elif status in (PREEMPTED, HUNG):
+        run.say(f"training saved a checkpoint after a preemption signal: requeueing job {run.slurm_job}"
+                if status == PREEMPTED else f"training hung (no update for heal.watchdog_minutes; stacks above): "
+                f"requeueing job {run.slurm_job} to resume from its last checkpoint")
         if subprocess.run(["scontrol", "requeue", run.slurm_job]).returncode != 0:
             raise StageFailed(f"scontrol requeue {run.slurm_job} failed: resubmit to resume")
-        run.outcome = f"requeued (exit {PREEMPTED})"
+        run.outcome = f"requeued (exit {status})"
         run.record(status)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the requeue's own SIGTERM ends this run of the job
         time.sleep(30)

@@ -329,6 +329,24 @@ def test_the_train_stage_decides_who_requeues(tmp_path, fake_slurm, job_state, r
     assert "FAILED" not in summary
 
 
+@pytest.mark.parametrize("restart_count, requeued", [("0", True), ("3", False)])
+def test_a_hung_training_is_requeued_until_it_has_hung_three_times(tmp_path, fake_slurm, restart_count, requeued):
+    # 98: train.watchdog's exit after no update for heal.watchdog_minutes (stacks in the log).
+    env, log = fake_slurm
+    p = pipeline(tmp_path)
+    done = run(["bash", STAGE, "train", str(p)],
+               slurm_env(env, SRUN_EXIT="98", JOB_STATE="RUNNING", RESTARTS=restart_count,
+                         SLURM_RESTART_COUNT=restart_count))
+    summary = (tmp_path / "run dir" / "logs" / "summary.txt").read_text()
+    assert ("requeue 7" in (log / "scontrol").read_text()) == requeued
+    if requeued:
+        assert " train 7 requeued (exit 98) " in summary, done.stdout
+    else:
+        assert done.returncode == 1
+        assert "hung again" in done.stderr and "after 3 requeues" in done.stderr
+        assert " train 7 FAILED (exit 1) " in summary
+
+
 def test_the_eval_watcher_stops_when_training_ends_without_success(tmp_path, fake_slurm):
     env, log = fake_slurm
     p = pipeline(tmp_path)
