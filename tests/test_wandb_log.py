@@ -113,3 +113,25 @@ def test_a_wandb_run_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(error.value)
     assert str(error.value).startswith("log.wandb: cannot open the W&B run ")
     assert str(error.value).endswith("; set WANDB_MODE=offline on machines without network, or log.wandb=false")
+
+
+def test_a_wandb_run_that_cannot_be_opened_stops_every_rank(tmp_path, tiny_dataset):
+    # Rank 0 alone opens W&B. Started as srun starts them (no launcher to kill the others when one fails), rank 1
+    # waited in the first update's collective until the process-group timeout (an hour by default) unless the
+    # outcome is shared; the communicate timeout asserts it is.
+    from tests.test_train_distributed import free_port
+    env = {**offline_env(tmp_path), "WANDB_MODE": "online", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    env.pop("WANDB_API_KEY", None)
+    cmd = train_command(tmp_path / "run", tiny_dataset, "log.wandb=true", "heal.watchdog_minutes=0")
+    ranks = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (_out, err) in zip(ranks, outputs):
+        assert rank.returncode == 1, err[-3000:]
+        assert "error: log.wandb: cannot open the W&B run " in err, err[-3000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob("global_step*"))

@@ -399,8 +399,21 @@ class Trainer:
         # resumed_step: TensorBoard drops what the killed run logged after the checkpoint (logged again now).
         log = RunLog(self.run_dir, r.log.tensorboard,
                      resumed_step=self.step if self.resume_tag else None) if self.is_main else None
-        if log and r.log.wandb:
-            log.sinks.append(wandb_log.WandbSink(self.run_dir, r))
+        if r.log.wandb:
+            # Opened on rank 0 only, but a refusal must stop every rank: the others would wait for it in the
+            # first update's collective until the process-group timeout.
+            error = None
+            if log:
+                try:
+                    log.sinks.append(wandb_log.WandbSink(self.run_dir, r))
+                except wandb_log.WandbError as exc:
+                    error = str(exc)
+            errors = [None] * self.place.world_size
+            dist.all_gather_object(errors, error)
+            if errors[0]:
+                if log:
+                    log.close()
+                raise wandb_log.WandbError(errors[0])
         self.log, self.stop = log, stop
         dog = watchdog.Watchdog(r.heal.watchdog_minutes, self.place.rank).start(self.step)
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",
