@@ -162,6 +162,10 @@ class Trainer:
         self.optimizer, self.peak_lrs, self.param_names = built.optimizer, built.peak_lrs, built.param_names
         self.hyperparameters = built.hyperparameters
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        # DeepSpeed copies its zero_to_fp32.py / zero_to_torch.py into RUN/checkpoints at every save; they refuse
+        # the GPU recipes' checkpoints (BF16_Optimizer state has no zero_stage) and unpickle without the trust
+        # rule's checks. `python -m eval export` is the way to plain weights, so leave no script that fails.
+        self.engine._copy_recovery_script = lambda save_path: None
         optim.forget_start_up_step(self.optimizer, zero_stage(self.ds_config),
                                    bool(self.ds_config.get("bf16", {}).get("enabled")))
         optim.check_grouping(self.engine.module, self.recipe.optim)
