@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from common import yamlfile
+from common import cli, files, yamlfile
 from common.errors import PipelineError
 from model.config import ConfigError as ModelConfigError
 from model.config import GPTConfig
@@ -426,11 +426,9 @@ def read_deepspeed_file(recipe: Recipe) -> dict:
     """The DeepSpeed JSON the recipe names, as written (deepspeed_config fills it in)."""
     path = Path(recipe.deepspeed)
     try:
-        ds = json.loads(path.read_text())
+        ds = files.read_json(path, error=RecipeError)
     except OSError as exc:
         raise RecipeError(f"deepspeed config {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"deepspeed config {path}: not valid JSON ({exc})") from None
     if not isinstance(ds, dict):
         raise RecipeError(f"deepspeed config {path}: a JSON object is expected, got {type(ds).__name__}")
     return ds
@@ -498,5 +496,4 @@ def startup_table(recipe: Recipe, plan: BatchPlan, ds_config: dict, n_params: in
         ("engine compiled", str(compiled)),
         ("module activation checkpointing", str(checkpointing)),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return cli.table(rows)
