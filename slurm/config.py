@@ -259,7 +259,8 @@ def read_pipeline(path) -> Pipeline:
     for key in ("PREP_TASKS", "PREP_WORKERS", "FINALIZE_TASKS", "NODES", "GPUS_PER_NODE", "PREP_SHARD_TOKENS",
                 "PREP_VAL_TOKENS", "EVAL_LIMIT"):
         if v.has(key) and v.text(key):   # empty: the default, as `${KEY:-default}` had it
-            values[key] = v.count(key)
+            # --val-tokens 0 is a dataset without a validation split (train it with eval.every: 0)
+            values[key] = v.count(key, minimum=0 if key == "PREP_VAL_TOKENS" else 1)
     if v.has("EVAL_POLL") and v.text("EVAL_POLL"):
         if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", v.text("EVAL_POLL")) or float(v.text("EVAL_POLL")) <= 0:
             v.fail("EVAL_POLL", f"EVAL_POLL must be a positive number of seconds, got {v.text('EVAL_POLL')!r}")

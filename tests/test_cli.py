@@ -312,3 +312,7 @@ def test_a_pipeline_file_reads_counts_as_the_commands_do(tmp_path):
     from tests.test_pipeline_plan import pipeline
     p = read_pipeline(pipeline(tmp_path, PREP_SHARD_TOKENS="100M", PREP_VAL_TOKENS="1e6", PREP_TASKS="1_0"))
     assert (p.PREP_SHARD_TOKENS, p.PREP_VAL_TOKENS, p.PREP_TASKS) == (100_000_000, 1_000_000, 10)
+    # As prep tokenize --val-tokens 0: a dataset without a validation split is legitimate; other counts are >= 1.
+    assert read_pipeline(pipeline(tmp_path, PREP_VAL_TOKENS="0")).PREP_VAL_TOKENS == 0
+    with pytest.raises(PipelineError, match="PREP_TASKS must be a positive whole number"):
+        read_pipeline(pipeline(tmp_path, PREP_TASKS="0"))
