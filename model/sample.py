@@ -6,6 +6,7 @@ The same seed gives the same samples on the same device.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -17,6 +18,13 @@ from common.errors import PipelineError
 
 from .config import PRESETS, GPTConfig
 from .gpt import GPT
+
+
+# Bounds that keep a typo (--num 100000) from allocating tens of GB or running for hours; generation beyond
+# block_size slides its window, so MAX_NEW_TOKENS bounds time only.
+MAX_SAMPLES = 10_000
+MAX_NEW_TOKENS = 65_536
+BATCH = 64
 
 
 class SampleError(PipelineError):
@@ -60,13 +68,27 @@ def run(args) -> int:
     print(f"model: {where}\nconfig: {config.to_dict()}\nparameters: {model.num_params():,}  device: {device}  "
           f"seed: {args.seed}  top_k: {args.top_k}  temperature: {args.temperature}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([tokens] * args.num, dtype=torch.long, device=device)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=generator)
-    for i, row in enumerate(out.tolist()):
-        print(f"--- sample {i} ---")
-        print(tokenizer.decode(row))
+    # At most BATCH rows per forward: memory stays that of BATCH samples whatever --num is, and each batch is
+    # printed as it is done.
+    for first in range(0, args.num, BATCH):
+        rows = min(BATCH, args.num - first)
+        idx = torch.tensor([tokens] * rows, dtype=torch.long, device=device)
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             generator=generator)
+        for i, row in enumerate(out.tolist(), start=first):
+            print(f"--- sample {i} ---")
+            print(tokenizer.decode(row), flush=True)
     return 0
+
+
+def bounded(name: str, high: int):
+    """argparse type: a whole number from 1 to high."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"at most {high:,} ({name}), got {value:,}")
+        return value
+    return parse
 
 
 def register(subparsers) -> None:
@@ -77,8 +99,9 @@ def register(subparsers) -> None:
                         help="HF directory, run dir, checkpoints dir or checkpoint tag dir")
     source.add_argument("--preset", choices=PRESETS, help="sample from a randomly initialised model of this shape")
     p.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
-    p.add_argument("--num", type=positive_int, default=4, help="number of samples")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--num", type=bounded("samples per command", MAX_SAMPLES), default=4,
+                   help=f"number of samples (at most {MAX_SAMPLES:,}; generated {BATCH} at a time)")
+    p.add_argument("--max-new-tokens", type=bounded("tokens per sample", MAX_NEW_TOKENS), default=64)
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens; 1 is greedy")
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=42)

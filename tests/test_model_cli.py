@@ -80,6 +80,16 @@ def test_sample_preset_is_deterministic(capsys):
     assert "parameters: 6,862,464" in first[2]
 
 
+def test_sample_num_is_bounded_and_generated_a_batch_at_a_time(capsys):
+    # --num 100000 allocated 20 GB in one batch: now refused, and a large --num runs in batches of BATCH rows.
+    from model.sample import BATCH
+    status, out, err = cli(capsys, "sample", "--preset", "tiny", "--num", "100000")
+    assert status == 2 and err.count("\n") == 1 and "at most 10,000 (samples per command), got 100,000" in err
+    status, out, err = cli(capsys, "sample", "--preset", "tiny", "--num", str(BATCH + 2), "--max-new-tokens", "2",
+                           "--seed", "7")
+    assert status == 0 and out.count("--- sample ") == BATCH + 2 and f"--- sample {BATCH + 1} ---" in out
+
+
 def test_sample_real_cli(repo_root):
     proc = run_cli(repo_root, "sample", "--preset", "tiny", "--prompt", PROMPT, "--num", "2",
                    "--max-new-tokens", "8", "--seed", "42")
