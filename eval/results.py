@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common import files
 from common.errors import PipelineError
-from train.rundir import RunDir
+from train.rundir import MARK, SAVING, RunDir
 from train.rundir.identity import checkpoint_identity, current_identities, rotated
 
 from .harness import EvalError
@@ -145,9 +145,9 @@ def protected_place(path: Path) -> str | None:
     from prep.reader import MANIFEST
     path = Path(path).resolve()
     for place in (path, *path.parents):
-        if place.name == "checkpoints" and RunDir(place.parent).looks_like_run():
+        if place == RunDir(place.parent).checkpoints and RunDir(place.parent).looks_like_run():
             return f"the checkpoints of run {place.parent}"
-        if place.is_dir() and ((place / "complete.json").exists() or (place / "saving.json").exists()
+        if place.is_dir() and ((place / MARK).exists() or (place / SAVING).exists()
                                or any(place.glob("*model_states.pt"))):
             return f"checkpoint {place}"
         if (place / MANIFEST).is_file() or (place / ".work" / "recipe.json").is_file():

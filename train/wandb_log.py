@@ -41,7 +41,7 @@ def check_available(log_section) -> None:
 
 def run_id(run_dir) -> str:
     """RUN/wandb_id, drawn and written (atomically) at the first call."""
-    path = RunDir(run_dir).path / "wandb_id"
+    path = RunDir(run_dir).wandb_id
     if path.exists():
         return path.read_text().strip()
     new = secrets.token_hex(4)  # W&B ids: short, [a-z0-9]

@@ -23,8 +23,8 @@ from pathlib import Path
 from common import files
 from common.errors import PipelineError
 
-LOCK = "train.lock"  # RUN/train.lock
-CHECKPOINTS = "checkpoints"
+from .rundir import RunDir
+
 
 # How long a requeued job waits for its own earlier incarnation's lock: srun gives its tasks 120 s (--wait) to
 # end after the first one does, and a network filesystem's lock recovery (an NFS lease) takes about 90 s.
@@ -57,7 +57,7 @@ def take_lock(run_dir, job: str | None = None, takeover_seconds: float = TAKEOVE
               log=print) -> contextlib.ExitStack:
     """Hold RUN/train.lock until the returned stack is closed (or the process ends)."""
     run_dir = Path(run_dir)
-    lock = run_dir / LOCK
+    lock = RunDir(run_dir).train_lock
     job = os.environ.get("SLURM_JOB_ID") if job is None else job
     held = contextlib.ExitStack()
     deadline = None
@@ -85,7 +85,7 @@ def claim(run_dir, rank: int, world_size: int) -> contextlib.ExitStack | None:
     Rank 0 gets the held lock (None on the others); every rank raises the same WriterError when it fails."""
     import torch.distributed as dist
     run_dir = Path(run_dir)
-    checkpoints = run_dir / CHECKPOINTS
+    checkpoints = RunDir(run_dir).checkpoints
 
     def agree(problem: str | None) -> None:
         problems = [None] * world_size

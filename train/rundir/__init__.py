@@ -7,6 +7,7 @@ Train writes a run directory (rank 0, except the checkpoint files every rank wri
     config.yaml            the resolved recipe the newest checkpoint continues (write_recipe / read_recipe)
     recipe_history.jsonl   one line per resume that changed allowed keys
     train.lock             the lock of the training that writes here, naming its holder (train.writer)
+    wandb_id               the W&B run's id, drawn at the first start (train.wandb_log)
     metrics.jsonl          training and validation lines (train.metrics appends, eval.report reads)
     samples.jsonl          sample texts
     tb/                    TensorBoard events
@@ -32,6 +33,8 @@ from common import files, yamlfile
 from common.errors import PipelineError
 
 CHECKPOINTS = "checkpoints"
+MARK = "complete.json"    # a checkpoint tag's completion mark (checkpoints.py)
+SAVING = "saving.json"    # a tag being written: never read
 # The version of the run directory's layout and of what its files hold (format.json and each checkpoint's
 # complete.json record it); raised whenever a change means an earlier version's files would be misread.
 FORMAT = 1
@@ -78,6 +81,14 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.path / "samples.jsonl"
+
+    @property
+    def train_lock(self) -> Path:
+        return self.path / "train.lock"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / "wandb_id"
 
     @property
     def tensorboard(self) -> Path:

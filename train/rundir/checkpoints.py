@@ -39,12 +39,10 @@ from pathlib import Path
 from common import files
 from common.errors import PipelineError
 
-from . import CHECKPOINTS, FORMAT, RunDir, earlier_version
+from . import CHECKPOINTS, FORMAT, MARK, SAVING, RunDir, earlier_version
 from .identity import record_rotation
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
-MARK = "complete.json"
-SAVING = "saving.json"
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
 # What train puts into client_state (rides in rank 0's model-states file). param_names: the parameter names of

@@ -19,9 +19,7 @@ from pathlib import Path
 
 from common import files
 
-from . import RunDir
-
-MARK = "complete.json"  # checkpoints.MARK; not imported from there, which would load torch's reader for a hash
+from . import MARK, RunDir
 
 
 def checkpoint_identity(tag_dir) -> dict | None:
