@@ -53,6 +53,7 @@ class Run:
         self.term_received = False
         self.outcome: str | None = None   # a stage may name its own outcome (train: requeued)
         self.recorded = False
+        self.started = time.monotonic()
         if self.slurm_job:
             array = os.environ.get("SLURM_ARRAY_JOB_ID")
             self.id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else self.slurm_job
@@ -93,8 +94,15 @@ class Run:
         outcome = self.outcome or ("ok" if status == 0 else f"FAILED (exit {status})")
         if status != 0 and self.outcome is None:
             self.say(f"error: stage {self.name} failed (exit {status}); log: {self.log}", err=True)
-        files.append_line(self.p.log_dir / "summary.txt", f"{now()} {self.name} {self.id} {outcome} log: {self.log}")
+        files.append_line(self.p.log_dir / "summary.txt", f"{now()} {self.name} {self.id} {outcome} log: {self.log} "
+                                                          f"({elapsed(time.monotonic() - self.started)})")
         self.recorded = True
+
+
+def elapsed(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
 
 
 def python(*argv: str) -> list[str]:

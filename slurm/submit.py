@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 
 from common import cli, files
@@ -18,7 +19,7 @@ from common import cli, files
 from . import checks
 from .config import Pipeline
 from .plan import STAGE_SCRIPT, Stage, eval_stage, sbatch_argv, show_cmd, stages
-from .stage import now, run_stage
+from .stage import elapsed, now, run_stage
 
 
 class SubmitError(checks.ConfigError):
@@ -64,7 +65,9 @@ def run_local(p: Pipeline, planned: list[Stage]) -> int:
     command). A stage's output goes to the terminal and is appended to LOG_DIR/STAGE-local.out after a header line,
     so a second run keeps the first one's log (and its traceback)."""
     p.log_dir.mkdir(parents=True, exist_ok=True)
+    times = []
     for i, stage in enumerate(planned):
+        started = time.monotonic()
         log = p.log_dir / f"{stage.name}-local.out"
         tasks = stage.array if stage.name == "prep_tokenize" or (stage.array or 1) > 1 else 0
         with open(log, "ab") as tee:
@@ -86,6 +89,8 @@ def run_local(p: Pipeline, planned: list[Stage]) -> int:
             if rest:
                 print(f"not run: {' '.join(rest)}", file=sys.stderr)
             return 1
+        times.append((stage.name, elapsed(time.monotonic() - started)))
+    print(cli.table([("stage", "time"), *times]))
     print(f"pipeline finished: dataset {p.DATASET_DIR}, run {p.RUN_DIR}")
     print(f"report: {p.RUN_DIR}/eval/report.md")
     return 0

@@ -55,6 +55,7 @@ def test_local_pipeline_goes_from_text_to_report(local_run):
     run = root / "tiny run"
     assert "stages: prep_tokenize prep_finalize train eval_watch" in done.stdout
     assert done.stdout.rstrip().splitlines()[-1] == f"report: {run}/eval/report.md"
+    assert re.search(r"^stage +time\n(\w+ +\d+m \d\ds\n){4}pipeline finished", done.stdout, re.M), done.stdout[-800:]
     assert (run / "eval" / "report.md").exists()
     verify = subprocess.run([PYTHON, "-m", "prep", "verify", str(root / "data set")], cwd=REPO,
                             capture_output=True, text=True)
@@ -65,6 +66,7 @@ def test_local_pipeline_goes_from_text_to_report(local_run):
     assert [line.split()[1:4] for line in summary] == [
         ["prep_tokenize", "local-0", "ok"], ["prep_tokenize", "local-1", "ok"], ["prep_finalize", "local", "ok"],
         ["train", "local", "ok"], ["eval_watch", "local", "ok"]]
+    assert all(re.search(r"log: .* \(\d+m \d\ds\)$", line) for line in summary), summary  # each stage's time
     assert "tokenize task 1/2" in (run / "logs" / "prep_tokenize-local.out").read_text()
 
 
