@@ -11,6 +11,8 @@ import pytest
 
 from common import files
 from tests.conftest import REPO
+from train.rundir import RunDir
+from train.rundir.checkpoints import write_mark
 
 
 def leftovers(directory):
@@ -219,10 +221,11 @@ def test_a_filesystem_without_locks_stops_eval_watch_in_one_line_before_scoring(
         tmp_path, capsys, shared_dir, flock_without_locks):
     from eval.__main__ import main
     run = tmp_path / "run"
+    RunDir(run).start()
     tag = run / "checkpoints" / "global_step1"
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # never read: the lock comes first
-    (run / "checkpoints" / "latest").write_text("global_step1")  # complete by the rule for runs without marks
+    write_mark(tag, 1, 1)  # a complete checkpoint, as far as the watcher can tell before it locks
     rc = main(["watch", str(run), "--once", "--hellaswag-file", str(shared_dir / "data" / "hellaswag_val.jsonl")])
     assert rc == 1
     assert_no_locks_line(capsys.readouterr().err, run / "eval" / ".watch" / "global_step1.lock")

@@ -292,7 +292,7 @@ BAD = {
     "micro batch 0": (["--micro-batch", "0"], "--micro-batch must be positive"),
     "seq len 0": (["--seq-len", "0"], "--seq-len must be positive"),
     "seq len > block": (["--model", "tiny", "--seq-len", "512"], "exceeds the model's block_size 256"),
-    "unknown model": (["--model", "gpt5"], "unknown model"),
+    "unknown model": (["--model", "gpt5"], "'gpt5' is neither a preset (gpt2, gpt2-medium"),
     "offload at stage 0": (["--zero", "0", "--offload"], "offload needs ZeRO stage 1, 2 or 3"),
     "fp32 accumulation at stage 2": (["--zero", "2", "--grad-accum-dtype", "fp32"], "ZeRO-1 without offload"),
     "missing DeepSpeed config": (["--deepspeed", "/nonexistent/ds.json"], "cannot read DeepSpeed config"),

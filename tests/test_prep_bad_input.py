@@ -137,7 +137,7 @@ def test_empty_input_set_and_bad_flags(tmp_path, capsys):
     (tmp_path / "raw" / "readme.md").write_text("nothing to tokenize")
     assert tokenize([tmp_path / "raw"], tmp_path / "ds") == 1
     assert "error: no input files (.parquet, .jsonl, .jsonl.zst, .txt) found in" in capsys.readouterr().err
-    assert tokenize([tmp_path / "missing.jsonl"], tmp_path / "ds") == 1
+    assert tokenize([tmp_path / "missing.jsonl"], tmp_path / "ds") == 2  # a flag naming nothing: a usage error
     assert "missing.jsonl: no such file or directory" in capsys.readouterr().err
     empty = write_jsonl(tmp_path / "e.jsonl", [{"text": ""}])
     assert tokenize([empty], tmp_path / "ds", "--val-tokens", 0) == 1
@@ -146,7 +146,7 @@ def test_empty_input_set_and_bad_flags(tmp_path, capsys):
     assert tokenize([empty], tmp_path / "ds", "--task-index", 3, "--task-count", 2) == 2  # usage error
     assert "--task-index 3 is outside 0..1" in capsys.readouterr().err
     assert tokenize([empty], tmp_path / "ds", "--shard-tokens", 0) == 2
-    assert "--shard-tokens must be positive" in capsys.readouterr().err
+    assert "argument --shard-tokens: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_val_tokens_larger_than_corpus_refused(tmp_path, shakespeare_docs, capsys):

@@ -24,6 +24,7 @@ def test_a_run_resumed_after_a_kill_reads_one_value_per_step(tiny_run, tiny_data
     shutil.copytree(tiny_run / "checkpoints" / "global_step3", run / "checkpoints" / "global_step3")
     (run / "checkpoints" / "latest").write_text("global_step3")
     shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    shutil.copy(tiny_run / "format.json", run / "format.json")
     shutil.copytree(tiny_run / "tb", run / "tb")
     metrics = lines(tiny_run / "metrics.jsonl")
     before = [m for m in metrics if json.loads(m)["step"] <= 5]

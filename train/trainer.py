@@ -6,6 +6,7 @@ cleanly if any rank got SIGUSR1 or SIGTERM (save, exit PREEMPTED_EXIT).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -140,6 +141,13 @@ class Trainer:
     def build(self) -> None:
         import deepspeed
         launch.init_distributed(self.place, timedelta(minutes=self.recipe.dist_timeout_minutes))
+        if self.recipe.optim.name == "muon":
+            # Every rank probes its own node, and all stop alike, before the run directory is touched.
+            problems = [None] * self.place.world_size
+            dist.all_gather_object(problems, optim.muon_compile_problem(self.place.device))
+            problem = next((p for p in problems if p), None)
+            if problem:
+                raise optim.ToolchainError(problem)
         # Before any update or run file: this run directory is ours alone (rank 0 holds the lock), and writable.
         self.run_lock = writer.claim(self.run_dir, self.place.rank, self.place.world_size)
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
@@ -149,13 +157,6 @@ class Trainer:
             warm_start.apply(model, self.init_weights)
             self.init_weights = None
         self.n_params = model.num_params()
-        if self.recipe.optim.name == "muon":
-            # Every rank probes its own node, and all stop alike, before any update or collective of the engine.
-            problems = [None] * self.place.world_size
-            dist.all_gather_object(problems, optim.muon_compile_problem(self.place.device))
-            problem = next((p for p in problems if p), None)
-            if problem:
-                raise optim.ToolchainError(problem)
         built = optim.build(model, self.recipe.optim, self.place.device, offload=optimizer_offload(self.ds_config))
         # param_names: each group's parameter names in the optimizer's order, which is the order of its fp32 master
         # copies; checkpoints record them (client_state param_names) so the masters map to parameters by name.
@@ -455,6 +456,12 @@ class Trainer:
                 if preempted and not last:
                     return self._preempted(stop)
             return 0
+        except BaseException:
+            # The updates before the failure are complete: the last one's line, deferred to the next update's
+            # sync, is written now rather than lost with the run.
+            with contextlib.suppress(Exception):
+                self._flush_deferred()
+            raise
         finally:
             dog.close()
             self.loader.close()
