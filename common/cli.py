@@ -11,6 +11,7 @@ import argparse
 import copy
 import decimal
 import errno
+import math
 import os
 import re
 import sys
@@ -134,6 +135,16 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def at_most(high: int, what: str):
+    """argparse type: a whole number from 1 to high (what: the unit, named in the refusal)."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"at most {high:,} ({what}), got {value:,}")
+        return value
+    return parse
+
+
 def existing_path(text: str) -> Path:
     """argparse type: a file or directory that exists. Naming one that does not is a usage error (exit 2), as is
     every command-line value that names nothing (docs/design.md, "Exit status")."""
@@ -158,8 +169,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 

@@ -17,7 +17,8 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hellaswag-file", type=cli.existing_path, default=None,
                    help="HellaSwag validation jsonl from `prep eval-data` (default data/eval/hellaswag_val.jsonl)")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N docs of each task")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    # Rows of at most block_size tokens per forward pass: beyond a few thousand no device has the memory.
+    p.add_argument("--batch-size", type=cli.at_most(4096, "rows per forward pass"), default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="the transformer's arithmetic: bf16 autocast or fp32; the LM head and log-softmax run in "
@@ -154,7 +155,7 @@ def register_export(sub) -> None:
 def register_watch(sub) -> None:
     p = cli.add_command(sub, "watch", cmd_watch, help="score every complete checkpoint of a run, once each")
     p.add_argument("run_dir", metavar="RUN", type=cli.existing_path, help="run directory")
-    p.add_argument("--poll", type=float, default=60.0, help="seconds between looks at RUN/checkpoints")
+    p.add_argument("--poll", type=cli.positive_float, default=60.0, help="seconds between looks at RUN/checkpoints")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--until-final", action="store_true",
                        help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")

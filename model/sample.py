@@ -6,7 +6,6 @@ The same seed gives the same samples on the same device.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -81,16 +80,6 @@ def run(args) -> int:
     return 0
 
 
-def bounded(name: str, high: int):
-    """argparse type: a whole number from 1 to high."""
-    def parse(text: str) -> int:
-        value = positive_int(text)
-        if value > high:
-            raise argparse.ArgumentTypeError(f"at most {high:,} ({name}), got {value:,}")
-        return value
-    return parse
-
-
 def register(subparsers) -> None:
     p = cli.add_command(subparsers, "sample", run, help="generate text from a checkpoint, an HF directory or a preset",
                         description=__doc__.splitlines()[0])
@@ -99,9 +88,9 @@ def register(subparsers) -> None:
                         help="HF directory, run dir, checkpoints dir or checkpoint tag dir")
     source.add_argument("--preset", choices=PRESETS, help="sample from a randomly initialised model of this shape")
     p.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
-    p.add_argument("--num", type=bounded("samples per command", MAX_SAMPLES), default=4,
+    p.add_argument("--num", type=cli.at_most(MAX_SAMPLES, "samples per command"), default=4,
                    help=f"number of samples (at most {MAX_SAMPLES:,}; generated {BATCH} at a time)")
-    p.add_argument("--max-new-tokens", type=bounded("tokens per sample", MAX_NEW_TOKENS), default=64)
+    p.add_argument("--max-new-tokens", type=cli.at_most(MAX_NEW_TOKENS, "tokens per sample"), default=64)
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens; 1 is greedy")
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=42)

@@ -316,3 +316,15 @@ def test_a_pipeline_file_reads_counts_as_the_commands_do(tmp_path):
     assert read_pipeline(pipeline(tmp_path, PREP_VAL_TOKENS="0")).PREP_VAL_TOKENS == 0
     with pytest.raises(PipelineError, match="PREP_TASKS must be a positive whole number"):
         read_pipeline(pipeline(tmp_path, PREP_TASKS="0"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "checkpoint", ".", "--batch-size", "1000000"], "at most 4,096 (rows per forward pass), got 1,000,000"),
+    (["eval", "watch", ".", "--poll", "inf"], "must be a positive finite number, got inf"),
+    (["eval", "watch", ".", "--poll", "-1"], "must be a positive finite number, got -1"),
+    (["model", "sample", "--preset", "tiny", "--max-new-tokens", "1e9"], "at most 65,536 (tokens per sample)"),
+])
+def test_cli_values_are_bounded_before_anything_runs(argv, message):
+    # An unbounded --batch-size allocated what it was told; --poll inf or -1 ended the watcher in a traceback.
+    done = subprocess.run([PYTHON, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
