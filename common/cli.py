@@ -101,16 +101,17 @@ SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12,
 def parse_int(text: str) -> int:
     """'100M', '10B', '2K', '1e8', '1_000', '64Mi' -> the exact integer; ValueError saying why for anything else,
     a fraction included ('1.5' tokens), never a rounded guess. The one parser of every count."""
+    shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:40] + "..."  # errors stay one short line
     match = NUMBER.fullmatch(text)
     if not match:
-        raise ValueError(f"expected a whole number such as 100M, 10B, 2K, 1e8 or 1_000, got {text!r}")
+        raise ValueError(f"expected a whole number such as 100M, 10B, 2K, 1e8 or 1_000, got {shown!r}")
     value = decimal.Decimal(match.group(1).replace("_", ""))
     if value.adjusted() > 30:  # before scaling and int(), which would build a number as long as the exponent
-        raise ValueError(f"{text.strip()} is too large for a count")
+        raise ValueError(f"{shown} is too large for a count")
     value *= SCALE[(match.group(2) or "").lower()]
     if value != value.to_integral_value():
         exact = f"{value.normalize():f}"
-        said = text.strip() if exact == text.strip() else f"{text.strip()} ({exact})"
+        said = shown if exact == text.strip() or len(exact) > 40 else f"{shown} ({exact})"
         raise ValueError(f"{said} is not a whole number: a count has no fraction")
     return int(value)
 

@@ -235,3 +235,14 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_file_without_expand
         load(bomb)
     with pytest.raises(ConfigError, match="take no anchors or aliases"):
         GPTConfig.resolve(str(bomb))
+
+
+def test_counts_in_a_recipe_read_as_the_commands_flags_do():
+    # --set batch.total_tokens=512K was refused as "not a number" while prep's --shard-tokens 512K was taken.
+    r = load(REPO / "configs/train/tiny-cpu.yaml", ["batch.total_tokens=512", "schedule.max_steps=2K", "seed=1e3"])
+    assert (r.batch.total_tokens, r.schedule.max_steps, r.seed) == (512, 2000, 1000)
+    assert load(REPO / "configs/train/tiny-cpu.yaml", ["sample.prompt=10B"]).sample.prompt == "10B"  # text stays text
+    with pytest.raises(RecipeError, match="schedule.max_steps must be a positive integer, got 1.5"):
+        load(REPO / "configs/train/tiny-cpu.yaml", ["schedule.max_steps=1.5"])
+    with pytest.raises(RecipeError, match="batch.total_tokens: expected a whole number such as 100M"):
+        load(REPO / "configs/train/tiny-cpu.yaml", ["batch.total_tokens=lots"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,6 +264,14 @@ def _build(cls, values: dict, where: str):
             kwargs[key] = tuple(_build(item, v, f"{path}[{i}].") for i, v in enumerate(value))
         elif isinstance(value, list) and isinstance(default, tuple):  # optim.betas
             kwargs[key] = tuple(value)
+        elif isinstance(value, (str, float)) and "int" in {t.strip() for t in str(fields[key].type).split("|")}:
+            # A count written as people write them (512K, 10B, 1e8 — which YAML reads as a float), read as every
+            # command's flags are; a fraction stays a float for the section's check to refuse.
+            try:
+                kwargs[key] = cli.parse_int(value) if isinstance(value, str) else \
+                    int(value) if math.isfinite(value) and value.is_integer() else value
+            except ValueError as exc:
+                raise RecipeError(f"{path}: {exc}") from None
         else:
             kwargs[key] = value
     return cls(**kwargs)
