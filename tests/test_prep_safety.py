@@ -168,14 +168,19 @@ def _same_size_edit(path: Path, keep_mtime: bool) -> None:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
 
 
+def finished_two_input_dataset(tmp_path, docs):
+    """(src, other, tokenize flags, the dataset's bytes) of a finished dataset at tmp_path/ds made of two inputs."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs[:200]])
+    other = write_jsonl(tmp_path / "more.jsonl", [{"text": d} for d in docs[200:400]])
+    args = ["--val-tokens", 0, "--shard-tokens", 5000]
+    assert tokenize([src, other], tmp_path / "ds", *args) == 0
+    return src, other, args, tree_bytes(tmp_path / "ds")
+
+
 @pytest.mark.parametrize("keep_mtime", [False, True], ids=["edited", "edited-mtime-restored"])
 def test_input_edited_without_changing_its_size_is_refused(tmp_path, shakespeare_docs, keep_mtime, capsys):
-    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in shakespeare_docs[:200]])
-    other = write_jsonl(tmp_path / "more.jsonl", [{"text": d} for d in shakespeare_docs[200:400]])
-    args = ["--val-tokens", 0, "--shard-tokens", 5000]
     # A finished dataset: refused, untouched.
-    assert tokenize([src, other], tmp_path / "ds", *args) == 0
-    before = tree_bytes(tmp_path / "ds")
+    src, other, args, before = finished_two_input_dataset(tmp_path, shakespeare_docs)
     _same_size_edit(src, keep_mtime)
     capsys.readouterr()
     assert tokenize([src, other], tmp_path / "ds", *args) == 1
@@ -274,12 +279,8 @@ def _touch(path: Path, copy: bool) -> None:
 
 @pytest.mark.parametrize("copy", [False, True], ids=["touched", "copied-without-p"])
 def test_an_input_with_the_same_content_and_a_new_mtime_is_the_same_recipe(tmp_path, shakespeare_docs, copy, capsys):
-    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in shakespeare_docs[:200]])
-    other = write_jsonl(tmp_path / "more.jsonl", [{"text": d} for d in shakespeare_docs[200:400]])
-    args = ["--val-tokens", 0, "--shard-tokens", 5000]
     # A finished dataset: reused, untouched.
-    assert tokenize([src, other], tmp_path / "ds", *args) == 0
-    before = tree_bytes(tmp_path / "ds")
+    src, other, args, before = finished_two_input_dataset(tmp_path, shakespeare_docs)
     _touch(src, copy)
     capsys.readouterr()
     assert tokenize([src, other], tmp_path / "ds", *args) == 0
