@@ -14,8 +14,10 @@ ratio stays like for like. tokens/s is the median over the steps after --skip wa
 the first). The trainer's is its wall-clock period per update: the spacing of consecutive metrics.jsonl lines (one
 per update, log.every 1), so everything it does per update counts (the loader, the loss's all_reduce, DeepSpeed's
 step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writing do not; its MFU is read from the
-same file. --before DIR runs the trainer of another checkout (e.g. `git worktree add DIR COMMIT`) the same way, as a
-third row. They alternate --rounds times to even out a shared machine.
+same file. A third row, the engine loop, drives the trainer's own DeepSpeed engine (its DeepSpeed config and
+optimizer) with the plain loop's few lines: plain -> engine is what DeepSpeed costs, engine -> trainer what the
+trainer's own work around the engine costs. --before DIR runs the trainer of another checkout (e.g. `git worktree add
+DIR COMMIT`) the same way, as another row. They alternate --rounds times to even out a shared machine.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +42,10 @@ import torch  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
+from train import launch  # noqa: E402
 from train.data import TrainLoader  # noqa: E402
 from train.metrics import mfu, peak_flops  # noqa: E402
-from train.optim import build  # noqa: E402
+from train.optim import build, set_lr  # noqa: E402
 from train.recipe import Mfu, Optim  # noqa: E402
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
@@ -58,7 +61,8 @@ def plain_loop(args) -> list[dict]:
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
         model.compile()
-    optimizer = build(model, Optim(max_lr=3e-4, weight_decay=0.1), DEVICE, offload=False).optimizer
+    built = build(model, Optim(max_lr=3e-4, weight_decay=0.1), DEVICE, offload=False)
+    optimizer = built.optimizer
     loader = TrainLoader(Dataset(args.dataset), args.micro_batch, args.seq_len, 0, 1, args.seed)
     autocast = (torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
                 else nullcontext())
@@ -66,6 +70,7 @@ def plain_loop(args) -> list[dict]:
     records = []
     for _ in range(args.steps):
         start = time.perf_counter()
+        set_lr(optimizer, built.peak_lrs, 1.0)
         for _ in range(args.grad_accum):
             x, y = loader.next()
             with autocast:
@@ -79,7 +84,56 @@ def plain_loop(args) -> list[dict]:
         rate = args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start)
         records.append({"tokens_per_s": rate, "mfu": mfu(rate, model_config(args), args.seq_len, 1, peak)})
     # Give the GPU back to the trainer's process: drop compiled graphs that pin this model, empty the cache.
-    del model, optimizer
+    del model, optimizer, built
+    torch._dynamo.reset()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return records
+
+
+def recipe_sets(args, run_dir: str, deepspeed: str) -> list[str]:
+    """The --set overrides of the tiny recipe that give the trainer this bench's run."""
+    model = f"{{preset: {args.preset}, padded_vocab_size: {args.padded_vocab_size or 'null'}}}"
+    return [f"run_dir={run_dir}", f"data.dir={args.dataset}", f"model={model}",
+            f"precision={args.precision}", f"batch.micro_batch={args.micro_batch}",
+            f"batch.seq_len={args.seq_len}", f"batch.total_tokens={args.micro_batch * args.seq_len * args.grad_accum}",
+            f"schedule.max_steps={args.steps}", "eval.every=0", "sample.every=0", "checkpoint.every=0",
+            "log.tensorboard=false", f"seed={args.seed}", f"deepspeed={deepspeed}",
+            f"compile={str(args.compile).lower()}",
+            f"activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+
+
+def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[dict]:
+    """The trainer's DeepSpeed engine (its DeepSpeed config and optimizer, from the same recipe) driven by the plain
+    loop's few lines: what DeepSpeed itself costs per update, apart from the trainer's own work around it."""
+    import deepspeed as ds
+    from train.recipe import batch_plan, deepspeed_config, load
+    recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", deepspeed))
+    config = deepspeed_config(recipe, batch_plan(recipe, 1))
+    if not torch.distributed.is_initialized():
+        launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
+    torch.manual_seed(args.seed)
+    model = GPT(model_config(args))
+    model.activation_checkpointing = args.activation_checkpointing
+    built = build(model, recipe.optim, DEVICE, offload=False)
+    engine, *_ = ds.initialize(model=model, optimizer=built.optimizer, config=config)
+    if args.compile:
+        engine.compile()
+    loader = TrainLoader(Dataset(args.dataset), args.micro_batch, args.seq_len, 0, 1, args.seed)
+    peak = peak_flops(Mfu(), DEVICE)
+    records = []
+    for step in range(args.steps):
+        start = time.perf_counter()
+        set_lr(built.optimizer, built.peak_lrs, 1.0 if step else 0.0)
+        for _ in range(args.grad_accum):
+            x, y = loader.next()
+            _, loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            engine.step()
+        loss.item()  # the trainer's one sync per update, so the host waits for the device alike
+        rate = args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start)
+        records.append({"tokens_per_s": rate, "mfu": mfu(rate, model_config(args), args.seq_len, 1, peak)})
+    del engine, model, built
     torch._dynamo.reset()
     if DEVICE.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -88,18 +142,13 @@ def plain_loop(args) -> list[dict]:
 
 def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str = "configs/deepspeed/zero1.json") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        model = f"{{preset: {args.preset}, padded_vocab_size: {args.padded_vocab_size or 'null'}}}"
-        sets = [f"run_dir={tmp}/run", f"data.dir={args.dataset}", f"model={model}",
-                f"precision={args.precision}", f"batch.micro_batch={args.micro_batch}",
-                f"batch.seq_len={args.seq_len}", f"batch.total_tokens={args.micro_batch * args.seq_len * args.grad_accum}",
-                f"schedule.max_steps={args.steps}", "eval.every=0", "sample.every=0", "checkpoint.every=0",
-                "log.tensorboard=false", f"seed={args.seed}", f"deepspeed={deepspeed}",
-                f"compile={str(args.compile).lower()}",
-                f"activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+        sets = recipe_sets(args, f"{tmp}/run", deepspeed)
         cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml", "--set", "log.every=1"]
         for s in sets:
             cmd += ["--set", s]
-        result = subprocess.run(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Without the rendezvous variables the engine loop exported in this process: the trainer is rank 0 of 1.
+        env = {k: v for k, v in os.environ.items() if k not in launch.resolve_env({})}
+        result = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             sys.exit(f"python -m train exited {result.returncode}:\n{result.stderr[-3000:]}")
         lines = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
@@ -107,6 +156,17 @@ def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str = "configs/deepspe
         tokens = args.micro_batch * args.seq_len * args.grad_accum
         # The first line has no predecessor: its period is unknown, and it is a warm-up step anyway.
         return [{**r, "tokens_per_s": tokens / (r["time"] - prev["time"])} for prev, r in zip(lines, lines[1:])]
+
+
+def fresh_process(side: str):
+    """Run one side in a process of its own, as the trainer runs: no side inherits another's heap or threads."""
+    def run(args) -> list[dict]:
+        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            sys.exit(f"the {side} side exited {result.returncode}:\n{result.stderr[-3000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    return run
 
 
 def main() -> int:
@@ -128,10 +188,14 @@ def main() -> int:
     p.add_argument("--before", metavar="DIR", help="also run the trainer of this checkout (a third row)")
     p.add_argument("--also-deepspeed", metavar="FILE", help="also run this checkout's trainer with this DeepSpeed "
                    "config instead of ZeRO-1's configs/deepspeed/zero1.json (another row)")
+    p.add_argument("--side", choices=("plain", "engine"), help=argparse.SUPPRESS)  # one side, in this process
     args = p.parse_args()
     if args.steps <= args.skip:
         p.error(f"--steps {args.steps} leaves nothing after --skip {args.skip}")
-    sides = [("plain", plain_loop), ("deepspeed", deepspeed_trainer)]
+    if args.side:
+        print(json.dumps({"plain": plain_loop, "engine": engine_loop}[args.side](args)))
+        return 0
+    sides = [("plain", fresh_process("plain")), ("engine", fresh_process("engine")), ("deepspeed", deepspeed_trainer)]
     if args.also_deepspeed:
         sides.append(("also", lambda a: deepspeed_trainer(a, deepspeed=args.also_deepspeed)))
     if args.before:
@@ -147,6 +211,8 @@ def main() -> int:
             print(f"{name:9s} median {results[name][-1]:10.1f} tok/s over {len(records)} steps"
                   + (f", MFU {mfus[name][-1]:.3f}" if mfus[name] else ""), flush=True)
     plain, ds = statistics.median(results["plain"]), statistics.median(results["deepspeed"])
+    # Each round's sides ran back to back: the median of the rounds' own ratios follows a drifting machine best.
+    paired = {name: statistics.median(r / p for r, p in zip(results[name], results["plain"])) for name in results}
     where = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else f"{os.cpu_count()} CPUs"
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {where}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -156,13 +222,17 @@ def main() -> int:
           f"{args.rounds} rounds")
     print(f"plain PyTorch loop     {plain:10.1f} tok/s")
     print(f"DeepSpeed trainer      {ds:10.1f} tok/s")
-    print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}")
+    print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}  (median of the rounds' ratios: {paired['deepspeed']:.3f})")
+    engine = statistics.median(results["engine"])
+    print(f"DeepSpeed engine alone {engine:10.1f} tok/s, ratio to plain {paired['engine']:.3f} (DeepSpeed's own cost)")
+    trainer_engine = statistics.median(r / e for r, e in zip(results["deepspeed"], results["engine"]))
+    print(f"ratio trainer/engine   {trainer_engine:10.3f}  (the trainer's own cost around the engine)")
     if args.before:
         before = statistics.median(results["before"])
-        print(f"trainer of {args.before}: {before:10.1f} tok/s, ratio to plain {before / plain:10.3f}")
+        print(f"trainer of {args.before}: {before:10.1f} tok/s, ratio to plain {paired['before']:10.3f}")
     if args.also_deepspeed:
         also = statistics.median(results["also"])
-        print(f"trainer with {args.also_deepspeed}: {also:10.1f} tok/s, ratio to plain {also / plain:10.3f}")
+        print(f"trainer with {args.also_deepspeed}: {also:10.1f} tok/s, ratio to plain {paired['also']:10.3f}")
     for name, label in (("plain", "plain PyTorch loop"), ("deepspeed", "DeepSpeed trainer")):
         if mfus[name]:
             print(f"MFU {label:18s} {statistics.median(mfus[name]):10.3f}  (docs/train.md, MFU)")

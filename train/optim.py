@@ -216,12 +216,12 @@ def build(model: torch.nn.Module, optim, device: str, offload: bool) -> Built:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         optimizer = DeepSpeedCPUAdam(groups, lr=0.0, betas=optim.betas, eps=optim.eps, adamw_mode=True)
     else:
-        # On CUDA torch's fused kernel: one launch updates every tensor (the default, foreach, launches several
-        # per parameter group step). DeepSpeed's ZeRO 0-3 without offload call this optimizer's step() on GPU
-        # tensors (fp32 master weights, or the bf16 weights themselves), all of which the fused kernel takes; not
-        # measured on a GPU yet (docs/benchmarks.md). None elsewhere: torch's default on the CPU.
-        fused = True if device.startswith("cuda") else None
-        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=fused)
+        # torch's fused kernel, on CUDA and CPU alike: one pass over each tensor updates it (the defaults launch
+        # several kernels per group on CUDA, and on the CPU run about ten whole-tensor passes per tensor, which
+        # for ZeRO's one flat fp32 partition cost 7x the fused step: docs/benchmarks.md). DeepSpeed's ZeRO 0-3
+        # without offload call this optimizer's step() on fp32 master weights or the bf16 weights themselves,
+        # all of which the fused kernel takes.
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=True)
     # MuonWithAuxAdam sorts its Muon group by size: the names follow the optimizer's own order.
     names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     options = [{k: group[k] for k in RECIPE_OPTIONS if k in group} for group in optimizer.param_groups]

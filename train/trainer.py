@@ -95,10 +95,6 @@ class Trainer:
             check_inputs(recipe, source.dataset)
         self.model_config = recipe.model
         self.ds_config = deepspeed_config(recipe, self.plan)
-        # DeepSpeed's throughput timer (on unless told) synchronizes the GPU at the start and end of every micro
-        # step, so the host never runs ahead of it; the trainer measures tokens/s itself.
-        self.ds_config.setdefault("timers", {"throughput": {"enabled": False}})
-        self.ds_config["wall_clock_breakdown"] = False
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = rundir.RunDir(self.run_dir).checkpoints
         self.resume_tag, self.resume_state = resume_point(
