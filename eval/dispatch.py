@@ -69,6 +69,8 @@ class Dispatcher(Watcher):
             return
         record_file = self._record_file(tag)
         record = self._read_record(record_file)
+        if record is not None and record.get("checkpoint_id", wanted[1]) != wanted[1]:
+            record = None  # the jobs of an earlier checkpoint of this name (a run restarted from scratch)
         if record is not None:
             job = record["job"]
             state = self.job_state(job)
@@ -86,13 +88,14 @@ class Dispatcher(Watcher):
                 self._note(tag, "rotated", f"rotated away (checkpoint.keep_last) before eval job {job} scored it")
                 return
             ended = f"ended {state}" if state else "is no longer known to Slurm"
-            tries = max(record["submissions"], self._attempts(tag))
+            tries = max(record["submissions"], self._attempts(wanted))
             if tries >= self.max_attempts:
-                self._note(tag, "failed", f"gave up after {tries} eval jobs without a result (the last, {job}, "
-                                          f"{ended}); nothing recorded")
+                self._give_up(tag, path, f"gave up after {tries} eval jobs without a result (the last, {job}, "
+                                         f"{ended}; --max-attempts {self.max_attempts}; remove {record_file} and "
+                                         f"{self._attempts_file(tag)} to try again)")
                 return
             self.log(f"eval watch: {tag}: eval job {job} {ended} without a result; submitting another")
-        self._submit(tag, record_file, record)
+        self._submit(tag, wanted, record_file, record)
 
     def _read_record(self, record_file: Path) -> dict | None:
         if not record_file.exists():
@@ -106,7 +109,7 @@ class Dispatcher(Watcher):
         raise EvalError(f"{record_file} is not a submission record (JSON with job and submissions); it names the "
                         f"eval job of its checkpoint: check that job (squeue, sacct), then remove the file")
 
-    def _submit(self, tag: str, record_file: Path, record: dict | None) -> None:
+    def _submit(self, tag: str, wanted: tuple, record_file: Path, record: dict | None) -> None:
         cmd = [*self.submit, tag]
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
@@ -123,6 +126,6 @@ class Dispatcher(Watcher):
         self.submit_failures.pop(tag, None)
         jobs = [*(record or {}).get("jobs", []), job]
         files.write_json(record_file, {
-            "tag": tag, "job": job, "submissions": len(jobs), "jobs": jobs,
+            "tag": tag, "checkpoint_id": wanted[1], "job": job, "submissions": len(jobs), "jobs": jobs,
             "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": shlex.join(cmd)})
         self.log(f"eval watch: {tag}: submitted eval job {job} (submission {len(jobs)} of {self.max_attempts})")

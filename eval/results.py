@@ -59,30 +59,49 @@ def result_of(run, wanted: tuple) -> Path | None:
     return path if isinstance(record, dict) and key(record) == wanted else None
 
 
-def record_rotated_unscored(run, log=print) -> list[str]:
-    """A results.jsonl line for each checkpoint rotated away with no result: its identity and why. Returns the
-    tags recorded now; under a lock, so watchers and eval jobs doing this at once write each line once."""
+def record_unscored(run, entries: list[tuple[dict, str]]) -> list[tuple]:
+    """A results.jsonl line for each (identity, why) of a checkpoint left without a score, identity being
+    train.rundir.identity's record of it. Returns the keys recorded now; under a lock, so watchers and eval jobs
+    doing this at once write each line once, and a checkpoint already recorded (scored or not) gets no second."""
     run = RunDir(run)
-    gone = rotated(run.path)
-    if not gone:
-        return []
     run.watch.mkdir(parents=True, exist_ok=True)
     recorded = []
     with files.lock(run.watch / "results.lock", f"the results of {run.path}", wait=True):
         settled = settled_keys(run.path)
-        for r in gone:
-            if key(r) in settled:
+        for identity, reason in entries:
+            if key(identity) in settled:
                 continue
-            reason = (f"rotated away by checkpoint.keep_last={r.get('keep_last')} "
-                      + (f"(keep_every={r['keep_every']}) " if r.get("keep_every") else "")
-                      + f"at {r.get('rotated_at')}, before it was scored")
             files.append_json_line(run.results, {
-                "tag": r["tag"], "step": r.get("step"), "checkpoint_id": r["checkpoint_id"],
-                "checkpoint_written": r.get("checkpoint_written"), "unscored": reason})
-            settled.add(key(r))
-            recorded.append(r["tag"])
-            log(f"eval watch: {r['tag']}: {reason}; recorded in {run.results}")
+                "tag": identity["tag"], "step": identity.get("step"), "checkpoint_id": identity["checkpoint_id"],
+                "checkpoint_written": identity.get("checkpoint_written"), "unscored": reason})
+            settled.add(key(identity))
+            recorded.append(key(identity))
     return recorded
+
+
+def record_rotated_unscored(run, log=print) -> list[str]:
+    """A results.jsonl line for each checkpoint rotated away with no result: its identity and why. Returns the
+    tags recorded now."""
+    run = RunDir(run)
+    reasons = {}
+    for r in rotated(run.path):
+        reasons[key(r)] = (r, f"rotated away by checkpoint.keep_last={r.get('keep_last')} "
+                              + (f"(keep_every={r['keep_every']}) " if r.get("keep_every") else "")
+                              + f"at {r.get('rotated_at')}, before it was scored")
+    if not reasons:
+        return []
+    recorded = record_unscored(run.path, list(reasons.values()))
+    for k in recorded:
+        log(f"eval watch: {k[0]}: {reasons[k][1]}; recorded in {run.results}")
+    return [k[0] for k in recorded]
+
+
+def record_given_up(run, tag_dir, reason: str) -> bool:
+    """A results.jsonl line for the checkpoint at tag_dir that every allowed evaluation attempt failed on: it is not
+    lost silently, and `eval report` lists it with the reason. False when it has no identity (no completion mark)
+    or a line already."""
+    identity = checkpoint_identity(tag_dir)
+    return identity is not None and bool(record_unscored(run, [(identity, reason)]))
 
 
 def run_records(run) -> tuple[list[dict], list[dict], list[dict]]:

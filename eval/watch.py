@@ -112,9 +112,29 @@ class Watcher:
     def _attempts_file(self, tag: str) -> Path:
         return self.dir.watch / f"{tag}.attempts"
 
-    def _attempts(self, tag: str) -> int:
-        path = self._attempts_file(tag)
-        return int(path.read_text() or 0) if path.exists() else 0
+    def _attempts(self, wanted: tuple) -> int:
+        """Failed evaluations of the checkpoint with key `wanted` (results.key_of). A tag name comes back (a run
+        restarted from scratch writes global_step3 again), so the count is of one checkpoint identity: another
+        checkpoint's count under the same name starts a new one at 0."""
+        path = self._attempts_file(wanted[0])
+        if not path.exists():
+            return 0
+        record = files.read_json(path, EvalError)
+        if isinstance(record, int):  # a count without an identity (written before identities were recorded)
+            return record
+        if not (isinstance(record, dict) and isinstance(record.get("attempts"), int)):
+            raise EvalError(f"{path} is not an attempts record (JSON with checkpoint_id and attempts); remove it "
+                            f"to count {wanted[0]}'s evaluation attempts from 0")
+        return record["attempts"] if record.get("checkpoint_id") == wanted[1] else 0
+
+    def _failed_attempt(self, wanted: tuple, attempts: int) -> None:
+        files.write_json(self._attempts_file(wanted[0]),
+                         {"tag": wanted[0], "checkpoint_id": wanted[1], "attempts": attempts})
+
+    def _give_up(self, tag: str, path: Path, reason: str) -> None:
+        """Stop trying `tag`, and say so in results.jsonl, where `eval report` lists it with the reason."""
+        recorded = results.record_given_up(self.run, path, reason)
+        self._note(tag, "failed", reason + (f"; recorded in {self.dir.results}" if recorded else ""))
 
     def _claim_file(self, tag: str) -> Path:
         """The watcher's claim to run eval.command for `tag`, written just before it starts the command."""
@@ -202,9 +222,9 @@ class Watcher:
                 if wanted in results.scored_keys(self.run):  # finished by another watcher since we looked
                     self.finished[tag] = "scored"
                     continue
-                attempts = self._attempts(tag)
+                attempts = self._attempts(wanted)
                 if attempts >= self.max_attempts:
-                    self._note(tag, "failed", f"gave up after {attempts} failed attempts; nothing recorded")
+                    self._give_up(tag, path, self._gave_up(tag, attempts))
                     continue
                 mine.append((tag, path, attempts, lock_file, wanted))
             # A <tag>.json of this checkpoint already there was scored by a watcher that died before appending
@@ -223,10 +243,15 @@ class Watcher:
                     # without a result is the one it failed on (or was killed during); later ones were not
                     # necessarily tried and cost no attempt.
                     blamed = True
-                    files.write_text(self._attempts_file(tag), str(attempts + 1))
-                    self.log(f"eval watch: {tag}: evaluation failed (exit status {rc}); will retry")
+                    self._failed_attempt(wanted, attempts + 1)
                     if attempts + 1 >= self.max_attempts:
-                        self._note(tag, "failed", f"gave up after {attempts + 1} failed attempts; nothing recorded")
+                        self._give_up(tag, path, self._gave_up(tag, attempts + 1, f"the last exited with status {rc}"))
+                    else:
+                        self.log(f"eval watch: {tag}: evaluation failed (exit status {rc}); will retry")
+
+    def _gave_up(self, tag: str, attempts: int, last: str = "") -> str:
+        return (f"gave up after {attempts} failed evaluation attempts" + (f" ({last})" if last else "")
+                + f" (--max-attempts {self.max_attempts}; remove {self._attempts_file(tag)} to try again)")
 
     def _score(self, items: list) -> int:
         """One `python -m eval checkpoint A B ...` child for all of them (the tasks are loaded once); its exit status.

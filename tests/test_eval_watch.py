@@ -158,10 +158,30 @@ def test_watch_retries_a_failed_evaluation_then_gives_up(tiny_run, hellaswag_fil
         assert rc == 0
         outputs.append(out)
     assert "scoring" in outputs[0] and "will retry" in outputs[0]
-    assert "attempt 2 of 2" in outputs[1] and "gave up after 2 failed attempts" in outputs[1]
+    assert "attempt 2 of 2" in outputs[1] and "gave up after 2 failed evaluation attempts" in outputs[1]
     assert "scoring" not in outputs[2] and "gave up" in outputs[2]  # bounded: no third attempt
-    assert not (run / "eval" / "results.jsonl").exists()
     assert not (run / "eval" / f"{tag.name}.json").exists()
+    # Not lost silently: one results.jsonl line says so (the third watcher wrote no second), and the report lists it.
+    lines = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 1, lines
+    assert lines[0]["tag"] == tag.name and lines[0]["checkpoint_id"] == checkpoint_identity(tag)["checkpoint_id"]
+    assert "gave up after 2 failed evaluation attempts" in lines[0]["unscored"]
+    assert f"remove {run / 'eval' / '.watch' / tag.name}.attempts to try again" in lines[0]["unscored"]
+    report = subprocess.run([PYTHON, "-m", "eval", "report", str(run)], cwd=REPO, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "## Not scored" in (run / "eval" / "report.md").read_text()
+    assert "gave up after 2" in (run / "eval" / "report.md").read_text()
+    # The same tag name saved again (a run restarted from scratch) is another checkpoint: its attempts start at 0.
+    shutil.rmtree(tag)
+    shutil.copytree(src, tag)
+    mark = json.loads((tag / "complete.json").read_text())
+    (tag / "complete.json").write_text(json.dumps({**mark, "written": "2099-01-01T00:00:00+0000"}))
+    rc, out = Watcher(run, hellaswag_file, "--once", "--max-attempts", "2").finish()
+    assert rc == 0 and "attempt 1 of 2" in out and f"{tag.name} scored" in out, out
+    lines = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [("unscored" in r, r["checkpoint_id"]) for r in lines] == [
+        (True, lines[0]["checkpoint_id"]), (False, checkpoint_identity(tag)["checkpoint_id"])]
+    assert lines[0]["checkpoint_id"] != lines[1]["checkpoint_id"]
 
 
 @pytest.fixture(scope="module")
@@ -487,3 +507,45 @@ def test_two_dispatchers_submit_each_checkpoint_once(tiny_run, tmp_path):
     assert all(r["submissions"] == 1 and r["jobs"] == [r["job"]] for r in records.values())
     assert "".join(outs).count("submitted eval job") == len(tags) and "scoring" not in "".join(outs)
     assert not (run / "eval" / "results.jsonl").exists()   # a dispatcher scores nothing itself
+
+
+def test_a_dispatcher_resubmits_gives_up_on_record_and_starts_over_for_a_new_checkpoint_of_the_same_name(
+        tiny_run, tmp_path):
+    """Jobs that end without a result are submitted again up to --max-attempts; then results.jsonl says the
+    checkpoint was given up. The submission record is of one checkpoint identity: the same tag saved again (a run
+    restarted from scratch) gets jobs of its own."""
+    from eval.dispatch import Dispatcher
+    run = new_run(tmp_path / "run")
+    src = tag_dirs(tiny_run)[0]
+    tag = run / "checkpoints" / src.name
+    shutil.copytree(src, tag)
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    submitter = tmp_path / "submit.sh"  # stands in for sbatch --parsable
+    submitter.write_text('#!/bin/bash\necho "$1" >> "$(dirname "$0")/submitted.log"\n'
+                         'echo "$((1000 + $(wc -l < "$(dirname "$0")/submitted.log")))"\n')
+    submitter.chmod(0o755)
+    lines = []
+
+    def dispatcher():
+        return Dispatcher(run, str(submitter), max_attempts=2, log=lines.append, job_state=lambda job: "FAILED")
+
+    first = dispatcher()
+    for _ in range(3):
+        first.poll_once()
+    record = json.loads((run / "eval" / ".watch" / f"{tag.name}.submitted").read_text())
+    assert record["jobs"] == ["1001", "1002"] and record["checkpoint_id"] == checkpoint_identity(tag)["checkpoint_id"]
+    results = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 1 and "gave up after 2 eval jobs without a result" in results[0]["unscored"], results
+    assert first.finished == {tag.name: "failed"}
+    dispatcher().poll_once()  # a restarted dispatcher gives up too, without a second line or another job
+    assert len((run / "eval" / "results.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "submitted.log").read_text().split() == [tag.name] * 2
+
+    shutil.rmtree(tag)
+    shutil.copytree(src, tag)
+    mark = json.loads((tag / "complete.json").read_text())
+    (tag / "complete.json").write_text(json.dumps({**mark, "written": "2099-01-01T00:00:00+0000"}))
+    dispatcher().poll_once()
+    record = json.loads((run / "eval" / ".watch" / f"{tag.name}.submitted").read_text())
+    assert record["jobs"] == ["1003"] and record["checkpoint_id"] == checkpoint_identity(tag)["checkpoint_id"]
+    assert any("submitted eval job 1003 (submission 1 of 2)" in line for line in lines), lines
