@@ -69,3 +69,30 @@ def test_a_source_of_another_shape_is_refused_in_one_line(tiny_run, tiny_dataset
     assert (f"error: init_from {tiny_run} holds a model of shape n_layer 2, n_head 4, n_embd 128, block_size 256, vocab_size "
             f"50257; the recipe's model is n_layer 3, n_head 4") in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_shorter_block_size_takes_the_sources_first_positions_and_a_longer_one_is_refused(
+        tiny_run, tiny_dataset, tmp_path):
+    # As nanoGPT's crop_block_size: fine-tuning at a shorter context keeps every weight but the unused positions.
+    code = """
+        from train.rundir.consolidate import load_model
+        trainer.build()
+        source = load_model(sys.argv[-1].split("=", 1)[1])[0].state_dict()
+        built = trainer.engine.module.state_dict()
+        wpe = built["transformer.wpe.weight"]
+        same = all(torch.equal(built[k], v) for k, v in source.items() if k not in ("lm_head.weight",
+                   "transformer.wpe.weight"))
+        first = torch.equal(wpe, source["transformer.wpe.weight"][:64])  # before the update changes it in place
+        record = trainer.train_step()
+        print(json.dumps({"rows": wpe.shape[0], "wpe": first, "same": same, "what": trainer.init_source,
+                          "finite": record["loss"] < 20}))
+    """
+    out = probe(code, tmp_path / "run", tiny_dataset, "schedule.max_steps=1", "model.block_size=64",
+                f"init_from={tiny_run}")
+    assert out["rows"] == 64 and out["wpe"] and out["same"] and out["finite"], out
+    assert out["what"].endswith("its 256 positions cropped to block_size 64"), out
+    result = run_train(train_command(tmp_path / "longer", tiny_dataset, "model.block_size=512",
+                                     f"init_from={tiny_run}"), check_rc=1)
+    assert "block_size 256, vocab_size 50257; the recipe's model is n_layer 2, n_head 4, n_embd 128, block_size 512" \
+        in result.stderr and "has positions it never learnt" in result.stderr, result.stderr
+    assert not (tmp_path / "longer").exists()

@@ -14,7 +14,9 @@ from common.errors import PipelineError
 
 # What must agree between the source and the recipe's model; dropout is a training choice, and padded_vocab_size
 # only adds rows the loss never predicts (the real rows are copied, the padding keeps the model's own init).
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+# block_size may be smaller than the source's: the first block_size position embeddings are taken, as nanoGPT's
+# crop_block_size does to fine-tune GPT-2 at a shorter context; a larger one has positions no source learnt.
+SHAPE = ("n_layer", "n_head", "n_embd", "vocab_size")
 
 
 class WarmStartError(PipelineError):
@@ -22,7 +24,7 @@ class WarmStartError(PipelineError):
 
 
 def describe(config) -> str:
-    return ", ".join(f"{key} {getattr(config, key)}" for key in SHAPE)
+    return ", ".join(f"{key} {getattr(config, key)}" for key in (*SHAPE[:3], "block_size", SHAPE[3]))
 
 
 def load(path, config) -> tuple[dict, str]:
@@ -35,10 +37,15 @@ def load(path, config) -> tuple[dict, str]:
     except CheckpointError as exc:
         raise WarmStartError(f"init_from {path}: {exc}") from None
     have = source.config
-    if any(getattr(have, key) != getattr(config, key) for key in SHAPE):
+    if any(getattr(have, key) != getattr(config, key) for key in SHAPE) or config.block_size > have.block_size:
+        longer = (f" (a block_size above the source's {have.block_size} has positions it never learnt)"
+                  if all(getattr(have, key) == getattr(config, key) for key in SHAPE) else "")
         raise WarmStartError(f"init_from {path} holds a model of shape {describe(have)}; the recipe's model is "
-                             f"{describe(config)}: make the model section match, or start from scratch")
+                             f"{describe(config)}{longer}: make the model section match, or start from scratch")
     state = {key: value.detach() for key, value in source.state_dict().items() if key != "lm_head.weight"}
+    cropped = config.block_size < have.block_size
+    if cropped:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size]
     # An HF directory always carries biases (an export writes zeros for a bias-free model): bias-free recipes take
     # them only when they are zero, and a biased recipe needs a source that has them.
     biases = {key for key in state if key.endswith(".bias")}
@@ -52,6 +59,8 @@ def load(path, config) -> tuple[dict, str]:
         what = f"Hugging Face directory {meta['path']}"
     else:
         what = f"checkpoint {meta['path']} (step {meta['step']}, {meta['tokens_seen']:,} tokens)"
+    if cropped:
+        what += f", its {have.block_size} positions cropped to block_size {config.block_size}"
     return state, what
 
 
