@@ -145,3 +145,29 @@ def test_eval_report_reads_no_skipped_update_as_a_training_line(tmp_path):
         {"step": 2, "loss": 2.9, "lr": 1e-3}, {"step": 3, "skipped": "spike", "loss": 9.0, "skips_in_a_row": 1}]) + "\n")
     train, _val = read_metrics(tmp_path)
     assert {step: line["loss"] for step, line in train.items()} == {1: 3.0, 2: 2.9}
+
+
+def test_a_resume_restores_the_spike_window_and_the_skip_streak(tiny_dataset, tmp_path):
+    # Without them, a resumed run would not test for spikes for SPIKE_MIN updates where the uninterrupted run did:
+    # the two would skip different updates and part ways.
+    from tests.test_train_step import probe
+    run_dir = tmp_path / "run"
+    train = """
+        from train.stop import StopFlag
+        print(json.dumps(trainer.run(StopFlag())))
+    """
+    assert probe(train, run_dir, tiny_dataset, "schedule.max_steps=4", "checkpoint.every=4") == 0
+    saved = client_state(run_dir, 4)["heal"]
+    losses = [line["loss"] for line in lines(run_dir) if "loss" in line]
+    assert saved == {"recent": losses, "in_a_row": 0, "first_skipped": None} and len(losses) == 4
+    resumed = """
+        trainer.build()
+        print(json.dumps(trainer.healer.state_dict()))
+    """
+    assert probe(resumed, run_dir, tiny_dataset, "schedule.max_steps=8", "checkpoint.every=4",
+                 "heal.spike_factor=3.0", allow=("schedule.max_steps", "heal.spike_factor")) == saved
+    healer = Healer(Heal(spike_factor=2.0))
+    healer.load_state_dict({"recent": [3.0] * SPIKE_MIN, "in_a_row": 1, "first_skipped": 7})
+    assert healer.judge(6.1, 9) == "spike" and healer.in_a_row == 2 and healer.first_skipped == 7
+    with pytest.raises(ValueError, match="not a heal state"):
+        healer.load_state_dict({"recent": ["3.0"], "in_a_row": 0, "first_skipped": None})

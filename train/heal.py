@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 
 # The spike test compares a loss with the mean of the last SPIKE_WINDOW applied updates, once it has at least
-# SPIKE_MIN of them (a fresh run, or a resumed one: the window is not checkpointed and refills).
+# SPIKE_MIN of them. Checkpoints hold the window and the streak (Healer.state_dict), so a resumed run judges each
+# update as the uninterrupted run would have.
 SPIKE_WINDOW = 50
 SPIKE_MIN = 10
 NON_FINITE, SPIKE = "non-finite", "spike"
@@ -73,6 +74,17 @@ class Healer:
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.in_a_row = 0
         self.first_skipped: int | None = None  # the update number of the first skip of the current streak
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "in_a_row": self.in_a_row, "first_skipped": self.first_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        recent, in_a_row, first = state["recent"], state["in_a_row"], state["first_skipped"]
+        if not (isinstance(recent, list) and all(isinstance(x, float) for x in recent) and _is_int(in_a_row)
+                and (first is None or _is_int(first))):
+            raise ValueError(f"not a heal state: {_shown(state)}")
+        self.recent = deque(recent[-SPIKE_WINDOW:], maxlen=SPIKE_WINDOW)
+        self.in_a_row, self.first_skipped = in_a_row, first
 
     def judge(self, loss: float, update: int) -> str | None:
         """None to apply the update (its loss joins the window), else why it is skipped; raises TooManySkips when

@@ -196,6 +196,11 @@ class Trainer:
         optim.restore_hyperparameters(self.optimizer, self.hyperparameters)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
+        if "heal" in state:  # the spike window and skip streak; a checkpoint without them starts both empty
+            try:
+                self.healer.load_state_dict(state["heal"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainError(f"{self.ckpt_dir / tag}: client_state heal is damaged ({exc})") from None
         rng = state["rng"]
         if not self.universal and len(rng) == self.place.world_size:
             set_rng_state(rng[self.place.rank], self.place.device)
@@ -342,7 +347,7 @@ class Trainer:
         dist.all_gather_object(states, rng_state(self.place.device))
         client_state = {"model_config": self.model_config.to_dict(), "config": self.recipe.to_dict(), "step": self.step,
                         "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(), "rng": states,
-                        "world_size": self.place.world_size}
+                        "world_size": self.place.world_size, "heal": self.healer.state_dict()}
         client_state["param_names"] = self.param_names
         # Every rank's files, fsynced, then rank 0's completion mark; a failed write on any rank stops all of them.
         ckpt.save(self.engine, self.ckpt_dir, self.step, client_state, self.place.rank, self.place.world_size)
