@@ -62,7 +62,7 @@ def measure_cpu(config: GPTConfig, micro_batch: int, seq_len: int) -> int:
 def trainer_engine(model: str, micro_batch: int, seq_len: int, deepspeed_path: str, device: str):
     """(engine, optimizer) as Trainer.build makes them for a one-device bf16 run of this shape: train.recipe's
     DeepSpeed config (it refuses an optimizer section, so DeepSpeed never JIT-builds its FusedAdam with nvcc) and
-    train.optim.build's optimizer (torch's AdamW, fused on CUDA) handed to deepspeed.initialize."""
+    train.optim.build's optimizer (torch's AdamW, fused) handed to deepspeed.initialize."""
     import deepspeed
 
     from train import optim
