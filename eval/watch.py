@@ -119,12 +119,15 @@ class Watcher:
         path = self._attempts_file(wanted[0])
         if not path.exists():
             return 0
-        record = files.read_json(path, EvalError)
-        if isinstance(record, int):  # a count without an identity (written before identities were recorded)
+        hint = f"remove it to count {wanted[0]}'s evaluation attempts from 0"
+        try:
+            record = files.read_json(path, EvalError)
+        except EvalError as exc:
+            raise EvalError(f"{exc}; {hint}") from None
+        if isinstance(record, int) and not isinstance(record, bool):  # a count without an identity (older watcher)
             return record
         if not (isinstance(record, dict) and isinstance(record.get("attempts"), int)):
-            raise EvalError(f"{path} is not an attempts record (JSON with checkpoint_id and attempts); remove it "
-                            f"to count {wanted[0]}'s evaluation attempts from 0")
+            raise EvalError(f"{path} is not an attempts record (JSON with checkpoint_id and attempts); {hint}")
         return record["attempts"] if record.get("checkpoint_id") == wanted[1] else 0
 
     def _failed_attempt(self, wanted: tuple, attempts: int) -> None:

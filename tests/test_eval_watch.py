@@ -549,3 +549,22 @@ def test_a_dispatcher_resubmits_gives_up_on_record_and_starts_over_for_a_new_che
     record = json.loads((run / "eval" / ".watch" / f"{tag.name}.submitted").read_text())
     assert record["jobs"] == ["1003"] and record["checkpoint_id"] == checkpoint_identity(tag)["checkpoint_id"]
     assert any("submitted eval job 1003 (submission 1 of 2)" in line for line in lines), lines
+
+
+def test_an_attempts_record_that_is_not_one_is_refused_naming_it_and_the_way_out(tmp_path):
+    from eval.harness import EvalError
+    from eval.watch import Watcher as InProcess
+    run = new_run(tmp_path / "run")
+    (run / "checkpoints").mkdir(parents=True)
+    watcher = InProcess(run, [])
+    record = run / "eval" / ".watch" / "global_step3.attempts"
+    record.parent.mkdir(parents=True)
+    for content, what in (("abc", "not valid JSON"), ('{"attempts": "2"}', "is not an attempts record"),
+                          ("true", "is not an attempts record")):
+        record.write_text(content)
+        with pytest.raises(EvalError, match=f"{what}.*remove it to count global_step3's evaluation attempts from 0"):
+            watcher._attempts(("global_step3", "abcd"))
+    record.write_text("2")  # a bare count, as a watcher wrote before counts held the checkpoint identity
+    assert watcher._attempts(("global_step3", "abcd")) == 2
+    record.write_text(json.dumps({"tag": "global_step3", "checkpoint_id": "other", "attempts": 3}))
+    assert watcher._attempts(("global_step3", "abcd")) == 0  # another checkpoint of that name: counted apart
