@@ -83,11 +83,6 @@ def plain_loop(args) -> list[dict]:
             torch.cuda.synchronize()
         rate = args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start)
         records.append({"tokens_per_s": rate, "mfu": mfu(rate, model_config(args), args.seq_len, 1, peak)})
-    # Give the GPU back to the trainer's process: drop compiled graphs that pin this model, empty the cache.
-    del model, optimizer, built
-    torch._dynamo.reset()
-    if DEVICE.startswith("cuda"):
-        torch.cuda.empty_cache()
     return records
 
 
@@ -110,8 +105,7 @@ def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[d
     from train.recipe import batch_plan, deepspeed_config, load
     recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", deepspeed))
     config = deepspeed_config(recipe, batch_plan(recipe, 1))
-    if not torch.distributed.is_initialized():
-        launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
+    launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
     torch.manual_seed(args.seed)
     model = GPT(model_config(args))
     model.activation_checkpointing = args.activation_checkpointing
@@ -122,9 +116,9 @@ def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[d
     loader = TrainLoader(Dataset(args.dataset), args.micro_batch, args.seq_len, 0, 1, args.seed)
     peak = peak_flops(Mfu(), DEVICE)
     records = []
-    for step in range(args.steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
-        set_lr(built.optimizer, built.peak_lrs, 1.0 if step else 0.0)
+        set_lr(built.optimizer, built.peak_lrs, 1.0)
         for _ in range(args.grad_accum):
             x, y = loader.next()
             _, loss = engine(x.to(engine.device), y.to(engine.device))
@@ -133,10 +127,6 @@ def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[d
         loss.item()  # the trainer's one sync per update, so the host waits for the device alike
         rate = args.micro_batch * args.seq_len * args.grad_accum / (time.perf_counter() - start)
         records.append({"tokens_per_s": rate, "mfu": mfu(rate, model_config(args), args.seq_len, 1, peak)})
-    del engine, model, built
-    torch._dynamo.reset()
-    if DEVICE.startswith("cuda"):
-        torch.cuda.empty_cache()
     return records
 
 
@@ -146,7 +136,7 @@ def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str = "configs/deepspe
         cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml", "--set", "log.every=1"]
         for s in sets:
             cmd += ["--set", s]
-        # Without the rendezvous variables the engine loop exported in this process: the trainer is rank 0 of 1.
+        # Without rendezvous variables from the caller (a shell under srun or torchrun): the trainer is rank 0 of 1.
         env = {k: v for k, v in os.environ.items() if k not in launch.resolve_env({})}
         result = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
