@@ -159,15 +159,24 @@ def test_a_resume_restores_the_spike_window_and_the_skip_streak(tiny_dataset, tm
     assert probe(train, run_dir, tiny_dataset, "schedule.max_steps=4", "checkpoint.every=4") == 0
     saved = client_state(run_dir, 4)["heal"]
     losses = [line["loss"] for line in lines(run_dir) if "loss" in line]
-    assert saved == {"recent": losses, "in_a_row": 0, "first_skipped": None} and len(losses) == 4
+    assert len(losses) == 4 and saved["recent"][:4].tolist() == losses and saved["recent"][4:].isnan().all()
+    assert (saved["in_a_row"], saved["first_skipped"]) == (0, None)
     resumed = """
         trainer.build()
-        print(json.dumps(trainer.healer.state_dict()))
+        h = trainer.healer
+        print(json.dumps({"recent": list(h.recent), "in_a_row": h.in_a_row, "first_skipped": h.first_skipped}))
     """
     assert probe(resumed, run_dir, tiny_dataset, "schedule.max_steps=8", "checkpoint.every=4",
-                 "heal.spike_factor=3.0", allow=("schedule.max_steps", "heal.spike_factor")) == saved
+                 "heal.spike_factor=3.0", allow=("schedule.max_steps", "heal.spike_factor")) == {
+        "recent": losses, "in_a_row": 0, "first_skipped": None}
     healer = Healer(Heal(spike_factor=2.0))
-    healer.load_state_dict({"recent": [3.0] * SPIKE_MIN, "in_a_row": 1, "first_skipped": 7})
-    assert healer.judge(6.1, 9) == "spike" and healer.in_a_row == 2 and healer.first_skipped == 7
+    for _ in range(SPIKE_MIN):
+        healer.judge(3.0, 1)
+    healer.in_a_row, healer.first_skipped = 1, 7
+    state = healer.state_dict()
+    assert state["recent"].shape == client_state(run_dir, 4)["heal"]["recent"].shape  # one size at every step
+    again = Healer(Heal(spike_factor=2.0))
+    again.load_state_dict(state)
+    assert again.judge(6.1, 9) == "spike" and again.in_a_row == 2 and again.first_skipped == 7
     with pytest.raises(ValueError, match="not a heal state"):
-        healer.load_state_dict({"recent": ["3.0"], "in_a_row": 0, "first_skipped": None})
+        again.load_state_dict({"recent": [3.0], "in_a_row": 0, "first_skipped": None})

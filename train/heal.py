@@ -76,14 +76,20 @@ class Healer:
         self.first_skipped: int | None = None  # the update number of the first skip of the current streak
 
     def state_dict(self) -> dict:
-        return {"recent": list(self.recent), "in_a_row": self.in_a_row, "first_skipped": self.first_skipped}
+        """For a checkpoint's client state. The window is a float64 tensor of SPIKE_WINDOW slots, NaN where no loss
+        is yet (only finite losses join it), so every checkpoint's state has the same size whatever the step."""
+        import torch
+        window = torch.full((SPIKE_WINDOW,), math.nan, dtype=torch.float64)
+        window[:len(self.recent)] = torch.tensor(list(self.recent), dtype=torch.float64)
+        return {"recent": window, "in_a_row": self.in_a_row, "first_skipped": self.first_skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        recent, in_a_row, first = state["recent"], state["in_a_row"], state["first_skipped"]
-        if not (isinstance(recent, list) and all(isinstance(x, float) for x in recent) and _is_int(in_a_row)
-                and (first is None or _is_int(first))):
+        import torch
+        window, in_a_row, first = state["recent"], state["in_a_row"], state["first_skipped"]
+        if not (torch.is_tensor(window) and window.dtype == torch.float64 and window.shape == (SPIKE_WINDOW,)
+                and _is_int(in_a_row) and (first is None or _is_int(first))):
             raise ValueError(f"not a heal state: {_shown(state)}")
-        self.recent = deque(recent[-SPIKE_WINDOW:], maxlen=SPIKE_WINDOW)
+        self.recent = deque((x for x in window.tolist() if math.isfinite(x)), maxlen=SPIKE_WINDOW)
         self.in_a_row, self.first_skipped = in_a_row, first
 
     def judge(self, loss: float, update: int) -> str | None:
