@@ -97,6 +97,15 @@ def setup(env=None) -> Placement:
     return Placement(rank, local_rank, world, "cpu", "gloo")
 
 
+def first_error(error: str | None, world_size: int) -> str | None:
+    """Every rank's error (None: it has none) gathered, and the first of them in rank order: the same answer on every
+    rank, so that all stop alike when one cannot go on. A collective: every rank calls it together."""
+    import torch.distributed as dist
+    errors = [None] * world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def init_distributed(place: Placement, timeout: timedelta) -> None:
     """deepspeed.init_distributed with the recipe's collective timeout (DeepSpeed 0.19.8's own default is 10
     minutes), and a failed build of DeepSpeed's CPU op said in one line.

@@ -139,9 +139,7 @@ class Trainer:
         launch.init_distributed(self.place, timedelta(minutes=self.recipe.dist_timeout_minutes))
         if self.recipe.optim.name == "muon":
             # Every rank probes its own node, and all stop alike, before the run directory is touched.
-            problems = [None] * self.place.world_size
-            dist.all_gather_object(problems, optim.muon_compile_problem(self.place.device))
-            problem = next((p for p in problems if p), None)
+            problem = launch.first_error(optim.muon_compile_problem(self.place.device), self.place.world_size)
             if problem:
                 raise optim.ToolchainError(problem)
         # Before any update or run file: this run directory is ours alone (rank 0 holds the lock), and writable.
@@ -185,10 +183,9 @@ class Trainer:
                     ckpt.to_universal(self.ckpt_dir, tag)
                 except ckpt.CheckpointError as exc:
                     error = str(exc)
-            errors = [None] * self.place.world_size  # every rank stops alike when rank 0's conversion fails
-            dist.all_gather_object(errors, error)
-            if errors[0]:
-                raise ckpt.CheckpointError(errors[0])
+            error = launch.first_error(error, self.place.world_size)  # all stop alike when rank 0's fails
+            if error:
+                raise ckpt.CheckpointError(error)
             tag = tag + ckpt.UNIVERSAL_SUFFIX
         path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:
@@ -414,12 +411,11 @@ class Trainer:
                     log.sinks.append(wandb_log.WandbSink(self.run_dir, r))
                 except wandb_log.WandbError as exc:
                     error = str(exc)
-            errors = [None] * self.place.world_size
-            dist.all_gather_object(errors, error)
-            if errors[0]:
+            error = launch.first_error(error, self.place.world_size)
+            if error:
                 if log:
                     log.close()
-                raise wandb_log.WandbError(errors[0])
+                raise wandb_log.WandbError(error)
         self.log, self.stop = log, stop
         dog = watchdog.Watchdog(r.heal.watchdog_minutes, self.place.rank).start(self.step)
         bar = tqdm(total=self.plan.max_steps, initial=self.step, desc="train", unit="step",

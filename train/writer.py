@@ -10,7 +10,7 @@ Before that, rank 0 creates and removes a file in RUN, and then every rank in RU
 checkpoint files there, possibly through another node's mount; RUN itself while checkpoints/ does not exist yet):
 a read-only or full filesystem, or an exhausted quota, stops the run before its first update instead of at its
 first save.
-The ranks agree on the outcome (all_gather_object), so they all stop alike.
+The ranks agree on the outcome (launch.first_error), so they all stop alike.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from common import files
 from common.errors import PipelineError
 
+from .launch import first_error
 from .rundir import RunDir
 
 
@@ -83,14 +84,11 @@ def take_lock(run_dir, job: str | None = None, takeover_seconds: float = TAKEOVE
 def claim(run_dir, rank: int, world_size: int) -> contextlib.ExitStack | None:
     """Check and lock the run directory; call on every rank together, before any update or run file is written.
     Rank 0 gets the held lock (None on the others); every rank raises the same WriterError when it fails."""
-    import torch.distributed as dist
     run_dir = Path(run_dir)
     checkpoints = RunDir(run_dir).checkpoints
 
     def agree(problem: str | None) -> None:
-        problems = [None] * world_size
-        dist.all_gather_object(problems, problem)
-        first = next((p for p in problems if p), None)
+        first = first_error(problem, world_size)
         if first:
             raise WriterError(first)
 

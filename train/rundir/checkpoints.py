@@ -40,6 +40,7 @@ from common import files
 from common.errors import PipelineError
 
 from . import CHECKPOINTS, FORMAT, MARK, SAVING, RunDir, earlier_version
+from ..launch import first_error
 from .identity import record_rotation
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -249,13 +250,6 @@ def resume_candidate(ckpt_dir, log=print) -> tuple[Path | None, dict | None]:
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
-def _all_gather(obj, world_size: int) -> list:
-    import torch.distributed as dist
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and bool(_TORCH_WRITE_FAILURE.search(str(exc))))
 
@@ -283,10 +277,10 @@ def save(engine, ckpt_dir, step: int, client_state: dict, rank: int, world_size:
     previous = newest_complete(ckpt_dir) if rank == 0 else None
 
     def fail_if_any(error: str | None) -> None:
-        errors = [e for e in _all_gather(error, world_size) if e]
-        if errors:
+        first = first_error(error, world_size)
+        if first:
             keep = previous.name if previous is not None else "none (no complete checkpoint yet)"
-            raise CheckpointError(f"checkpoint {tag_dir} not saved: {errors[0]}; the resume point stays {keep}")
+            raise CheckpointError(f"checkpoint {tag_dir} not saved: {first}; the resume point stays {keep}")
 
     error = None
     if rank == 0:
