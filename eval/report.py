@@ -57,11 +57,11 @@ def versus_reference(acc: float | None, stderr: float | None) -> str | None:
 PER_DATASET = "val_loss/"
 
 
-def collect(run: Path) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+def collect(run: Path, scored: list[dict] | None = None) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
     """(table rows sorted by step, {metrics key: [(tokens, loss)]} for val_loss and each val_loss/NAME); val lines
-    carry no tokens: taken from train lines."""
+    carry no tokens: taken from train lines. scored: the current run's results (run_records), when already read."""
     train_lines, val_lines = read_metrics(run)
-    results = run_records(run)[0]
+    results = run_records(run)[0] if scored is None else scored
     train = {step: m["loss"] for step, m in train_lines.items()}
     tokens = {step: m["tokens"] for step, m in train_lines.items() if "tokens" in m}
     val = {step: m["val_loss"] for step, m in val_lines.items()}
@@ -199,10 +199,10 @@ def write_report(run: Path) -> tuple[Path, Path]:
     if not layout.metrics.exists() and not layout.results.exists():
         raise EvalError(f"{run}: neither {layout.metrics.relative_to(run)} nor {layout.results.relative_to(run)}; "
                         f"not a run directory?")
-    rows, curves = collect(run)
+    scored, unscored, earlier = run_records(run)
+    rows, curves = collect(run, scored)
     layout.eval.mkdir(parents=True, exist_ok=True)
     report = layout.report
-    _, unscored, earlier = run_records(run)
     files.write_text(report, markdown(run, rows) + other_checkpoints(unscored, earlier))
     curves_path = layout.curves
     plot(curves_path, rows, curves, run.name)

@@ -39,12 +39,6 @@ def complete_checkpoints(run: Path) -> dict[str, Path]:
     return {path.name: path for path in complete_tags(RunDir(run).checkpoints)}
 
 
-def scored_tags(results: Path) -> set[str]:
-    if not results.exists():
-        return set()
-    return {record.get("tag") for _, record in files.read_json_lines(results, EvalError) if isinstance(record, dict)}
-
-
 PLACEHOLDER = re.compile(r"\{(ckpt|run)\}")
 
 
@@ -227,7 +221,7 @@ class Watcher:
                     continue
                 attempts = self._attempts(wanted)
                 if attempts >= self.max_attempts:
-                    self._give_up(tag, path, self._gave_up(tag, attempts))
+                    self._give_up(tag, path, self._give_up_reason(tag, attempts))
                     continue
                 mine.append((tag, path, attempts, lock_file, wanted))
             # A <tag>.json of this checkpoint already there was scored by a watcher that died before appending
@@ -248,11 +242,12 @@ class Watcher:
                     blamed = True
                     self._failed_attempt(wanted, attempts + 1)
                     if attempts + 1 >= self.max_attempts:
-                        self._give_up(tag, path, self._gave_up(tag, attempts + 1, f"the last exited with status {rc}"))
+                        reason = self._give_up_reason(tag, attempts + 1, f"the last exited with status {rc}")
+                        self._give_up(tag, path, reason)
                     else:
                         self.log(f"eval watch: {tag}: evaluation failed (exit status {rc}); will retry")
 
-    def _gave_up(self, tag: str, attempts: int, last: str = "") -> str:
+    def _give_up_reason(self, tag: str, attempts: int, last: str = "") -> str:
         return (f"gave up after {attempts} failed evaluation attempts" + (f" ({last})" if last else "")
                 + f" (--max-attempts {self.max_attempts}; remove {self._attempts_file(tag)} to try again)")
 

@@ -7,7 +7,7 @@ import pytest
 
 from common import files
 from eval.__main__ import main as eval_main
-from eval.watch import scored_tags
+from eval.results import scored_keys
 from model.__main__ import main as model_main
 
 
@@ -65,7 +65,7 @@ def test_report_and_watch_skip_the_partial_last_line_a_killed_writer_left(run, c
     assert eval_main(["report", str(run)]) == 0
     cap = capsys.readouterr()
     assert cap.err == "" and "warning" not in cap.out, cap
-    assert scored_tags(results) == {"global_step2"}
+    assert scored_keys(run) == {("global_step2", None)}
 
 
 def test_a_malformed_hf_config_is_one_line_naming_it(tmp_path, capsys):
