@@ -216,8 +216,16 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
+def say_line(text: str, stream=None) -> None:
+    """One line in one write: the ranks of a training share one stderr pipe, and print's separate write of the
+    newline lets another rank's line land between a line and its end."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def fail(message: str, code: int, debug: bool = False) -> int:
     if debug:
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
+    say_line(f"error: {message}")
     return code

@@ -152,6 +152,25 @@ def test_a_full_disk_is_one_line_even_without_a_file_name(capsys):
     assert capsys.readouterr().err == "error: No space left on device\n"
 
 
+def test_the_error_line_is_one_write_so_ranks_sharing_a_pipe_cannot_splice_their_lines(monkeypatch):
+    # Two ranks under torchrun write to one stderr pipe; a line written in pieces lets the other rank's line land
+    # before its newline ("...run_direrror: ...").
+    class Writes:
+        def __init__(self):
+            self.chunks = []
+
+        def write(self, text):
+            self.chunks.append(text)
+
+        def flush(self):
+            pass
+
+    stream = Writes()
+    monkeypatch.setattr("sys.stderr", stream)
+    assert cli.fail("RUN is in use", 1) == 1
+    assert stream.chunks == ["error: RUN is in use\n"]
+
+
 def test_an_expected_failure_with_its_own_exit_status(capsys):
     class Refused(PipelineError):
         exit_code = 3

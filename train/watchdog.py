@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from common.cli import say_line
+
 HUNG_EXIT = 98  # slurm/stage.py requeues the train job on it, as on the trainer's PREEMPTED_EXIT (99)
 
 
@@ -68,10 +70,10 @@ class Watchdog:
             pass
         what = (f"rank {self.rank}: no update finished for {idle / 60:.1f} minutes (heal.watchdog_minutes "
                 f"{self.minutes:g}) after update {self.update}")
-        print(f"{what}; every thread's stack of this rank follows", file=sys.stderr, flush=True)
+        say_line(f"{what}; every thread's stack of this rank follows")
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        print(f"error: {what}; exiting with status {HUNG_EXIT} to be requeued (the run resumes from its last "
-              f"checkpoint)", file=sys.stderr, flush=True)
+        say_line(f"error: {what}; exiting with status {HUNG_EXIT} to be requeued (the run resumes from its last "
+                 f"checkpoint)")
         # The other ranks' watchdogs, whose clocks restarted at the same update's end, fire within one look of this
         # one: wait that long, so that each of them has written its stacks before this rank's exit breaks their
         # collectives.
