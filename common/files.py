@@ -126,6 +126,16 @@ def read_json(path, error: type[PipelineError] = MalformedJSON, hint: str = ""):
     except json.JSONDecodeError as exc:
         raise error(_malformed(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg}, column {exc.colno})",
                                hint)) from None
+    except (RecursionError, ValueError) as exc:
+        raise error(_malformed(path, beyond_json(exc), hint)) from None
+
+
+def beyond_json(exc: Exception) -> str:
+    """What made valid JSON unreadable here: nesting deeper than the parser recurses, or an integer longer than
+    Python reads (4,300 digits). Neither is in a file the pipeline writes."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return f"unreadable ({str(exc).split(';')[0][:100]})"
 
 
 def read_json_lines(path, error: type[PipelineError] = MalformedJSON, append_only: bool = True, hint: str = ""):
@@ -152,6 +162,8 @@ def read_json_lines(path, error: type[PipelineError] = MalformedJSON, append_onl
             except json.JSONDecodeError as exc:
                 raise error(_malformed(f"{path}:{lineno}", f"not valid JSON ({exc.msg}, column {exc.colno})",
                                        hint)) from None
+            except (RecursionError, ValueError) as exc:
+                raise error(_malformed(f"{path}:{lineno}", beyond_json(exc), hint)) from None
             yield lineno, record
 
 

@@ -60,3 +60,5 @@ def load(path) -> object:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise PipelineError(f"{path}{line}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: not readable YAML (nested too deeply)") from None

@@ -2,6 +2,7 @@
 a missing file is the OSError naming it; a malformed file or line is one `error:` line naming file:line; a
 partial last line of an append-only file (a killed writer's) is skipped. Every command that reads one shows it."""
 import json
+import re
 
 import pytest
 
@@ -37,6 +38,19 @@ def test_read_json_lines_skips_the_partial_last_line_of_an_append_only_file_only
         list(files.read_json_lines(path, append_only=False))
     path.write_text('{"a": 1}\n{"a": 2}')  # not append-only: a file without a final newline is whole
     assert [r for _, r in files.read_json_lines(path, append_only=False)] == [{"a": 1}, {"a": 2}]
+
+
+def test_json_too_deep_or_with_an_integer_too_long_for_python_is_malformed_not_a_traceback(tmp_path):
+    # Valid JSON that json.loads cannot hold: a RecursionError or ValueError escaped every reader.
+    deep, huge = "[" * 100_000 + "]" * 100_000, '{"n": ' + "9" * 5_000 + "}"
+    for name, text, what in (("deep", deep, "nested too deeply to read"), ("huge", huge, "unreadable (Exceeds")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(files.MalformedJSON, match=rf"^{path}: {re.escape(what)}"):
+            files.read_json(path)
+        path.write_text('{"a": 1}\n' + text + "\n")
+        with pytest.raises(files.MalformedJSON, match=rf"^{path}:2: {re.escape(what)}"):
+            list(files.read_json_lines(path))
 
 
 @pytest.fixture

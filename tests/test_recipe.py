@@ -237,6 +237,15 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_file_without_expand
         GPTConfig.resolve(str(bomb))
 
 
+def test_yaml_nested_too_deeply_is_refused_in_one_line_naming_the_file(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")  # PyYAML's composer recurses per level
+    with pytest.raises(RecipeError, match=rf"^training recipe: {deep}: not readable YAML \(nested too deeply\)$"):
+        load(deep)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        GPTConfig.resolve(str(deep))
+
+
 def test_counts_in_a_recipe_read_as_the_commands_flags_do():
     # --set batch.total_tokens=512K was refused as "not a number" while prep's --shard-tokens 512K was taken.
     r = load(REPO / "configs/train/tiny-cpu.yaml", ["batch.total_tokens=512", "schedule.max_steps=2K", "seed=1e3"])
