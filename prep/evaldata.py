@@ -19,7 +19,8 @@ FILENAME = "hellaswag_val.jsonl"
 
 
 def install_local(src: Path, dest: Path) -> int:
-    n = hellaswag.check_file(src)  # every line, before anything is written
+    n = hellaswag.check_file(src)  # every line, before anything is written (the directory included)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_file(dest) as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out)
     return n
@@ -35,6 +36,7 @@ def download_validation(dest: Path) -> int:
         raise DownloadError(f"loading {REPO_ID} validation: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     n = 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_file(dest, "w") as out:
         for i, row in enumerate(rows):
             hellaswag.check_doc(row, f"{REPO_ID} validation row {i}")
@@ -45,7 +47,6 @@ def download_validation(dest: Path) -> int:
 
 def eval_data(args) -> int:
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     dest = out / FILENAME
     if args.from_file:
         n = install_local(Path(args.from_file), dest)

@@ -152,7 +152,7 @@ def open_work(out: Path) -> Work:
 
 
 def _build_layout(out: Path, rcp: dict, units: list[Unit], markers: list[dict]) -> Layout:
-    indexes = [np.load(unit_paths(out, u.index)["index"], mmap_mode="r") for u in units]  # 16 bytes a document
+    indexes = [_load_index(out, u) for u in units]  # 16 bytes a document
     for u, m, idx in zip(units, markers, indexes):
         if idx.dtype != INDEX_DTYPE or len(idx) != m["documents"] or int(idx["tokens"].sum()) != m["tokens"]:
             raise FinalizeError(f"{unit_paths(out, u.index)['index']}: does not match its done marker; "
@@ -171,6 +171,16 @@ def _build_layout(out: Path, rcp: dict, units: list[Unit], markers: list[dict]) 
                 f"document a line with its text in --text-column)") if txt else ""
         raise LayoutError(f"{exc}; the inputs hold {n_docs:,} document(s){hint}, and the validation split takes "
                           f"whole documents") from None
+
+
+def _load_index(out: Path, unit: Unit) -> np.ndarray:
+    paths = unit_paths(out, unit.index)
+    try:  # np.load never unpickles here (allow_pickle defaults to False): an object array is a ValueError too
+        return np.load(paths["index"], mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        said = str(exc).split(". ")[0].rstrip(".")  # not numpy's advice to load it with pickle
+        raise FinalizeError(f"{paths['index']}: damaged ({said}); delete {paths['done']} and rerun tokenize to redo "
+                            f"the unit") from None
 
 
 def write_train_shards(work: Work, shards: range, label: str) -> None:

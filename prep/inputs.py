@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import files
 from common.errors import PipelineError
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
@@ -160,6 +161,11 @@ def _parquet_metadata(path: Path):
     return _parquet_metadata_of(path, st.st_size, st.st_mtime_ns)
 
 
+def one_line(exc: Exception) -> str:
+    """An exception's message as one line: pyarrow's end in a newline, or span several."""
+    return " ".join(str(exc).split())
+
+
 @functools.lru_cache(maxsize=64)
 def _parquet_metadata_of(path: Path, size: int, mtime_ns: int):
     """Footer of one version of a parquet file (planning reads each footer twice)."""
@@ -167,7 +173,7 @@ def _parquet_metadata_of(path: Path, size: int, mtime_ns: int):
     try:
         return pq.ParquetFile(path).metadata
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for corrupt or truncated files
-        raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+        raise InputError(f"{path}: not a readable parquet file ({one_line(exc)})") from None
 
 
 @dataclass
@@ -246,6 +252,9 @@ def _read_jsonl(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
             except json.JSONDecodeError as exc:
                 _bad(stats, skip_bad, f"{where}: malformed JSON ({json_error(exc)})")
                 continue
+            except (RecursionError, ValueError) as exc:
+                _bad(stats, skip_bad, f"{where}: {files.beyond_json(exc)}")
+                continue
             text = obj.get(text_column) if isinstance(obj, dict) else None
             if text is None and isinstance(obj, dict) and text_column in obj:
                 text = ""  # null text is an empty document, as a null in a parquet text column is
@@ -309,7 +318,7 @@ def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats
         try:
             table = pf.read_row_group(rg, columns=columns, use_threads=False)  # the workers are the parallelism
         except Exception as exc:  # corrupt page / truncated file
-            raise InputError(f"{unit.path} row group {rg}: cannot read ({exc})") from None
+            raise InputError(f"{unit.path} row group {rg}: cannot read ({one_line(exc)})") from None
         text_col = table.column(text_column)
         if not (pa.types.is_string(text_col.type) or pa.types.is_large_string(text_col.type)
                 or pa.types.is_binary(text_col.type) or pa.types.is_large_binary(text_col.type)):

@@ -23,6 +23,11 @@ SPLITS = ("train", "val")
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
 
 
+def _cut(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
 class DatasetError(PipelineError):
     """A directory that is not a usable dataset; the message says why."""
 
@@ -76,7 +81,7 @@ class Dataset:
             tok = self.manifest["tokenizer"]
             self.n_vocab, self.eot = int(tok["n_vocab"]), int(tok["eot"])
             totals = {split: self.manifest["totals"][split] for split in SPLITS}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: int(Infinity)
             raise DatasetError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
         self._check_manifest(tok, totals)
         self._files_checked = False
@@ -104,6 +109,11 @@ class Dataset:
             if not isinstance(s.tokens, int) or s.tokens < 0 or s.bytes != HEADER_BYTES + 2 * s.tokens:
                 self._refuse(f"shard {s.name}: {s.bytes} bytes for {s.tokens} tokens (a shard of n tokens is "
                              f"{HEADER_BYTES} + 2n bytes)")
+            # verify and the totals below compute with these: a string or null there is an edit, not a crash.
+            if not isinstance(s.documents, int) or s.documents < 0 or not all(
+                    isinstance(h, str) and len(h) == 64 for h in (s.sha256, s.edges_sha256)):
+                self._refuse(f"shard {s.name}: documents {_cut(s.documents)}, sha256 {_cut(s.sha256)}, edges_sha256 "
+                             f"{_cut(s.edges_sha256)} (a count and two hex sha256 digests)")
         for split in SPLITS:
             shards = self.split(split)
             have = {"tokens": sum(s.tokens for s in shards), "documents": sum(s.documents for s in shards),

@@ -20,6 +20,8 @@ from .workdir import check_task_flags, load_json, work_dir
 
 # The shard header stores the token count as an int32.
 MAX_SHARD_TOKENS = 2**31 - 1
+# The seed keys blake2b as its decimal text, and a blake2b key is at most 64 bytes; 2^63 - 1 is far inside that.
+MAX_VAL_SEED = 2**63 - 1
 VAL_RULE = ("validation = the documents with the smallest blake2b-64 hash (keyed by the seed) of their id, "
             "or of their text when they have no id, taken in hash order until their tokens (EOT included) reach "
             "validation.tokens; written in input order. All other documents are train.")
@@ -39,6 +41,9 @@ def build(args) -> tuple[dict, list, list]:
                          f"1.07e9 tokens; the default is 100,000,000)")
     if args.val_tokens < 0:
         raise UsageError(f"--val-tokens must be >= 0, got {args.val_tokens}")
+    if not -MAX_VAL_SEED <= args.val_seed <= MAX_VAL_SEED:
+        raise UsageError(f"--val-seed must be from {-MAX_VAL_SEED:,} to {MAX_VAL_SEED:,}, got "
+                         f"{str(args.val_seed)[:30]}{'...' if len(str(args.val_seed)) > 30 else ''}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     check_task_flags(args.task_index, args.task_count)

@@ -21,7 +21,7 @@ import numpy as np
 from common import cli, progress
 from common.errors import PipelineError
 
-from .reader import Dataset
+from .reader import Dataset, DatasetError
 from .shard import HEADER_BYTES, ShardError, read_header
 
 CHUNK_TOKENS = 1 << 24
@@ -47,6 +47,8 @@ def verify(path: Path, workers: int | None = None) -> int:
                 check_shard(ds, shard, bar.update, buffer)
         else:
             check_in_pool(ds, workers, bar.update)
+    # What train checks at start (edges_sha256, no unlisted shard): "ok" here must mean train accepts the dataset.
+    ds.check_files()
     print(f"ok: {len(ds.shards)} shard(s), {total:,} tokens match {ds.path / 'manifest.json'}")
     return 0
 
@@ -163,6 +165,15 @@ def _show(checked, shown: int, update) -> int:
 
 def info(path: Path) -> int:
     ds = Dataset(path)
+    try:
+        rows = _info_rows(ds)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # fields Dataset itself does not need
+        raise DatasetError(f"{ds.manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    print(cli.table(rows))
+    return 0
+
+
+def _info_rows(ds: Dataset) -> list:
     m = ds.manifest
     tok = m["tokenizer"]
     inputs, stats, val = m["inputs"], m["input_stats"], m["validation"]
@@ -179,5 +190,4 @@ def info(path: Path) -> int:
                               f"{stats['bad_skipped']}, invalid UTF-8 replaced {stats['invalid_utf8_replaced']})"),
              ("shard tokens", f"{m['recipe']['shard_tokens']:,}"),
              ("created by", m["created_by"])]
-    print(cli.table(rows))
-    return 0
+    return rows

@@ -131,8 +131,11 @@ def remove_stale_tmp(out: Path) -> None:
 
 def load_json(path: Path, what: str = "file"):
     """A JSON file the pipeline wrote; a damaged one (truncated, edited) is an error naming it, not a traceback."""
-    return files.read_json(path, WorkDirError, hint=f"a damaged {what}: it was written atomically, so something "
-                                                    f"else changed it")
+    hint = f"a damaged {what}: it was written atomically, so something else changed it"
+    obj = files.read_json(path, WorkDirError, hint=hint)
+    if not isinstance(obj, dict):  # every one prep writes is an object; its readers index it as one
+        raise WorkDirError(f"{path}: not a JSON object; {hint}")
+    return obj
 
 
 def is_done(out: Path, unit) -> bool:

@@ -45,6 +45,20 @@ def test_malformed_json_line_named_or_skipped_and_counted(tmp_path, shakespeare_
     assert stats["bad_skipped"] == 2 and stats["documents"] == 48
 
 
+def test_json_line_too_deep_or_with_a_huge_integer_is_a_bad_document_not_a_traceback(tmp_path, capsys):
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"text": "x", "id": ' + "1" * 5000
+                   + '}\n{"text": "also fine"}\n')
+    assert tokenize([src], tmp_path / "ds", "--val-tokens", 0) == 1
+    err = capsys.readouterr().err
+    assert f"error: {src}:2: nested too deeply to read" in err and "Traceback" not in err
+    assert_no_dataset(tmp_path / "ds")
+    assert tokenize([src], tmp_path / "ds2", "--val-tokens", 0, "--skip-bad-docs") == 0
+    err = capsys.readouterr().err
+    assert f"skipped: {src}:3: unreadable (Exceeds the limit (4300 digits)" in err
+    assert Dataset(tmp_path / "ds2").manifest["input_stats"]["bad_skipped"] == 2
+
+
 def test_parquet_without_text_column_named_or_skipped(tmp_path, shakespeare_docs, capsys):
     good = write_fineweb_parquet(tmp_path / "a.parquet", shakespeare_docs[:40], 10)
     bad = tmp_path / "b.parquet"
@@ -68,6 +82,16 @@ def test_corrupt_parquet_and_zst_named(tmp_path, shakespeare_docs, capsys):
     zst.write_bytes(zst.read_bytes()[:-50])
     assert tokenize([zst], tmp_path / "ds", "--val-tokens", 0) == 1
     assert f"error: {zst}: truncated zstd stream" in capsys.readouterr().err
+    assert_no_dataset(tmp_path / "ds")
+
+
+def test_a_parquet_footer_pyarrow_cannot_parse_is_one_error_line(tmp_path, capsys):
+    garbage = tmp_path / "a.parquet"
+    garbage.write_bytes(b"PAR1" + bytes(100) + b"PAR1")  # pyarrow's message for it ends in a newline
+    assert tokenize([garbage], tmp_path / "ds", "--val-tokens", 0) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {garbage}: not a readable parquet file (Couldn't deserialize thrift: No more data "
+                        f"to read.)\n"), err
     assert_no_dataset(tmp_path / "ds")
 
 
@@ -147,6 +171,11 @@ def test_empty_input_set_and_bad_flags(tmp_path, capsys):
     assert "--task-index 3 is outside 0..1" in capsys.readouterr().err
     assert tokenize([empty], tmp_path / "ds", "--shard-tokens", 0) == 2
     assert "argument --shard-tokens: must be >= 1, got 0" in capsys.readouterr().err
+    # The seed keys a blake2b hash, whose key is at most 64 bytes: refused up front, not a worker's traceback.
+    assert tokenize([empty], tmp_path / "ds2", "--val-seed", 10**70) == 2
+    err = capsys.readouterr().err
+    assert "error: --val-seed must be from -9,223,372,036,854,775,807 to" in err and "Traceback" not in err
+    assert not (tmp_path / "ds2").exists()
 
 
 def test_val_tokens_larger_than_corpus_refused(tmp_path, shakespeare_docs, capsys):

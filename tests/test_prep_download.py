@@ -115,7 +115,7 @@ def test_eval_data_rejects_a_file_not_in_hellaswag_schema(tmp_path, capsys):
     bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["only one"]}) + "\n")
     assert prep_main(["eval-data", "--out", str(tmp_path / "eval"), "--from", str(bad)]) == 1
     assert f"error: {bad}:2: 'endings' must be a list of 4 strings" in capsys.readouterr().err
-    assert not (tmp_path / "eval" / "hellaswag_val.jsonl").exists()
+    assert not (tmp_path / "eval").exists()  # nothing created, not even the directory
 
 
 def test_rerun_over_complete_files_needs_no_network_and_catches_damage(tmp_path, capsys):

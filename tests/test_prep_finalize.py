@@ -185,6 +185,24 @@ def test_task_flags_and_locks(tmp_path, reference_units, parquet_reference, caps
     assert "already finalized; nothing to do" in capsys.readouterr().err
 
 
+def test_a_damaged_unit_index_or_a_marker_that_is_not_an_object_is_named(tmp_path, reference_units, capsys):
+    out = copy_of(reference_units, tmp_path / "ds")
+    index, marker = out / ".work" / "units" / "u000001.idx.npy", out / ".work" / "units" / "u000001.json"
+    index.write_bytes(index.read_bytes()[:100])  # cut inside the .npy header, as a failed copy would
+    assert prep_main(["finalize", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"error: {index}: damaged (EOF: reading array header, expected 118 bytes got 90); "
+                                    f"delete {marker} and rerun tokenize to redo the unit"), err
+    np.save(index, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # never unpickled
+    assert prep_main(["finalize", "--out", str(out)]) == 1
+    assert f"error: {index}: damaged (Array can't be memory-mapped: Python objects in dtype)" in capsys.readouterr().err
+    marker.write_text("[]")
+    assert prep_main(["finalize", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {marker}: not a JSON object; a damaged done marker: "
+                                                        f"it was written atomically, so something else changed it")
+    assert outside_work(out) == []
+
+
 def test_validation_taking_every_document_is_refused(tmp_path, shakespeare_docs, capsys):
     """Whole documents: asking for all tokens but one makes the holdout take every document, leaving no train."""
     from common import tokenizer

@@ -103,6 +103,9 @@ def keep_totals(edit):
     (lambda m: m["shards"][1].update(name="train_000000.bin"), "or is listed twice"),
     (lambda m: m["shards"][0].update(bytes=1000), "shard train_000000.bin: 1000 bytes for 100000 tokens"),
     (lambda m: m["shards"][0].pop("edges_sha256"), "malformed manifest (KeyError: 'edges_sha256')"),
+    (lambda m: m["shards"][0].update(documents="7"), "shard train_000000.bin: documents '7', sha256 "),
+    (lambda m: m["shards"][0].update(sha256=None), "edges_sha256 '"),
+    (lambda m: m["tokenizer"].update(n_vocab=float("inf")), "malformed manifest (OverflowError: "),
 ])
 def test_a_manifest_that_does_not_describe_its_files_is_refused_naming_it(tiny_dataset, tmp_path, edit, needle):
     ds = copy_of(tiny_dataset, tmp_path)

@@ -82,6 +82,33 @@ def test_two_bad_shards_workers_name_the_same_first_one_as_one_process(many_shar
     assert len(lines["1"]) == 1 and f"{ds / 'train_000002.bin'}: sha256" in lines["1"][0]
 
 
+def test_verify_refuses_what_train_would_an_unlisted_shard_or_edited_edges(many_shards, tmp_path, capsys):
+    ds = copy_of(many_shards, tmp_path / "extra")
+    shutil.copy(ds / "val_000000.bin", ds / "val_000001.bin")
+    assert prep_main(["verify", str(ds), "--workers", "1"]) == 1
+    captured = capsys.readouterr()
+    assert error_lines(captured.err) == [f"error: {ds / 'val_000001.bin'}: a shard that {ds / 'manifest.json'} does "
+                                         f"not list; remove it, or prepare the dataset again"]
+    assert "ok:" not in captured.out
+    ds = copy_of(many_shards, tmp_path / "edges")
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["shards"][3]["edges_sha256"] = "0" * 64
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    assert prep_main(["verify", str(ds), "--workers", "2"]) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and f"{ds / 'train_000003.bin'}: its first and last 4 KiB do not match" in lines[0]
+
+
+def test_info_on_a_manifest_missing_what_it_shows_is_one_line(many_shards, tmp_path, capsys):
+    ds = copy_of(many_shards, tmp_path / "ds")
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["source"], manifest["input_stats"] = [1], None
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    assert prep_main(["info", str(ds)]) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {ds / 'manifest.json'}: malformed manifest (AttributeError: 'list' object has no attribute 'items')"]
+
+
 def test_the_earlier_bad_shard_is_named_though_it_fails_after_a_later_one(many_shards, tmp_path):
     """Shard 1 is a named pipe: its worker waits in open() until the test writes a header into it a second later,
     by when the other worker has found train_000005.bin bad, so the earlier shard is the last to fail."""
