@@ -6,6 +6,7 @@ The same seed gives the same samples on the same device.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from common import cli, tokenizer
 from common.cli import positive_float, positive_int
 from common.device import torch_device
-from common.errors import PipelineError
+from common.errors import PipelineError, UsageError
 
 from .config import PRESETS, GPTConfig
 from .gpt import GPT
@@ -57,6 +58,10 @@ def prompt_tokens(prompt: str, config: GPTConfig) -> list[int]:
 
 def run(args) -> int:
     device = torch_device(args.device)
+    try:  # before loading: a device that holds tensors but has no generator (meta) cannot sample
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device} cannot sample: {str(exc).splitlines()[0]}") from None
     model, where = load(args)
     config = model.config
     if config.vocab_size > tokenizer.N_VOCAB:
@@ -66,7 +71,6 @@ def run(args) -> int:
     model.to(device)
     print(f"model: {where}\nconfig: {config.to_dict()}\nparameters: {model.num_params():,}  device: {device}  "
           f"seed: {args.seed}  top_k: {args.top_k}  temperature: {args.temperature}", file=sys.stderr)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     # At most BATCH rows per forward: memory stays that of BATCH samples whatever --num is, and each batch is
     # printed as it is done.
     for first in range(0, args.num, BATCH):
@@ -78,6 +82,17 @@ def run(args) -> int:
             print(f"--- sample {i} ---")
             print(tokenizer.decode(row), flush=True)
     return 0
+
+
+def seed(text: str) -> int:
+    """argparse type: an integer torch.manual_seed takes (it refuses more than 64 bits with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be from -2^63 to 2^64 - 1, got {text[:40]}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -93,5 +108,5 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=cli.at_most(MAX_NEW_TOKENS, "tokens per sample"), default=64)
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens; 1 is greedy")
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed, default=42)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -150,6 +150,15 @@ def test_unusable_device(capsys):
     assert code == 2 and "--device cuda:99 is not usable here" in one_error_line(err)
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", str(2**64)], "argument --seed: must be from -2^63 to 2^64 - 1, got 18446744073709551616"),
+    (["--device", "meta"], "--device meta cannot sample: "),  # holds tensors, so the device check passes it
+])
+def test_a_seed_torch_refuses_or_a_device_without_a_generator_is_a_usage_error(capsys, flags, needle):
+    code, out, err = cli(capsys, "sample", "--preset", "tiny", "--prompt", "hi", "--num", "1", *flags)
+    assert code == 2 and out == "" and needle in one_error_line(err)
+
+
 def test_sample_needs_a_source(capsys):
     code, _, err = cli(capsys, "sample", "--prompt", "hi")
     assert code == 2 and "CKPT_OR_HF_DIR" in one_error_line(err)
