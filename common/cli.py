@@ -175,6 +175,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+# time.sleep refuses much beyond this (OverflowError), and a watcher that looks less than daily at a training run
+# is one nobody would wait for; eval watch's --poll and a pipeline file's EVAL_POLL share the bound.
+MAX_POLL_SECONDS = 86400
+
+
+def poll_seconds(text: str) -> float:
+    """argparse type: seconds between two looks, > 0 and at most MAX_POLL_SECONDS."""
+    value = positive_float(text)
+    if value > MAX_POLL_SECONDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_POLL_SECONDS} seconds (a day), got {text}")
+    return value
+
+
 def run(parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse argv and call args.run(args); map expected failures to one line and an exit status, which it returns
     (a usage error's 2 too, so that main(argv) called in-process always returns the status)."""

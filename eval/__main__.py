@@ -155,7 +155,7 @@ def register_export(sub) -> None:
 def register_watch(sub) -> None:
     p = cli.add_command(sub, "watch", cmd_watch, help="score every complete checkpoint of a run, once each")
     p.add_argument("run_dir", metavar="RUN", type=cli.existing_path, help="run directory")
-    p.add_argument("--poll", type=cli.positive_float, default=60.0, help="seconds between looks at RUN/checkpoints")
+    p.add_argument("--poll", type=cli.poll_seconds, default=60.0, help="seconds between looks at RUN/checkpoints")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--until-final", action="store_true",
                        help="exit once the run's last checkpoint (schedule in RUN/config.yaml) is scored")

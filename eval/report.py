@@ -7,7 +7,7 @@ from common import files
 from train.rundir import RunDir
 
 from .harness import EvalError
-from .results import current_segment, read_records, run_records
+from .results import current_segment, is_number, is_whole, run_records
 
 # OpenAI GPT-2 124M, lm-eval 0-shot HellaSwag acc_norm (see docs/eval.md, Comparability).
 GPT2_124M_ACC_NORM = 0.3114
@@ -22,10 +22,20 @@ def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     After a kill, the updates between the last checkpoint and the kill are logged again by the resumed run; the
     later line belongs to the run that continued, so it replaces the earlier one.
     """
-    train, val = {}, {}
-    for m in current_segment(read_records(RunDir(run).metrics)):  # not an earlier run's in this directory
-        if "step" not in m:
+    path = RunDir(run).metrics
+    lines = []
+    for lineno, m in files.read_json_lines(path, EvalError) if path.exists() else []:
+        if not isinstance(m, dict) or "step" not in m:
             continue
+        # A number as a string (a hand-edited line) would fail, with a traceback, where the steps are compared
+        bad = next((k for k, v in m.items() if (k == "step" and (v is None or not is_whole(v)))
+                    or (k == "tokens" and not is_whole(v))
+                    or ((k in ("loss", "val_loss") or k.startswith(PER_DATASET)) and not is_number(v))), None)
+        if bad is not None:
+            raise EvalError(f"{path}:{lineno}: {bad} {m[bad]!r} is not a number")
+        lines.append(m)
+    train, val = {}, {}
+    for m in current_segment(lines):  # not an earlier run's in this directory
         if "loss" in m and "skipped" not in m:  # a skipped update (train.heal) changed nothing
             train[m["step"]] = m
         if "val_loss" in m:

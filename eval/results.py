@@ -29,6 +29,34 @@ def read_records(path: Path) -> list[dict]:
     return [record for _, record in files.read_json_lines(path, EvalError) if isinstance(record, dict)]
 
 
+def is_whole(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def unreadable_field(record: dict) -> str | None:
+    """What in a result record `eval report` cannot read (a field of the wrong type), or None. The files are the
+    user's to edit, and a line of valid JSON with a string for a number was a traceback in the report."""
+    for name in ("step", "tokens_seen"):
+        if not is_whole(record.get(name)):
+            return f"{name} {record[name]!r} is not a whole number"
+    tasks = record.get("tasks", {})
+    if not isinstance(tasks, dict):
+        return f"tasks {tasks!r} is not an object"
+    for task, metrics in tasks.items():
+        if not isinstance(metrics, dict):
+            return f"tasks.{task} {metrics!r} is not an object"
+        for name in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            if not is_number(metrics.get(name)):
+                return f"tasks.{task}.{name} {metrics[name]!r} is not a number"
+        if not is_whole(metrics.get("n_docs")):
+            return f"tasks.{task}.n_docs {metrics['n_docs']!r} is not a whole number"
+    return None
+
+
 def key(record: dict) -> tuple:
     return record.get("tag"), record.get("checkpoint_id")
 
@@ -109,14 +137,21 @@ def run_records(run) -> tuple[list[dict], list[dict], list[dict]]:
     `eval checkpoint` wrote and no watcher appended; earlier: scored checkpoints that are not of the current run
     (a run restarted from scratch in this directory, or a checkpoint deleted by hand)."""
     layout = RunDir(run)
-    records = read_records(layout.results)
+    records = []
+    for lineno, record in files.read_json_lines(layout.results, EvalError) if layout.results.exists() else []:
+        if isinstance(record, dict):
+            why = unreadable_field(record)
+            if why:
+                raise EvalError(f"{layout.results}:{lineno}: {why}; correct or remove that line")
+            records.append(record)
     seen = {key(r) for r in records}
     for path in sorted(layout.eval.glob("global_step*.json")) if layout.eval.is_dir() else []:
         try:
             record = files.read_json(path, EvalError)
         except (OSError, EvalError):
             continue
-        if isinstance(record, dict) and "tasks" in record and key(record) not in seen:
+        if isinstance(record, dict) and "tasks" in record and key(record) not in seen \
+                and not unreadable_field(record):  # like one that is not JSON: not a result of ours
             records.append(record)
             seen.add(key(record))
     current = current_identities(layout.path)
@@ -174,11 +209,21 @@ def protected_place(path: Path) -> str | None:
     return None
 
 
+def check_out_parent(out: Path) -> None:
+    """Refused before the work, not when its result is written: --out under a file that is not a directory."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EvalError(f"--out {out}: {parent} is not a directory; choose another --out")
+
+
 def check_export_out(out: Path) -> None:
     where = protected_place(out)
     if where:
         raise EvalError(f"--out {out} lies inside {where}; an export goes elsewhere (it would be taken for, or "
                         f"deleted with, what is there): choose another --out")
+    check_out_parent(out)
 
 
 def check_result_out(out: Path) -> None:
@@ -186,6 +231,7 @@ def check_result_out(out: Path) -> None:
     where = protected_place(out)
     if where:
         raise EvalError(f"--out {out} lies inside {where}; results go elsewhere: choose another --out")
+    check_out_parent(out)
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise EvalError(f"--out {out} exists and is not a regular file; choose another --out")
     if out.exists() and not is_our_result(out):

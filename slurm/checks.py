@@ -9,6 +9,7 @@ import contextlib
 import io
 from pathlib import Path
 
+from common import hellaswag
 from common.errors import PipelineError
 
 from .config import ConfigError, Pipeline
@@ -37,6 +38,10 @@ def check_inputs(p: Pipeline, slurm: bool, dry_run: bool) -> None:
     if not p.HELLASWAG.is_file():
         raise ConfigError(f"HellaSwag file not found: {p.HELLASWAG} (write it on a machine with internet: python -m "
                           f"prep eval-data --out {p.HELLASWAG.parent})")
+    try:  # every doc, well under a second: a bad one would otherwise stop the eval job after prep and training
+        hellaswag.check_file(p.HELLASWAG)
+    except PipelineError as exc:
+        raise ConfigError(f"HELLASWAG: {exc}") from None
     if p.PREP_SOURCE == "local":
         for path in p.tokenize_inputs():
             if not path.exists():

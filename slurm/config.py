@@ -262,8 +262,11 @@ def read_pipeline(path) -> Pipeline:
             # --val-tokens 0 is a dataset without a validation split (train it with eval.every: 0)
             values[key] = v.count(key, minimum=0 if key == "PREP_VAL_TOKENS" else 1)
     if v.has("EVAL_POLL") and v.text("EVAL_POLL"):
-        if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", v.text("EVAL_POLL")) or float(v.text("EVAL_POLL")) <= 0:
-            v.fail("EVAL_POLL", f"EVAL_POLL must be a positive number of seconds, got {v.text('EVAL_POLL')!r}")
+        # eval watch's own bound on --poll, or the watcher job fails after training has started
+        poll = v.text("EVAL_POLL")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", poll) or not 0 < float(poll) <= cli.MAX_POLL_SECONDS:
+            v.fail("EVAL_POLL", f"EVAL_POLL must be a positive number of seconds, at most {cli.MAX_POLL_SECONDS} "
+                                f"(a day), got {poll!r}")
         values["EVAL_POLL"] = float(v.text("EVAL_POLL"))
     if v.has("EVAL_MODE"):
         modes = " or ".join(f"{k} ({what})" for k, what in EVAL_MODES.items())

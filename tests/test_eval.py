@@ -198,6 +198,30 @@ def test_bad_checkpoint_is_a_clear_error(damage, latest_tag_dir, hellaswag_file,
     assert not (tmp_path / "run" / "eval").exists()
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize("name, write", [
+    pytest.param("model.safetensors", lambda p: p.write_bytes(b"\x10\x00" * 8), id="truncated-safetensors"),
+    pytest.param("pytorch_model.bin", lambda p: p.write_bytes(b"garbage"), id="not-a-pickle"),
+    pytest.param("pytorch_model.bin", lambda p: torch.save({"w": _RunsCode()}, p), id="needs-a-function"),
+])
+def test_unreadable_hf_weights_are_a_clear_error(name, write, tmp_path, capsys):
+    # model.hf reads an HF directory's weights itself; safetensors' and torch's own errors were a traceback
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 64,
+                                                "n_positions": 64, "vocab_size": 50257}))
+    write(hf / name)
+    rc, cap = run_cli("export", hf, "--out", tmp_path / "out", capsys=capsys)
+    assert rc == 1 and "unpickled" not in cap.out
+    assert cap.err.startswith(f"error: cannot load checkpoint {hf}: cannot read its weights") and \
+        cap.err.count("\n") == 1, cap.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_shape_is_a_clear_error(exported, hellaswag_file, tmp_path, capsys):
     bad = tmp_path / "hf"
     shutil.copytree(exported, bad)

@@ -165,9 +165,14 @@ def test_outputs_never_land_in_checkpoints_or_datasets_nor_replace_files_eval_di
     notes.write_text("my notes\n")
     states = tag / "mp_rank_00_model_states.pt"
     before = {p: digest(p) for p in (notes, states)}
-    for out, why in ((states, "lies inside checkpoint"), (notes, "exists and is not an earlier eval result")):
+    for out, why in ((states, "lies inside checkpoint"), (notes, "exists and is not an earlier eval result"),
+                     (notes / "x.json", f"{notes} is not a directory")):  # refused before scoring, not after
         done = eval_cmd("checkpoint", run, "--out", out, "--limit", LIMIT)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and why in done.stderr, done.stderr
+        assert "loglikelihood" not in done.stdout + done.stderr
+    done = eval_cmd("export", run, "--out", notes / "hf")
+    assert done.returncode == 1 and done.stderr == f"error: --out {notes / 'hf'}: {notes} is not a directory; " \
+                                                   f"choose another --out\n", done.stderr
     assert {p: digest(p) for p in before} == before
     # An export moved into checkpoints/ by hand is still not a checkpoint: it has no completion mark.
     exported = tmp_path / "hf"

@@ -227,6 +227,28 @@ def test_report_reads_as_uncertain_a_small_sample_above_the_reference():
     assert "| 0.3500 ± 0.0940 | 100 | within |" in markdown(Path("run"), [row])
 
 
+@pytest.mark.parametrize("file, line, message", [
+    ("eval/results.jsonl", {"tag": "global_step2", "step": "2", "tasks": {}}, "step '2' is not a whole number"),
+    ("eval/results.jsonl", {"tag": "global_step2", "step": 2, "tasks": {"hellaswag": {"acc_norm": "0.3"}}},
+     "tasks.hellaswag.acc_norm '0.3' is not a number"),
+    ("eval/results.jsonl", {"tag": "global_step2", "step": 2, "tasks": []}, "tasks [] is not an object"),
+    ("metrics.jsonl", {"step": "2", "loss": 5.0}, "step '2' is not a number"),
+])
+def test_report_refuses_a_line_of_the_wrong_types_naming_it(tmp_path, capsys, file, line, message):
+    # valid JSON with a string for a number was a traceback where the report compares or formats it
+    from eval.__main__ import main
+    run = new_run(tmp_path / "run")
+    (run / "eval").mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 6.0, "tokens": 256}) + "\n")
+    with open(run / file, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    lineno = (run / file).read_text().count("\n")
+    rc = main(["report", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: {run / file}:{lineno}: {message}"), err
+    assert err.count("\n") == 1 and not (run / "eval" / "report.md").exists()
+
+
 def test_eval_outputs_are_readable_by_other_accounts(reported_run):
     """Under umask 022 every file eval writes is 0644, and another account (nobody) can read it."""
     run = reported_run
@@ -438,6 +460,18 @@ def test_watch_refuses_a_missing_hellaswag_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "missing.jsonl: no such file or directory" in err
     assert err.count("\n") == 1
+    assert not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("poll", ["1e300", "86401"])
+def test_a_poll_too_long_to_sleep_is_a_usage_error(tmp_path, capsys, poll):
+    # time.sleep(1e300) raised OverflowError, with a traceback, after the first poll had scored
+    from eval.__main__ import main
+    run = new_run(tmp_path / "run")
+    (run / "checkpoints").mkdir(parents=True)
+    rc = main(["watch", str(run), "--poll", poll])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--poll: at most 86400 seconds" in err and err.count("\n") == 1
     assert not (run / "eval").exists()
 
 

@@ -1,6 +1,7 @@
 """slurm/: the pipeline file's parser, the plan and the executor's Slurm side, against a fake sbatch / scancel /
 scontrol / srun on PATH (shell scripts that log their arguments): fast, no root, no Slurm. The real two-node cluster
 (tests/test_slurm_cluster.py) stays the acceptance test."""
+import json
 import os
 import shlex
 import subprocess
@@ -141,6 +142,7 @@ def test_the_site_file_is_read_by_the_same_parser_with_its_own_keys(tmp_path, fa
     ("EVAL_MODE", "sometimes", "EVAL_MODE must be jobs (a short eval job per checkpoint) or watch"),
     ("PREP_SOURCE", "s3", "PREP_SOURCE must be fineweb-edu, fineweb or local, got 's3'"),
     ("TRAIN_MIX", "x=0", "TRAIN_MIX[0] 'x=0' is not DIR=WEIGHT or DIR=WEIGHT=NAME"),
+    ("EVAL_POLL", "99999999999999999999", "EVAL_POLL must be a positive number of seconds, at most 86400"),
 ])
 def test_a_bad_value_is_one_line_naming_file_and_line(tmp_path, key, value, message):
     p = pipeline(tmp_path, **{key: value})
@@ -148,6 +150,19 @@ def test_a_bad_value_is_one_line_naming_file_and_line(tmp_path, key, value, mess
     with pytest.raises(ConfigError) as err:
         read_pipeline(p)
     assert str(err.value) == f"{p} line {line}: {message}" or str(err.value).startswith(f"{p} line {line}: {message}")
+
+
+def test_a_malformed_hellaswag_file_is_refused_at_submit_naming_its_line(tmp_path, fake_slurm):
+    # It was only checked to exist: the eval job found the bad doc after prep and training had run.
+    env, log = fake_slurm
+    bad = tmp_path / "hellaswag.jsonl"
+    lines = HELLASWAG.read_text().splitlines(keepends=True)[:5]
+    lines[3] = json.dumps({**json.loads(lines[3]), "label": 7}) + "\n"
+    bad.write_text("".join(lines))
+    done = run([SUBMIT, str(pipeline(tmp_path, HELLASWAG=bad)), "--dry-run"], env)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: HELLASWAG: {bad}:4: ") and done.stdout == "", done.stderr
+    assert not (tmp_path / "run dir").exists()
 
 
 def test_train_mix_reaches_the_recipe_as_values(tmp_path):
