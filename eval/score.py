@@ -14,10 +14,6 @@ from .harness import EvalError, lm_eval_version, load_tasks, run_tasks, summariz
 
 def load_checkpoint(path):
     """train.rundir.consolidate.load_model with its errors turned into ours."""
-    import pickle
-
-    from safetensors import SafetensorError
-
     from model.config import ConfigError
     from train.rundir.checkpoints import CheckpointError
     from train.rundir.consolidate import load_model
@@ -25,17 +21,6 @@ def load_checkpoint(path):
         return load_model(path)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         raise EvalError(f"cannot load checkpoint {path}: {exc}") from None
-    except (pickle.UnpicklingError, SafetensorError, RuntimeError) as exc:
-        # An HF directory's weights are read by model.hf without train's checks (a DeepSpeed tag's files are sized
-        # by its completion mark and read by checkpoints.safe_load): a truncated or foreign file, or one that
-        # torch's weights_only refuses, ends here.
-        if not (Path(path) / "config.json").is_file():
-            raise
-        detail = next((line for line in str(exc).splitlines() if line.strip()
-                       and not line.startswith(("Weights only load failed", "Please file an issue",
-                                                   "Check the documentation"))), "")
-        raise EvalError(f"cannot load checkpoint {path}: cannot read its weights ({type(exc).__name__}: "
-                        f"{detail.strip()})") from None
 
 
 def default_output(ckpt: Path, tag: str) -> Path:

@@ -54,17 +54,37 @@ def _read_state_dict(directory: Path) -> dict:
     index = directory / "model.safetensors.index.json"
     binf = directory / "pytorch_model.bin"
     if st.exists():
-        from safetensors.torch import load_file
-        return load_file(str(st))
+        return _read_weights(st)
     if index.exists():
-        from safetensors.torch import load_file
+        weight_map = files.read_json(index, HFFormatError)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFFormatError(f"{index}: its weight_map is not an object of file names")
         state = {}
-        for shard in sorted(set(files.read_json(index, HFFormatError)["weight_map"].values())):
-            state.update(load_file(str(directory / shard)))
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_weights(directory / shard))
         return state
     if binf.exists():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+        return _read_weights(binf)
     raise HFFormatError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_weights(path: Path) -> dict:
+    """One weights file, tensors only (pytorch_model.bin with weights_only: no pickled code runs); a truncated or
+    foreign file is an HFFormatError naming it."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        said = next((line.strip() for line in str(exc).splitlines() if line.strip()
+                     and not line.startswith(("Weights only load failed", "Please file an issue",
+                                              "Check the documentation"))), "")
+        raise HFFormatError(f"{path}: cannot read its weights ({type(exc).__name__}: {said[:200]})") from None
 
 
 def _infer_config(state: dict) -> GPTConfig:

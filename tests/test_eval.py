@@ -209,7 +209,8 @@ class _RunsCode:
     pytest.param("pytorch_model.bin", lambda p: torch.save({"w": _RunsCode()}, p), id="needs-a-function"),
 ])
 def test_unreadable_hf_weights_are_a_clear_error(name, write, tmp_path, capsys):
-    # model.hf reads an HF directory's weights itself; safetensors' and torch's own errors were a traceback
+    # model.hf reads an HF directory's weights itself; safetensors' and torch's own errors were a traceback, in eval
+    # and in model sample alike
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 64,
@@ -217,7 +218,7 @@ def test_unreadable_hf_weights_are_a_clear_error(name, write, tmp_path, capsys):
     write(hf / name)
     rc, cap = run_cli("export", hf, "--out", tmp_path / "out", capsys=capsys)
     assert rc == 1 and "unpickled" not in cap.out
-    assert cap.err.startswith(f"error: cannot load checkpoint {hf}: cannot read its weights") and \
+    assert cap.err.startswith(f"error: cannot load checkpoint {hf}: {hf / name}: cannot read its weights") and \
         cap.err.count("\n") == 1, cap.err
     assert not (tmp_path / "out").exists()
 

@@ -174,6 +174,15 @@ def test_hf_dir_with_mismatched_shapes(capsys, tmp_path):
     assert "transformer.h.1.mlp.c_fc.weight has shape (100, 128), expected (512, 128)" in one_error_line(err)
 
 
+def test_hf_dir_with_unreadable_weights_is_one_line_naming_the_file(capsys, tmp_path):
+    GPT(GPTConfig.preset("tiny")).save_hf(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    code, out, err = cli(capsys, "sample", str(tmp_path / "hf"), "--prompt", "hi", "--num", "1")
+    assert code == 1 and out == ""
+    assert one_error_line(err).startswith(f"error: {weights}: cannot read its weights (SafetensorError: ")
+
+
 def test_missing_checkpoint(capsys, tmp_path):
     code, _, err = cli(capsys, "sample", str(tmp_path / "nope"), "--prompt", "hi")
     assert code == 2 and "nope: no such file or directory" in one_error_line(err)
