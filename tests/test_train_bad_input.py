@@ -125,3 +125,27 @@ def test_a_cpu_run_without_a_working_cpp_compiler_is_one_line(tmp_path, tiny_dat
     result = run_train(train_command(run_dir, tiny_dataset, "eval.every=0", "sample.every=0"), check_rc=None, env=env)
     assert_one_line_error(result, 1, "training on CPU needs a C++ compiler", "apt-get install g++", "c++")
     assert not run_dir.exists()
+
+
+def test_a_deepspeed_json_with_an_unknown_stage_or_a_section_not_an_object_is_one_line(tmp_path, tiny_dataset):
+    # These reached DeepSpeed's own validation (a pydantic traceback) or a .get on an int, after train.lock.
+    cases = [({"zero_optimization": {"stage": 7}}, "fp32", "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+             ({"zero_optimization": {"stage": True}}, "fp32", "zero_optimization.stage must be 0, 1, 2 or 3"),
+             ({"zero_optimization": 3}, "fp32", "zero_optimization must be a JSON object, got 3"),
+             ({"bf16": 1}, "bf16", "bf16 must be a JSON object, got 1")]
+    for i, (ds, precision, needle) in enumerate(cases):
+        path = tmp_path / f"ds{i}.json"
+        path.write_text(json.dumps(ds))
+        result = run_train(train_command(tmp_path / "run", tiny_dataset, f"deepspeed={path}",
+                                         f"precision={precision}"), check_rc=None)
+        assert_one_line_error(result, 2, str(path), needle)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_is_the_dataset_is_refused_and_the_dataset_left_alone(tmp_path, tiny_dataset):
+    dataset = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, dataset)
+    before = sorted(p.name for p in dataset.iterdir())
+    result = run_train(train_command(dataset, dataset), check_rc=None)
+    assert_one_line_error(result, 2, f"run_dir {dataset} is a prepared dataset")
+    assert sorted(p.name for p in dataset.iterdir()) == before

@@ -256,6 +256,14 @@ def test_a_mix_recipe_resolves_names_and_round_trips_through_config_yaml():
     assert load(TINY).data.entries() == [("tinyshakespeare-gpt2", "data/tinyshakespeare-gpt2", 1)]
 
 
+def test_equal_weights_near_the_float_maximum_are_an_even_mix_not_a_weight_below_the_resolution():
+    # Their plain sum is inf, which made each weight "below 1/65,536 of the total (inf)".
+    recipe = load(TINY, ["data.dir=null", "data.mix=[{dir: /d/a, weight: 1e308}, {dir: /d/b, weight: 1e308}]"])
+    assert Interleave([w for _, _, w in recipe.data.entries()]).shares == [0.5, 0.5]
+    with pytest.raises(RecipeError, match=r"data.mix\[1\].weight 1e-300 is below 1/65,536 of the total"):
+        load(TINY, ["data.dir=null", "data.mix=[{dir: /d/a, weight: 1e308}, {dir: /d/b, weight: 1e-300}]"])
+
+
 def test_datasets_of_different_tokenizers_are_refused_naming_both(tmp_path, tiny_dataset, dictionaries):
     other = tmp_path / "other"
     shutil.copytree(dictionaries[0], other)

@@ -166,6 +166,26 @@ def test_launch_maps_slurm_variables():
     assert math.isfinite(int(alone["MASTER_PORT"]))
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "abc", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "RANK 'abc' is not a non-negative whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "two", "MASTER_PORT": "1"}, "WORLD_SIZE 'two' is not a non-negative whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK '-1' is not a non-negative whole number"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "RANK 3 with WORLD_SIZE 2: a rank must be below"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK 0 with WORLD_SIZE 0"),
+    ({"SLURM_PROCID": "4", "SLURM_NTASKS": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     "SLURM_PROCID 4 with SLURM_NTASKS 4"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "x1", "MASTER_ADDR": "h"},
+     "SLURM_JOB_ID 'x1' is not a number"),
+])
+def test_launch_refuses_a_placement_that_cannot_rendezvous_in_one_line(env, message):
+    # Before: a ValueError traceback, a misleading "WORLD_SIZE > 1 but MASTER_PORT is unset", or (rank >= world
+    # size) a rendezvous that waited for peers that never come.
+    from train.launch import LaunchError
+    with pytest.raises(LaunchError) as err:
+        resolve_env(env)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_mfu_uses_the_shared_flops_formula_and_peak_table():
     from model.config import GPTConfig
     from model.flops import flops_per_token

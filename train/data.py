@@ -101,9 +101,12 @@ class Data:
                 raise RecipeError(f"{where}.dir {entry.dir} is data.mix[{dirs[resolved]}]'s too; list each dataset "
                                   f"once, with the weights added")
             names[name], dirs[resolved] = i, i
-        total = sum(e.weight for e in self.mix)
+        # Summed relative to the largest weight: a sum of weights near the float maximum would be inf.
+        largest = max(e.weight for e in self.mix)
+        relative = sum(e.weight / largest for e in self.mix)
+        total = relative * largest
         for i, entry in enumerate(self.mix):
-            if entry.weight / total < 1 / MIX_RESOLUTION:
+            if entry.weight / largest < relative / MIX_RESOLUTION:
                 raise RecipeError(f"data.mix[{i}].weight {entry.weight} is below 1/{MIX_RESOLUTION:,} of the total "
                                   f"({total}), finer than the interleaving resolves")
 

@@ -7,6 +7,7 @@ the first host of the allocation and MASTER_PORT to a port derived from the job 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -47,20 +48,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_placement(out: dict, names: tuple[str, str, str]) -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK (as `names` came from the environment) are whole numbers with rank < world
+    size: a rank outside the world waits in the rendezvous for peers that never come."""
+    values = []
+    for key, name in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK"), names):
+        text = out[key].strip()
+        if not re.fullmatch(r"[0-9]+", text):
+            raise LaunchError(f"{name} {out[key][:40]!r} is not a non-negative whole number; fix the launcher's "
+                              f"environment")
+        values.append(int(text))
+    rank, world, _ = values
+    if world < 1 or rank >= world:
+        raise LaunchError(f"{names[0]} {rank} with {names[1]} {world}: a rank must be below the world size, which "
+                          f"must be at least 1; fix the launcher's environment")
+
+
 def resolve_env(env=None) -> dict:
     """The rendezvous variables torch.distributed reads, filled in from Slurm's or single-process defaults."""
     env = dict(os.environ if env is None else env)
     out = {}
     if "RANK" in env and "WORLD_SIZE" in env:
         out.update(RANK=env["RANK"], WORLD_SIZE=env["WORLD_SIZE"], LOCAL_RANK=env.get("LOCAL_RANK", "0"))
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         out.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
         out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_slurm_host(env)
         # Every task of a job step computes the same port without talking to the others.
-        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        job = env.get("SLURM_JOB_ID", "0")
+        if not env.get("MASTER_PORT") and not re.fullmatch(r"[0-9]+", job):
+            raise LaunchError(f"SLURM_JOB_ID {job[:40]!r} is not a number, so no MASTER_PORT can be derived from it; "
+                              f"export MASTER_PORT")
+        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(job) % 20000)
     else:
         out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    _check_placement(out, names)
     out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     if "MASTER_PORT" not in out:
         if env.get("MASTER_PORT"):

@@ -440,6 +440,19 @@ def read_deepspeed_file(recipe: Recipe) -> dict:
         raise RecipeError(f"deepspeed config {path}: {exc.strerror}") from None
     if not isinstance(ds, dict):
         raise RecipeError(f"deepspeed config {path}: a JSON object is expected, got {type(ds).__name__}")
+    # The sections the trainer reads itself (zero_stage, optimizer_offload, precision): checked here, or a bad one
+    # is a traceback from DeepSpeed's own validation after the run directory is locked.
+    for key in ("zero_optimization", "bf16", "fp16", "data_types"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise RecipeError(f"deepspeed config {path}: {key} must be a JSON object, got {shown(ds[key])}")
+    zo = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if not isinstance(zo.get(key, {}), dict):
+            raise RecipeError(f"deepspeed config {path}: zero_optimization.{key} must be a JSON object, "
+                              f"got {shown(zo[key])}")
+    stage = zo.get("stage", 0)
+    if not (isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage <= 3):
+        raise RecipeError(f"deepspeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {shown(stage)}")
     return ds
 
 

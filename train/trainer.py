@@ -27,8 +27,8 @@ from . import heal, launch, optim, paths, rundir, wandb_log, warm_start, watchdo
 from .data import open_sources, train_loader, val_batches
 from .metrics import RunLog, mfu, peak_flops, peak_memory_mb
 from .optim import optimizer_offload, zero_stage
-from .recipe import (Recipe, batch_plan, check_allowed_keys, check_resume, deepspeed_config, schedule_shape,
-                     startup_table)
+from .recipe import (Recipe, RecipeError, batch_plan, check_allowed_keys, check_resume, deepspeed_config,
+                     schedule_shape, startup_table)
 from .rundir import checkpoints as ckpt
 from .schedule import lr_multiplier
 from .stop import StopFlag
@@ -67,6 +67,14 @@ def check_inputs(recipe: Recipe, dataset: Dataset) -> None:
         raise TrainError(f"dataset {dataset.path} has no train shards")
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory that is a prepared dataset (the recipe's or another) would get config.yaml, checkpoints and
+    logs among its shards; refused before anything is written."""
+    if (run_dir / "manifest.json").exists():
+        raise RecipeError(f"run_dir {run_dir} is a prepared dataset (it holds manifest.json); training would write "
+                          f"its checkpoints and logs among the shards: set run_dir to a directory of its own")
+
+
 def resume_point(ckpt_dir: Path, recipe: Recipe, log=print) -> tuple[str | None, dict | None]:
     """The newest complete, readable tag and its client_state; refuses a checkpoint of another model shape."""
     tag_dir, state = ckpt.resume_candidate(ckpt_dir, log)
@@ -93,6 +101,7 @@ class Trainer:
         self.sources = open_sources(recipe.data.entries())
         for source in self.sources:
             check_inputs(recipe, source.dataset)
+        check_run_dir(Path(recipe.run_dir))
         self.model_config = recipe.model
         self.ds_config = deepspeed_config(recipe, self.plan)
         self.run_dir = Path(recipe.run_dir)
