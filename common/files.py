@@ -120,14 +120,30 @@ def read_json(path, error: type[PipelineError] = MalformedJSON, hint: str = ""):
     path = Path(path)
     data = path.read_bytes()
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_one_of_each_key)
     except UnicodeDecodeError as exc:
         raise error(_malformed(path, f"invalid UTF-8 at byte {exc.start + 1}", hint)) from None
     except json.JSONDecodeError as exc:
         raise error(_malformed(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg}, column {exc.colno})",
                                hint)) from None
+    except DuplicateKey as exc:
+        raise error(_malformed(path, str(exc), hint)) from None
     except (RecursionError, ValueError) as exc:
         raise error(_malformed(path, beyond_json(exc), hint)) from None
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _one_of_each_key(pairs: list) -> dict:
+    """json keeps the last of two equal keys; in a file a person writes (a DeepSpeed config) that hides a typo."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"the key {twice[:40]!r} twice in one object")
+    return obj
 
 
 def beyond_json(exc: Exception) -> str:

@@ -23,6 +23,18 @@ class _Loader(yaml.SafeLoader):
                 event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys: `seed:` twice in a recipe trained silently with the second.
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key_node.value[:40]!r} twice in one mapping", key_node.start_mark)
+                    seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
     def construct_yaml_int(self, node):
         try:
             return super().construct_yaml_int(node)

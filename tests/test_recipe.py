@@ -21,6 +21,7 @@ from train.recipe import (
     check_resume,
     deepspeed_config,
     load,
+    read_deepspeed_file,
     zero_stage,
 )
 from train.rundir import RunDir, read_recipe
@@ -244,6 +245,21 @@ def test_yaml_nested_too_deeply_is_refused_in_one_line_naming_the_file(tmp_path)
         load(deep)
     with pytest.raises(ConfigError, match="nested too deeply"):
         GPTConfig.resolve(str(deep))
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
+    # PyYAML and json keep the last of two equal keys: a recipe with `seed:` twice trained with the second.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(TINY.read_text() + "seed: 7\n")
+    with pytest.raises(RecipeError, match=rf"^training recipe: {twice} line \d+: not valid YAML \(the key 'seed' "
+                                          r"twice in one mapping\)$"):
+        load(twice)
+    with pytest.raises(RecipeError, match=r"^batch must be a mapping, got "):  # not YAML, so --set takes it as text
+        load(TINY, ["batch={micro_batch: 2, seq_len: 64, seq_len: 32, total_tokens: 256}"])
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 1, "stage": 3}}')
+    with pytest.raises(RecipeError, match=rf"^{ds}: the key 'stage' twice in one object$"):
+        read_deepspeed_file(load(TINY, [f"deepspeed={ds}"]))
 
 
 def test_counts_in_a_recipe_read_as_the_commands_flags_do():
