@@ -303,6 +303,11 @@ BAD = {
     "recipe key unknown": (["--recipe", "configs/train/tiny-cpu.yaml", "--set", "optim.lr=1"],
                            "unknown recipe key 'optim.lr'"),
     "--set without a recipe": (["--set", "batch.micro_batch=2"], "--set changes a recipe key: it needs --recipe"),
+    "GPU memory beyond arithmetic": (["--gpu-memory-gb", "1e308", "--gpu-tflops", "100"],
+                                     "--gpu-memory-gb must be positive and at most 1,000,000, got 1e+308"),
+    "GPU peak not a number": (["--gpu-memory-gb", "80", "--gpu-tflops", "nan"], "--gpu-tflops must be positive"),
+    "price not a number": (["--price-per-gpu-hour", "nan"], "--price-per-gpu-hour must be a finite number >= 0"),
+    "GPUs beyond any cluster": (["--gpus", "1e30", "--gpus-per-node", "8"], "--gpus must be at most 1,000,000"),
     "recipe batch on too many GPUs": (["--recipe", "configs/train/gpt2-124m-edu10B.yaml", "--gpus", "16"],
                                       "batch.total_tokens 524288 is not a multiple of micro_batch 64 x seq_len 1024 "
                                       "x world_size 16"),  # train's own message: the same check

@@ -37,6 +37,8 @@ DS_REDUCE_BUCKET = 500_000_000            # DeepSpeed's default reduce_bucket_si
 DS_PREFETCH_BUCKET = 50_000_000           # DeepSpeed's default stage3_prefetch_bucket_size (elements)
 DS_CPU_BUFFER_FACTOR = 1.5                # DeepSpeed estimators' additional_buffer_factor for CPU memory
 MAX_MICRO_BATCH = 1 << 16                 # search ceiling for the largest micro batch that fits
+MAX_GPUS = 1_000_000                      # far beyond any cluster; keeps a typo (1e30) from planning as if real
+MAX_GPU_FIGURE = 1_000_000                # GiB or TFLOP/s of one custom GPU: far above any device, finite arithmetic
 
 
 class PlanError(UsageError):
@@ -339,8 +341,9 @@ def resolve_gpu(args) -> GPUSpec:
     if not custom:
         return base
     for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--gpu-tflops", args.gpu_tflops)):
-        if value is not None and not value > 0:
-            raise PlanError(f"{flag} must be positive, got {value}")
+        # bounded far above any device, so the byte and FLOP arithmetic stays finite
+        if value is not None and not 0 < value <= MAX_GPU_FIGURE:
+            raise PlanError(f"{flag} must be positive and at most {MAX_GPU_FIGURE:,}, got {value}")
     memory = base.memory_bytes if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GiB)
     peak = base.peak_bf16_flops if args.gpu_tflops is None else args.gpu_tflops * 1e12
     return GPUSpec(base.name, memory, peak)
@@ -412,8 +415,10 @@ def resolve(args) -> tuple[dict, str]:
         raise PlanError("parameter offload needs ZeRO stage 3 (only stage 3 partitions the weights)")
     if not 0 < args.mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.price_per_gpu_hour is not None and args.price_per_gpu_hour < 0:
-        raise PlanError(f"--price-per-gpu-hour must not be negative, got {args.price_per_gpu_hour}")
+    if args.price_per_gpu_hour is not None and not 0 <= args.price_per_gpu_hour < math.inf:  # nan fails too
+        raise PlanError(f"--price-per-gpu-hour must be a finite number >= 0, got {args.price_per_gpu_hour}")
+    if args.gpus > MAX_GPUS:
+        raise PlanError(f"--gpus must be at most {MAX_GPUS:,}, got {args.gpus:,}")
     tokens = args.tokens
     if args.steps is not None:
         if tokens is not None:
