@@ -29,6 +29,9 @@ def check_inputs(p: Pipeline, slurm: bool, dry_run: bool) -> None:
                 raise ConfigError(f"{p.SITE}: {key} must be a whole number, got ''")
         if s.SITE_GPUS_PER_NODE and p.GPUS_PER_NODE > s.SITE_GPUS_PER_NODE:
             raise ConfigError(f"GPUS_PER_NODE={p.GPUS_PER_NODE} but the site's nodes have {s.SITE_GPUS_PER_NODE} GPUs")
+        if s.SITE_CPUS_PER_NODE and p.PREP_WORKERS > s.SITE_CPUS_PER_NODE:  # a job no node can hold: pending forever
+            raise ConfigError(f"PREP_WORKERS={p.PREP_WORKERS} but the site's nodes have {s.SITE_CPUS_PER_NODE} CPUs "
+                              f"(each tokenize task asks for PREP_WORKERS CPUs on one node)")
         if not dry_run and not sbatch_found():
             raise ConfigError("sbatch not found: is this a Slurm login node? (or use --local)")
     elif p.NODES > 1:

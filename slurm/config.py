@@ -17,6 +17,7 @@ from common.errors import PipelineError
 from . import envfile
 
 SOURCES = ("fineweb-edu", "fineweb", "local")
+MAX_ARRAY_TASKS = 4_000_000  # Slurm's MaxArraySize is at most 4,000,001 (task ids 0..4,000,000)
 EVAL_MODES = {"jobs": "a short eval job per checkpoint", "watch": "one eval job beside training"}
 # A mixture weight as train reads it: a decimal (no leading zeros: YAML takes 010 for octal 8) with a non-zero digit.
 WEIGHT = re.compile(r"((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
@@ -261,6 +262,10 @@ def read_pipeline(path) -> Pipeline:
         if v.has(key) and v.text(key):   # empty: the default, as `${KEY:-default}` had it
             # --val-tokens 0 is a dataset without a validation split (train it with eval.every: 0)
             values[key] = v.count(key, minimum=0 if key == "PREP_VAL_TOKENS" else 1)
+    for key in ("PREP_TASKS", "FINALIZE_TASKS"):
+        if values.get(key, 0) > MAX_ARRAY_TASKS:
+            v.fail(key, f"{key} must be at most {MAX_ARRAY_TASKS:,} (the most array tasks any Slurm allows: its "
+                        f"MaxArraySize is at most 4,000,001), got {values[key]:,}")
     if v.has("EVAL_POLL") and v.text("EVAL_POLL"):
         # eval watch's own bound on --poll, or the watcher job fails after training has started
         poll = v.text("EVAL_POLL")

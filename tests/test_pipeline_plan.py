@@ -143,6 +143,8 @@ def test_the_site_file_is_read_by_the_same_parser_with_its_own_keys(tmp_path, fa
     ("PREP_SOURCE", "s3", "PREP_SOURCE must be fineweb-edu, fineweb or local, got 's3'"),
     ("TRAIN_MIX", "x=0", "TRAIN_MIX[0] 'x=0' is not DIR=WEIGHT or DIR=WEIGHT=NAME"),
     ("EVAL_POLL", "99999999999999999999", "EVAL_POLL must be a positive number of seconds, at most 86400"),
+    ("PREP_TASKS", "1e12", "PREP_TASKS must be at most 4,000,000 (the most array tasks any Slurm allows"),
+    ("FINALIZE_TASKS", "5M", "FINALIZE_TASKS must be at most 4,000,000"),
 ])
 def test_a_bad_value_is_one_line_naming_file_and_line(tmp_path, key, value, message):
     p = pipeline(tmp_path, **{key: value})
@@ -150,6 +152,14 @@ def test_a_bad_value_is_one_line_naming_file_and_line(tmp_path, key, value, mess
     with pytest.raises(ConfigError) as err:
         read_pipeline(p)
     assert str(err.value) == f"{p} line {line}: {message}" or str(err.value).startswith(f"{p} line {line}: {message}")
+
+
+def test_prep_workers_beyond_a_node_are_refused_at_submit(tmp_path, fake_slurm):
+    # A tokenize job asking for more CPUs than any node has would pend forever.
+    env, _ = fake_slurm
+    done = run([SUBMIT, str(pipeline(tmp_path, PREP_WORKERS="1e6")), "--dry-run"], env)
+    assert done.returncode == 1 and done.stderr == ("error: PREP_WORKERS=1000000 but the site's nodes have 64 CPUs "
+                                                    "(each tokenize task asks for PREP_WORKERS CPUs on one node)\n")
 
 
 def test_a_malformed_hellaswag_file_is_refused_at_submit_naming_its_line(tmp_path, fake_slurm):
