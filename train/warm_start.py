@@ -32,16 +32,19 @@ def load(path, config) -> tuple[dict, str]:
     and one line saying what they are; a WarmStartError when the source is unreadable or of another shape."""
     from train.rundir.checkpoints import CheckpointError
     from train.rundir.consolidate import load_model
+
+    def check_shape(have) -> None:  # before the weights are read: a mismatch costs no loading
+        if any(getattr(have, key) != getattr(config, key) for key in SHAPE) or config.block_size > have.block_size:
+            longer = (f" (a block_size above the source's {have.block_size} has positions it never learnt)"
+                      if all(getattr(have, key) == getattr(config, key) for key in SHAPE) else "")
+            raise WarmStartError(f"init_from {path} holds a model of shape {describe(have)}; the recipe's model is "
+                                 f"{describe(config)}{longer}: make the model section match, or start from scratch")
+
     try:
-        source, meta = load_model(path)
+        source, meta = load_model(path, check=check_shape)
     except CheckpointError as exc:
         raise WarmStartError(f"init_from {path}: {exc}") from None
     have = source.config
-    if any(getattr(have, key) != getattr(config, key) for key in SHAPE) or config.block_size > have.block_size:
-        longer = (f" (a block_size above the source's {have.block_size} has positions it never learnt)"
-                  if all(getattr(have, key) == getattr(config, key) for key in SHAPE) else "")
-        raise WarmStartError(f"init_from {path} holds a model of shape {describe(have)}; the recipe's model is "
-                             f"{describe(config)}{longer}: make the model section match, or start from scratch")
     state = {key: value.detach() for key, value in source.state_dict().items() if key != "lm_head.weight"}
     cropped = config.block_size < have.block_size
     if cropped:

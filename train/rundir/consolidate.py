@@ -17,33 +17,39 @@ from .checkpoints import (CheckpointError, _writer_rank, check_readable, rank0_s
 
 
 # ---- weights for eval, sample and export -----------------------------------------------------------------------
-def load_model(path):
+def load_model(path, check=None):
     """path: an HF directory, a checkpoint tag dir, a checkpoints dir or a run dir (its newest complete tag).
 
     Returns (GPT in fp32 on CPU, in eval mode; meta with kind, tag, step, tokens_seen, path, zero_stage, weights).
     Weights are the fp32 master copy the optimizer keeps, not the bf16 module copy, so evaluation sees exactly
-    what training would resume from.
+    what training would resume from. check(config), when given, sees the source's GPTConfig before any weights
+    are read, and may refuse it by raising.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if (path / "config.json").is_file():
-        return _load_hf(path)
-    model, meta = _load_deepspeed(resolve_tag(path))
+        return _load_hf(path, check)
+    model, meta = _load_deepspeed(resolve_tag(path), check)
     return model.eval(), meta
 
 
-def _load_hf(path: Path):
+def _load_hf(path: Path, check=None):
+    from common import files
     from model.config import ConfigError
     from model.gpt import GPT
+    from model.hf import HFFormatError, config_from_hf
     try:
-        model = GPT.from_hf(path)
+        config = config_from_hf(files.read_json(path / "config.json", HFFormatError))
+        if check is not None:
+            check(config)
+        model = GPT.from_hf(path, config=config)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     return model.eval(), {"kind": "hf", "path": str(path), "tag": None, "step": None, "tokens_seen": None}
 
 
-def _load_deepspeed(tag_dir: Path):
+def _load_deepspeed(tag_dir: Path, check=None):
     from model.config import ConfigError, GPTConfig
     from model.gpt import GPT
     model_files = sorted(tag_dir.glob("*model_states.pt"))
@@ -58,6 +64,8 @@ def _load_deepspeed(tag_dir: Path):
         config = GPTConfig.from_dict(states["model_config"])
     except ConfigError as exc:
         raise CheckpointError(f"{rank0}: model_config: {exc}") from None
+    if check is not None:
+        check(config)
 
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     world = int(states.get("dp_world_size", 1))
