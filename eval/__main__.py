@@ -62,7 +62,8 @@ def cmd_checkpoint(args) -> int:
                                     "hellaswag file": args.hellaswag_file or "data/eval/hellaswag_val.jsonl",
                                     "limit": args.limit or "all docs", "batch size": args.batch_size,
                                     "device": device,
-                                    "dtype": args.dtype, "output": args.out or "RUN/eval/<tag>.json"})
+                                    "dtype": args.dtype,
+                                    "output": args.out or ", ".join(str(default_output(c, "<tag>")) for c in args.ckpt)})
     scorer = Scorer(tasks, args.hellaswag_file, args.limit, args.batch_size, device, args.dtype)
     failed = 0
     for ckpt in args.ckpt:

@@ -1,5 +1,6 @@
 """eval/: offline HellaSwag through lm-eval, agreement with lm-eval's own `hf` backend, export, bad input."""
 import json
+import re
 import shutil
 import subprocess
 
@@ -183,6 +184,17 @@ def _damaged_copy(tag_dir, tmp_path, damage):
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def test_an_hf_directory_is_scored_into_a_file_beside_it_as_the_startup_table_says(exported, hellaswag_file,
+                                                                                  tmp_path, capsys):
+    hf = tmp_path / "my model"
+    shutil.copytree(exported, hf)
+    rc, cap = run_cli("checkpoint", hf, "--hellaswag-file", hellaswag_file, "--limit", 5, capsys=capsys)
+    assert rc == 0, cap.err
+    out = tmp_path / "my model.eval.json"
+    assert re.search(rf"^  output +{re.escape(str(out))}$", cap.out, re.M), cap.out  # it had said RUN/eval/<tag>.json
+    assert json.loads(out.read_text())["tasks"]["hellaswag"]["n_docs"] == 5
 
 
 @pytest.mark.parametrize("damage", [
