@@ -15,11 +15,10 @@ start mark is there.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from common import files
 from common.errors import UsageError
+from common.process import die_with_parent
 from train.rundir import RunDir, append_result, read_recipe
 from train.rundir.checkpoints import complete_tags, incomplete_reason, step_of, tag_dirs
 
@@ -50,22 +50,6 @@ def fill_command(template: str, ckpt: Path, run: Path) -> str:
     """
     values = {"ckpt": shlex.quote(str(ckpt)), "run": shlex.quote(str(run))}
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int):
-    """A preexec_fn: the child gets SIGKILL when the watcher dies, even by SIGKILL (Linux; elsewhere a no-op)."""
-    def preexec():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            return  # no prctl: the inherited lock still keeps the next watcher off until this child ends
-        if os.getppid() != parent_pid:  # the watcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-    return preexec
 
 
 def start_mark(mark: Path, command: str, lock_fd: int):
@@ -261,7 +245,7 @@ class Watcher:
         if len(items) == 1:
             cmd += ["--out", str(self.dir.eval_result(items[0][0]))]
         child = subprocess.Popen(cmd, pass_fds=[item[3].fileno() for item in items],
-                                 preexec_fn=die_with_parent(os.getpid()))
+                                 preexec_fn=functools.partial(die_with_parent, os.getpid()))
         tags = ", ".join(f"{tag} (attempt {attempts + 1} of {self.max_attempts})" for tag, _, attempts, *_ in items)
         self.log(f"eval watch: scoring {tags} (pid {child.pid})")
         return child.wait()

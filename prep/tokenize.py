@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -20,6 +21,7 @@ import numpy as np
 
 from common import files, progress, tokenizer
 from common.errors import PipelineError
+from common.process import die_with_parent
 
 from . import finalize as fin
 from . import recipe as recipes
@@ -46,9 +48,10 @@ class UnitJob:
 _progress_queue = None  # set in each pool worker by _init_worker; None when running in-process
 
 
-def _init_worker(progress_queue) -> None:
+def _init_worker(progress_queue, parent_pid: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    die_with_parent(parent_pid)
 
 
 def tokenize_unit(job: UnitJob, report=None) -> dict:
@@ -147,7 +150,7 @@ def _run_pool(jobs, workers, on_progress, on_done) -> None:
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     progress_queue = ctx.Queue()
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                               initargs=(progress_queue,))
+                               initargs=(progress_queue, os.getpid()))
     try:
         pending = {pool.submit(tokenize_unit, job) for job in jobs}
         while pending:

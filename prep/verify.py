@@ -20,6 +20,7 @@ import numpy as np
 
 from common import cli, progress
 from common.errors import PipelineError
+from common.process import die_with_parent
 
 from .reader import Dataset, DatasetError
 from .shard import HEADER_BYTES, ShardError, read_header
@@ -91,7 +92,8 @@ def check_shard(ds: Dataset, shard, progress=None, buffer: memoryview | None = N
 _worker = None  # (dataset, tokens checked, first bad index, read buffer) in each pool worker, set by _init_worker
 
 
-def _init_worker(ds: Dataset, checked, first_bad) -> None:
+def _init_worker(ds: Dataset, checked, first_bad, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # orphaned, a worker would wait on the pool's queue for ever
     # Ctrl-C reaches the whole process group; the parent alone acts on it (it stops the workers within a chunk),
     # so an idle worker does not die printing its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -127,7 +129,8 @@ def check_in_pool(ds: Dataset, workers: int, update) -> None:
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     checked = ctx.Value("q", 0)
     first_bad = ctx.Value("q", len(ds.shards))  # written by this process only; workers stop on shards after it
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(ds, checked, first_bad))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                              initargs=(ds, checked, first_bad, os.getpid()))
     running: dict = {}
     errors: dict[int, BaseException] = {}
     following, shown = 0, 0

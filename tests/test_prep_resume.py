@@ -60,3 +60,23 @@ def test_sigkill_at_random_points_then_rerun_is_byte_identical(tmp_path, fineweb
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert tree_bytes(out) == parquet_reference, f"seed {seed}, kills (finished?, units done): {kills}"
+
+
+def test_a_parent_killed_alone_leaves_no_worker_holding_the_dataset(tmp_path, fineweb_parquet, parquet_reference):
+    """`kill -9 PID` or the OOM killer picking the parent: its pool workers must not live on holding .work/lock,
+    which refused every rerun for ever, naming the dead parent."""
+    out = tmp_path / "ds"
+    units = out / ".work" / "units"
+    proc = start_tokenize(fineweb_parquet, out)
+    try:
+        wait_for(lambda: units.exists() and len(list(units.glob("u*.json"))) >= 1, proc)
+        assert proc.poll() is None, "tokenize ended before the kill"
+        proc.kill()  # the parent only, not its group
+        proc.wait()
+        rerun = subprocess.run([PYTHON, "-m", "prep", "tokenize", "--input", str(fineweb_parquet), "--out", str(out),
+                                "--workers", "2", *REFERENCE_RECIPE], cwd=REPO, capture_output=True, text=True,
+                               timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert tree_bytes(out) == parquet_reference
+    finally:
+        kill_group(proc)  # workers of an unfixed tokenize would outlive the test

@@ -1,4 +1,5 @@
 """prep verify in worker processes: the same first bad shard as one process, prompt stops, flags, dead workers."""
+import contextlib
 import json
 import os
 import shutil
@@ -264,3 +265,35 @@ def test_ctrl_c_stops_every_worker_and_prints_one_line(many_shards, tmp_path):
     assert proc.returncode == 130, err
     assert error_lines(err) == ["error: interrupted; rerun the same command to resume"], err
     assert "Traceback" not in err and not out
+
+
+def is_running(pid: int) -> bool:
+    """Neither gone nor a zombie (in a container, PID 1 may never reap the orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_verify_killed_alone_leaves_no_worker_behind(many_shards, tmp_path):
+    """`kill -9` of verify alone (not its group): its workers end with it instead of waiting on the pool for ever.
+    Shard 0 is a named pipe no one writes, so a worker is still there when the parent is killed."""
+    ds = copy_of(many_shards, tmp_path / "ds")
+    (ds / "train_000000.bin").unlink()
+    os.mkfifo(ds / "train_000000.bin")
+    proc = subprocess.Popen([PYTHON, "-m", "prep", "verify", str(ds), "--workers", "2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(is_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if is_running(pid)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the workers of an unfixed verify
+            os.killpg(proc.pid, signal.SIGKILL)
