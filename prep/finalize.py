@@ -51,9 +51,10 @@ def already_finished(out: Path, rcp: dict, clean: bool = True) -> int:
     between writing the manifest and removing .work/.
     """
     manifest = read_manifest(out / MANIFEST)
-    refuse_if_different(manifest["recipe"], rcp, "a finished dataset", out)
     if clean and work_dir(out).exists():
+        # Before a refusal too: a process that waited for the lock made .work/ anew for it, and leaves it otherwise.
         clean_up(out)
+    refuse_if_different(manifest["recipe"], rcp, "a finished dataset", out)
     totals = manifest["totals"]
     print(f"{out} is already a finished dataset with this recipe ({totals['train']['tokens']:,} train + "
           f"{totals['val']['tokens']:,} val tokens); nothing to do", file=sys.stderr)
@@ -72,10 +73,13 @@ def finalize(out: Path, wait: bool = False, task_index: int | None = None, task_
     if (out / MANIFEST).exists() and not work_dir(out).exists():
         print(f"{out} is already finalized; nothing to do", file=sys.stderr)
         return 0
-    if not (work_dir(out) / "recipe.json").exists():
+    finished = (out / MANIFEST).exists()
+    if not finished and not (work_dir(out) / "recipe.json").exists():
         raise FinalizeError(f"{out}: nothing to finalize (no .work/recipe.json; run `python -m prep tokenize` first)")
-    if task_count is None:
-        with dataset_lock(out, wait):
+    # A finished dataset with a .work/ is a last step killed while removing it (recipe.json goes first): the
+    # removal is finished under the exclusive lock, which an array task too waits for, as the last step does.
+    if task_count is None or finished:
+        with dataset_lock(out, wait or task_count is not None):
             return finalize_locked(out, verify)
     with dataset_lock(out, wait, shared=True):
         if (out / MANIFEST).exists():  # finished by others while this task waited for the lock

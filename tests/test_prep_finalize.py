@@ -159,6 +159,20 @@ def test_last_step_resumes_after_a_kill_between_moving_shards_and_the_manifest(t
     assert tree_bytes(out) == parquet_reference
 
 
+@pytest.mark.parametrize("tasks", [None, (0, 2)])
+def test_a_rerun_after_a_kill_half_way_through_removing_work_finishes_the_cleanup(tmp_path, reference_units,
+                                                                                  parquet_reference, tasks):
+    out = copy_of(reference_units, tmp_path / "ds")
+    units = copy_of(out / ".work" / "units", tmp_path / "units")
+    assert prep_main(["finalize", "--out", str(out)]) == 0
+    # What a last step killed inside remove_work_dir leaves: the manifest, .work/'s own files gone, units/ not yet.
+    (out / ".work").mkdir()
+    shutil.copytree(units, out / ".work" / "units")
+    rc = prep_main(["finalize", "--out", str(out)]) if tasks is None else finalize_task(out, *tasks)
+    assert rc == 0
+    assert tree_bytes(out) == parquet_reference and not (out / ".work").exists()
+
+
 def test_task_flags_and_locks(tmp_path, reference_units, parquet_reference, capsys):
     out = copy_of(reference_units, tmp_path / "ds")
     assert prep_main(["finalize", "--out", str(out), "--task-index", "0"]) == 2

@@ -89,23 +89,29 @@ def test_two_finalizers_one_wins(tmp_path, fineweb_parquet, parquet_reference):
     assert tree_bytes(out) == parquet_reference
 
 
-def test_wait_flag_waits_for_the_holder_then_finds_the_dataset_finished(tmp_path, fineweb_parquet,
-                                                                       parquet_reference):
+@pytest.mark.parametrize("extra, rc, said", [
+    ([], 0, "already a finished dataset with this recipe"),
+    # The waiter locks a .work/ made anew (the holder's finalize removed the old one with its lock file); its
+    # refusal had left that .work/lock in the finished dataset.
+    (["--shard-tokens", 70000], 1, "made with a different recipe: shard_tokens: 60000 -> 70000"),
+])
+def test_wait_flag_waits_for_the_holder_then_finds_the_dataset_finished(tmp_path, fineweb_parquet, parquet_reference,
+                                                                       extra, rc, said):
     out = tmp_path / "ds"
     args = ["tokenize", "--input", fineweb_parquet, "--out", out, *REFERENCE_RECIPE, "--workers", 1]
     first = start_prep(*args)
     holder_of(out / ".work" / "lock", [first])
     os.kill(first.pid, signal.SIGSTOP)
     try:
-        waiting = start_prep(*args, "--wait")
+        waiting = start_prep(*args, *extra, "--wait")
         time.sleep(3)
         assert waiting.poll() is None, waiting.communicate()
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert finish(first)[0] == 0
-    rc, err = finish(waiting)
-    assert rc == 0 and "already a finished dataset with this recipe" in err, err
-    assert tree_bytes(out) == parquet_reference
+    got, err = finish(waiting)
+    assert got == rc and said in err, err
+    assert tree_bytes(out) == parquet_reference and not (out / ".work").exists()
 
 
 def test_array_tasks_share_the_directory_but_not_a_task_and_finalize_waits_for_them(tmp_path, fineweb_parquet,
