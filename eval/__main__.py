@@ -9,6 +9,7 @@ from pathlib import Path
 from common import cli
 from common.cli import positive_int
 from common.device import torch_device
+from common.errors import UsageError
 
 
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,8 @@ def cmd_checkpoint(args) -> int:
     if args.out and len(args.ckpt) > 1:
         raise EvalError(f"--out names one result file but {len(args.ckpt)} checkpoints were given; without --out "
                         "each result goes to RUN/eval/<tag>.json")
+    if len(args.ckpt) == 1 and not args.ckpt[0].exists():
+        raise UsageError(f"argument CKPT: {args.ckpt[0]}: no such file or directory")
     if args.out:
         check_result_out(args.out)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -137,7 +140,9 @@ def cmd_report(args) -> int:
 def register_checkpoint(sub) -> None:
     p = cli.add_command(sub, "checkpoint", cmd_checkpoint,
                         help="score checkpoints (DeepSpeed tag/run dir or HF dir), in one process")
-    p.add_argument("ckpt", nargs="+", metavar="CKPT", type=cli.existing_path,
+    # Not existing_path: of several, one gone (rotated away by the run since the watcher listed it) is that
+    # checkpoint's error, and the others are still scored; one alone is still a usage error.
+    p.add_argument("ckpt", nargs="+", metavar="CKPT", type=Path,
                    help="run dir, RUN/checkpoints, RUN/checkpoints/global_stepN, or an HF directory; several are "
                         "scored one after another with the tasks loaded once")
     add_scoring_flags(p)

@@ -186,6 +186,21 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def test_of_several_checkpoints_one_gone_is_its_own_error_and_the_others_are_scored(exported, hellaswag_file,
+                                                                                   tmp_path, capsys):
+    # The watcher scores several in one child: a checkpoint rotated away after it was listed made the whole child
+    # a usage error (exit 2) before anything was scored, and cost the others a failed attempt.
+    hf, gone = tmp_path / "hf", tmp_path / "rotated"
+    shutil.copytree(exported, hf)
+    rc, cap = run_cli("checkpoint", gone, hf, "--hellaswag-file", hellaswag_file, "--limit", 5, capsys=capsys)
+    assert rc == 1
+    assert [line for line in cap.err.splitlines() if line.startswith("error:")] == [
+        f"error: cannot load checkpoint {gone}: {gone} does not exist"], cap.err
+    assert json.loads((tmp_path / "hf.eval.json").read_text())["tasks"]["hellaswag"]["n_docs"] == 5
+    rc, cap = run_cli("checkpoint", gone, "--hellaswag-file", hellaswag_file, capsys=capsys)
+    assert rc == 2 and cap.err == f"error: argument CKPT: {gone}: no such file or directory\n"
+
+
 def test_an_hf_directory_is_scored_into_a_file_beside_it_as_the_startup_table_says(exported, hellaswag_file,
                                                                                   tmp_path, capsys):
     hf = tmp_path / "my model"
