@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -206,17 +207,23 @@ def atomic_dir(path, replace: bool = False):
     """Yield a temporary sibling directory; on success it becomes `path`, on failure it is removed.
 
     An existing `path` is replaced only with replace=True (the caller has checked it is its own earlier output);
-    otherwise an existing `path` is an error and nothing is touched.
+    otherwise an existing `path` is an error and nothing is touched, also when it appears while this one is
+    written (another writer of the same path finished first). The temporaries of `path` that a killed writer on
+    this host left (gigabytes, for a model) are removed first.
     """
     path = Path(path)
     if path.exists() and not replace:
         raise PipelineError(f"{path} already exists")
+    remove_dead_writers_temporaries(path)
     tmp = tmp_sibling(path)
     os.mkdir(tmp)
     try:
         yield tmp
         fsync_tree(tmp)
         if path.exists():
+            if not replace:
+                raise PipelineError(f"{path} appeared while this was being written (another writer finished "
+                                    f"first); it is left as it is")
             old = tmp_sibling(path.with_name(f"{path.name}.old"))
             os.replace(path, old)
             os.replace(tmp, path)
@@ -227,6 +234,33 @@ def atomic_dir(path, replace: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_dead_writers_temporaries(path: Path) -> None:
+    """Remove the temporary siblings of `path` (tmp_sibling's names) whose writer, on this host, is no longer
+    running. A replaced copy (`.NAME.old.tmp-*`) goes only while `path` exists: killed between its two renames,
+    a replace leaves the previous output there alone."""
+    host = socket.gethostname()
+    for name, needs_path in ((path.name, False), (f"{path.name}.old", True)):
+        prefix = f".{name}{TMP_MARK}{host}-"
+        for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = leftover.name[len(prefix):].rsplit("-", 1)[0]
+            if not pid.isdigit() or _running(int(pid)) or (needs_path and not path.exists()):
+                continue
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # flock() on a filesystem mounted without lock support (Lustre without -o flock, some NFS setups).
@@ -435,15 +469,3 @@ def try_lock(path):
             return
         _record_holder(f)
         yield f
-
-
-def remove_stale_tmp(directory) -> list[Path]:
-    """Remove temporaries left by killed writers in `directory`; only call while holding its lock."""
-    removed = []
-    for p in Path(directory).glob(f".*{TMP_MARK}*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -89,6 +90,38 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(files.PipelineError, match="already exists"):
         with files.atomic_dir(out):
             pass
+
+
+def test_atomic_dir_leaves_what_appeared_meanwhile_and_clears_dead_writers_temporaries(tmp_path):
+    out = tmp_path / "export"
+    # Two exports to one --out at once: the one finishing second replaced the first's silently.
+    with pytest.raises(files.PipelineError, match="appeared while this was being written"):
+        with files.atomic_dir(out) as tmp:
+            (tmp / "mine").write_text("")
+            out.mkdir()
+            (out / "theirs").write_text("")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in out.iterdir()] == ["theirs"]
+    # A killed writer's temporary (a dead pid) goes at the next write of that path; a live writer's stays, and so
+    # does a replaced copy while the path it was moved from is missing.
+    dead = _a_dead_pid()
+    host = socket.gethostname()
+    left = tmp_path / f".export{files.TMP_MARK}{host}-{dead}-abcd1234"
+    live = tmp_path / f".export{files.TMP_MARK}{host}-{os.getpid()}-abcd1234"
+    old = tmp_path / f".other.old{files.TMP_MARK}{host}-{dead}-abcd1234"
+    for d in (left, live, old):
+        d.mkdir()
+    with files.atomic_dir(out, replace=True) as tmp:
+        (tmp / "new").write_text("")
+    with pytest.raises(files.PipelineError):
+        with files.atomic_dir(tmp_path / "other"):
+            raise files.PipelineError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name, old.name])
+
+
+def _a_dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_append_cuts_a_partial_last_line_before_the_next_record(tmp_path):
