@@ -7,7 +7,7 @@ from common import files
 from train.rundir import RunDir
 
 from .harness import EvalError
-from .results import current_segment, is_number, is_whole, run_records
+from .results import current_segment, is_number, is_whole, read_records, run_records
 
 # OpenAI GPT-2 124M, lm-eval 0-shot HellaSwag acc_norm (see docs/eval.md, Comparability).
 GPT2_124M_ACC_NORM = 0.3114
@@ -16,24 +16,22 @@ GPT2_124M_ACC_NORM = 0.3114
 Z95 = 1.96
 
 
+def unreadable_metric(m: dict) -> str | None:
+    """A metrics line's field the report computes with that is not a number (a hand-edited line: a string there
+    failed, with a traceback, where the steps are compared), or None."""
+    bad = next((k for k, v in m.items() if (k == "step" and (v is None or not is_whole(v)))
+                or (k == "tokens" and not is_whole(v))
+                or ((k in ("loss", "val_loss") or k.startswith(PER_DATASET)) and not is_number(v))), None)
+    return None if bad is None else f"{bad} {m[bad]!r} is not a number"
+
+
 def read_metrics(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """(training lines, validation lines) of RUN/metrics.jsonl by step, one line per step: the last one.
 
     After a kill, the updates between the last checkpoint and the kill are logged again by the resumed run; the
     later line belongs to the run that continued, so it replaces the earlier one.
     """
-    path = RunDir(run).metrics
-    lines = []
-    for lineno, m in files.read_json_lines(path, EvalError) if path.exists() else []:
-        if not isinstance(m, dict) or "step" not in m:
-            continue
-        # A number as a string (a hand-edited line) would fail, with a traceback, where the steps are compared
-        bad = next((k for k, v in m.items() if (k == "step" and (v is None or not is_whole(v)))
-                    or (k == "tokens" and not is_whole(v))
-                    or ((k in ("loss", "val_loss") or k.startswith(PER_DATASET)) and not is_number(v))), None)
-        if bad is not None:
-            raise EvalError(f"{path}:{lineno}: {bad} {m[bad]!r} is not a number")
-        lines.append(m)
+    lines = [m for m in read_records(RunDir(run).metrics, check=unreadable_metric) if "step" in m]
     train, val = {}, {}
     for m in current_segment(lines):  # not an earlier run's in this directory
         if "loss" in m and "skipped" not in m:  # a skipped update (train.heal) changed nothing

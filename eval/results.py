@@ -21,12 +21,21 @@ from .harness import EvalError
 MAX_RESULT_BYTES = 16 << 20
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path, check=None) -> list[dict]:
     """The records of an append-only JSON-lines file of the run (results.jsonl, metrics.jsonl); none while it does
-    not exist yet."""
+    not exist yet. check(record), when given, says what in a record cannot be read (or None): such a line is an
+    EvalError naming file:line."""
     if not path.exists():
         return []
-    return [record for _, record in files.read_json_lines(path, EvalError) if isinstance(record, dict)]
+    records = []
+    for lineno, record in files.read_json_lines(path, EvalError):
+        if not isinstance(record, dict):
+            continue
+        why = check(record) if check else None
+        if why:
+            raise EvalError(f"{path}:{lineno}: {why}; correct or remove that line")
+        records.append(record)
+    return records
 
 
 def is_whole(value) -> bool:
@@ -137,13 +146,7 @@ def run_records(run) -> tuple[list[dict], list[dict], list[dict]]:
     `eval checkpoint` wrote and no watcher appended; earlier: scored checkpoints that are not of the current run
     (a run restarted from scratch in this directory, or a checkpoint deleted by hand)."""
     layout = RunDir(run)
-    records = []
-    for lineno, record in files.read_json_lines(layout.results, EvalError) if layout.results.exists() else []:
-        if isinstance(record, dict):
-            why = unreadable_field(record)
-            if why:
-                raise EvalError(f"{layout.results}:{lineno}: {why}; correct or remove that line")
-            records.append(record)
+    records = read_records(layout.results, check=unreadable_field)
     seen = {key(r) for r in records}
     for path in sorted(layout.eval.glob("global_step*.json")) if layout.eval.is_dir() else []:
         try:
