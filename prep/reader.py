@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from common import files, tokenizer
-from common.errors import PipelineError
+from common.errors import PipelineError, shown
 
 from .shard import EDGE_BYTES, HEADER_BYTES, TOKEN_DTYPE, ShardError, edges_sha256, open_shard, read_header
 
@@ -21,11 +21,6 @@ MANIFEST = "manifest.json"
 DATASET_VERSION = 2
 SPLITS = ("train", "val")
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.bin")
-
-
-def _cut(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."
 
 
 class DatasetError(PipelineError):
@@ -112,8 +107,8 @@ class Dataset:
             # verify and the totals below compute with these: a string or null there is an edit, not a crash.
             if not isinstance(s.documents, int) or s.documents < 0 or not all(
                     isinstance(h, str) and len(h) == 64 for h in (s.sha256, s.edges_sha256)):
-                self._refuse(f"shard {s.name}: documents {_cut(s.documents)}, sha256 {_cut(s.sha256)}, edges_sha256 "
-                             f"{_cut(s.edges_sha256)} (a count and two hex sha256 digests)")
+                self._refuse(f"shard {s.name}: documents {shown(s.documents)}, sha256 {shown(s.sha256)}, edges_sha256 "
+                             f"{shown(s.edges_sha256)} (a count and two hex sha256 digests)")
         for split in SPLITS:
             shards = self.split(split)
             have = {"tokens": sum(s.tokens for s in shards), "documents": sum(s.documents for s in shards),

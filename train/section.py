@@ -8,9 +8,8 @@ the value, so a multi-megabyte value never reaches the terminal.
 from __future__ import annotations
 
 import math
-import reprlib
 
-from common.errors import UsageError
+from common.errors import UsageError, shown
 
 
 class RecipeError(UsageError):
@@ -24,23 +23,6 @@ REQUIRED = "<required>"
 MAX_INT = 2 ** 53
 # Seeds feed numpy's and torch's generators, which take up to 64 bits; 2^63 - 1 keeps them a signed int64.
 MAX_SEED = 2 ** 63 - 1
-SHOWN = 80  # characters of a value an error quotes
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 6, 6, 6
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN
-
-
-def shown(value) -> str:
-    """repr(value) of at most SHOWN characters (+ "..."), so an error stays one short line; reprlib never walks
-    more of a big or deeply nested value than it prints."""
-    if isinstance(value, str) and len(value) > SHOWN:
-        return repr(value[:SHOWN]) + "..."
-    text = _REPR.repr(value)
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
-
-
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
