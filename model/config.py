@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import yamlfile
-from common.errors import PipelineError
+from common.errors import PipelineError, shown
 
 
 class ConfigError(PipelineError):
@@ -17,15 +17,6 @@ class ConfigError(PipelineError):
 # heads, a 50k vocabulary, 2k positions), and small enough that a typo (2^70) is an error here, not a tensor
 # allocation that fails, or swaps, later.
 MAX_SIZE = {"block_size": 2 ** 20, "vocab_size": 2 ** 20, "n_layer": 2 ** 12, "n_head": 2 ** 12, "n_embd": 2 ** 16}
-
-
-def _cut(text: str) -> str:
-    """At most 80 characters of text an error quotes (+ "..."), so a huge value never fills a terminal."""
-    return text if len(text) <= 80 else text[:80] + "..."
-
-
-def _shown(value) -> str:
-    return _cut(repr(value) if not isinstance(value, str) else repr(_cut(value)))
 
 
 @dataclass(frozen=True)
@@ -43,20 +34,20 @@ class GPTConfig:
         for name, most in MAX_SIZE.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {_shown(value)}")
+                raise ConfigError(f"{name} must be a positive integer, got {shown(value)}")
             if value > most:
                 raise ConfigError(f"{name} must be at most {most:,}, got {value:,}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
         if not isinstance(self.bias, bool):
-            raise ConfigError(f"bias must be true or false, got {_shown(self.bias)}")
+            raise ConfigError(f"bias must be true or false, got {shown(self.bias)}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {_shown(self.dropout)}")
+            raise ConfigError(f"dropout must be in [0, 1), got {shown(self.dropout)}")
         if self.padded_vocab_size is not None and (
                 not isinstance(self.padded_vocab_size, int) or isinstance(self.padded_vocab_size, bool)
                 or not self.vocab_size <= self.padded_vocab_size <= MAX_SIZE["vocab_size"]):
             raise ConfigError(f"padded_vocab_size must be an integer from vocab_size ({self.vocab_size}) to "
-                              f"{MAX_SIZE['vocab_size']:,}, got {_shown(self.padded_vocab_size)}")
+                              f"{MAX_SIZE['vocab_size']:,}, got {shown(self.padded_vocab_size)}")
 
     @property
     def embedding_rows(self) -> int:
@@ -76,11 +67,11 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(map(str, set(values) - known))
         if unknown:
-            raise ConfigError(f"unknown model config key(s): {_cut(', '.join(unknown[:5]))}; known: preset, "
+            raise ConfigError(f"unknown model config key(s): {', '.join(shown(key) for key in unknown[:5])}; known: preset, "
                               f"{', '.join(sorted(known))}")
         if preset is not None:
             if not isinstance(preset, str) or preset not in PRESETS:
-                raise ConfigError(f"unknown model preset {_shown(preset)}; known: {', '.join(PRESETS)}")
+                raise ConfigError(f"unknown model preset {shown(preset)}; known: {', '.join(PRESETS)}")
             values = {**PRESETS[preset], **values}
         return cls(**values)
 

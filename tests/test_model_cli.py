@@ -119,7 +119,7 @@ def yaml_model(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("preset: gpt2\nn_layers: 6\n", "unknown model config key(s): n_layers"),
+    ("preset: gpt2\nn_layers: 6\n", "unknown model config key(s): 'n_layers'"),
     ("preset: gpt5\n", "unknown model preset 'gpt5'"),
     ("n_layer: 2\nn_head: 3\nn_embd: 64\n", "n_embd (64) is not divisible by n_head (3)"),
 ])

@@ -15,6 +15,10 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from common.errors import shown
+
+from .section import RecipeError, integer, is_int, is_number, number
+
 
 # The spike test compares a loss with the mean of the last SPIKE_WINDOW applied updates, once it has at least
 # SPIKE_MIN of them. Checkpoints hold the window and the streak (Healer.state_dict), so a resumed run judges each
@@ -34,32 +38,14 @@ class Heal:
     watchdog_minutes: float = 30
 
     def check(self) -> None:
-        from .recipe import RecipeError  # the recipe imports this module
-        skips, factor, minutes = self.max_skips_in_a_row, self.spike_factor, self.watchdog_minutes
-        if not (_is_int(skips) and 0 <= skips <= 10 ** 6):
-            raise RecipeError(f"heal.max_skips_in_a_row must be a non-negative integer (at most 1,000,000), "
-                              f"got {_shown(skips)}")
-        if factor is not None and not (_is_number(factor) and 1 < factor <= 1e6):
+        integer("heal.max_skips_in_a_row", self.max_skips_in_a_row, low=0, high=10 ** 6)
+        factor = self.spike_factor
+        if factor is not None and not (is_number(factor) and 1 < factor <= 1e6):
             raise RecipeError(f"heal.spike_factor must be a number above 1 and at most 1e6 (or null: no spike "
-                              f"test), got {_shown(factor)}")
+                              f"test), got {shown(factor)}")
         # At most 30 days: no update takes a month.
-        if not (_is_number(minutes) and 0 <= minutes <= 30 * 24 * 60):
-            raise RecipeError(f"heal.watchdog_minutes must be a non-negative number of minutes (0: no watchdog), "
-                              f"at most 43,200, got {_shown(minutes)}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _shown(value) -> str:
-    """A short repr: an error quotes at most 80 characters of a value."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."
+        number("heal.watchdog_minutes", self.watchdog_minutes, high=30 * 24 * 60,
+               what="a non-negative number of minutes (0: no watchdog), at most 43,200")
 
 
 class TooManySkips(Exception):
@@ -87,8 +73,8 @@ class Healer:
         import torch
         window, in_a_row, first = state["recent"], state["in_a_row"], state["first_skipped"]
         if not (torch.is_tensor(window) and window.dtype == torch.float64 and window.shape == (SPIKE_WINDOW,)
-                and _is_int(in_a_row) and (first is None or _is_int(first))):
-            raise ValueError(f"not a heal state: {_shown(state)}")
+                and is_int(in_a_row) and (first is None or is_int(first))):
+            raise ValueError(f"not a heal state: {shown(state)}")
         self.recent = deque((x for x in window.tolist() if math.isfinite(x)), maxlen=SPIKE_WINDOW)
         self.in_a_row, self.first_skipped = in_a_row, first
 
