@@ -7,7 +7,7 @@
 Both sides train the same model shape from the same seed on the same windows of DS with the same optimizer
 (AdamW, decay on 2-D parameters, clipping 1.0, lr set per step) and the same batch, on the first GPU when there is
 one, else on the CPU. The plain loop uses bf16 autocast when --precision bf16 (fp32 master weights); the trainer
-runs DeepSpeed ZeRO-1 with the recipe's precision (bf16 module weights with fp32 master weights and fp32 gradient
+runs the tiny recipe's DeepSpeed file (ZeRO-0; --deepspeed FILE another) with the recipe's precision (bf16 module weights with fp32 master weights and fp32 gradient
 accumulation, or fp32). --compile and --activation-checkpointing set the recipe keys of the same names for the
 trainer and do the same to the plain loop's model (nn.Module.compile in place; GPT.activation_checkpointing), so the
 ratio stays like for like. tokens/s is the median over the steps after --skip warm-up steps (compilation happens in
@@ -46,7 +46,7 @@ from train import launch  # noqa: E402
 from train.data import TrainLoader  # noqa: E402
 from train.metrics import mfu, peak_flops  # noqa: E402
 from train.optim import build, set_lr  # noqa: E402
-from train.recipe import Mfu, Optim  # noqa: E402
+from train.recipe import Mfu, Optim, load  # noqa: E402
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
 
@@ -98,12 +98,12 @@ def recipe_sets(args, run_dir: str, deepspeed: str) -> list[str]:
             f"activation_checkpointing={str(args.activation_checkpointing).lower()}"]
 
 
-def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[dict]:
+def engine_loop(args) -> list[dict]:
     """The trainer's DeepSpeed engine (its DeepSpeed config and optimizer, from the same recipe) driven by the plain
     loop's few lines: what DeepSpeed itself costs per update, apart from the trainer's own work around it."""
     import deepspeed as ds
-    from train.recipe import batch_plan, deepspeed_config, load
-    recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", deepspeed))
+    from train.recipe import batch_plan, deepspeed_config
+    recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", args.deepspeed))
     config = deepspeed_config(recipe, batch_plan(recipe, 1))
     launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
     torch.manual_seed(args.seed)
@@ -130,9 +130,9 @@ def engine_loop(args, deepspeed: str = "configs/deepspeed/zero1.json") -> list[d
     return records
 
 
-def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str = "configs/deepspeed/zero1.json") -> list[dict]:
+def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        sets = recipe_sets(args, f"{tmp}/run", deepspeed)
+        sets = recipe_sets(args, f"{tmp}/run", deepspeed or args.deepspeed)
         cmd = [sys.executable, "-m", "train", "--config", "configs/train/tiny-cpu.yaml", "--set", "log.every=1"]
         for s in sets:
             cmd += ["--set", s]
@@ -176,12 +176,15 @@ def main() -> int:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute blocks in backward on both sides (recipe key activation_checkpointing)")
     p.add_argument("--before", metavar="DIR", help="also run the trainer of this checkout (a third row)")
+    p.add_argument("--deepspeed", metavar="FILE",
+                   help="the trainer's and the engine loop's DeepSpeed config (default: the tiny recipe's)")
     p.add_argument("--also-deepspeed", metavar="FILE", help="also run this checkout's trainer with this DeepSpeed "
-                   "config instead of ZeRO-1's configs/deepspeed/zero1.json (another row)")
+                   "config instead of --deepspeed's (another row)")
     p.add_argument("--side", choices=("plain", "engine"), help=argparse.SUPPRESS)  # one side, in this process
     args = p.parse_args()
     if args.steps <= args.skip:
         p.error(f"--steps {args.steps} leaves nothing after --skip {args.skip}")
+    args.deepspeed = args.deepspeed or load(ROOT / "configs/train/tiny-cpu.yaml").deepspeed
     if args.side:
         print(json.dumps({"plain": plain_loop, "engine": engine_loop}[args.side](args)))
         return 0
@@ -209,7 +212,7 @@ def main() -> int:
     print(f"preset {args.preset} (embedding rows {model_config(args).embedding_rows}), micro_batch {args.micro_batch} "
           f"x seq_len {args.seq_len} x grad_accum {args.grad_accum}, {args.precision}, compile {args.compile}, "
           f"activation checkpointing {args.activation_checkpointing}, {args.steps} steps (first {args.skip} skipped), "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds, DeepSpeed {args.deepspeed}")
     print(f"plain PyTorch loop     {plain:10.1f} tok/s")
     print(f"DeepSpeed trainer      {ds:10.1f} tok/s")
     print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}  (median of the rounds' ratios: {paired['deepspeed']:.3f})")

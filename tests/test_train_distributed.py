@@ -95,14 +95,19 @@ def test_sigkill_and_resume_log_bitwise_identical_losses(zero_runs, tiny_dataset
         assert r["loss"] == baseline[r["step"]], (r["step"], r["loss"], baseline[r["step"]])
 
 
+def resume_on_one_rank(source, stage, tiny_dataset, run_dir) -> subprocess.CompletedProcess:
+    """The 2-rank run `source`'s checkpoints, extended from 4 updates to 6 on 1 rank."""
+    shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(source / "format.json", run_dir / "format.json")
+    return run_train(train_command(run_dir, tiny_dataset, f"deepspeed=configs/deepspeed/zero{stage}.json",
+                                   "schedule.max_steps=6", "checkpoint.every=2", "eval.every=2", "sample.every=0")
+                     + ["--allow-change", "schedule.max_steps"])
+
+
 def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(zero_runs, tiny_dataset, tmp_path):
     source = zero_runs(2)
     run_dir = tmp_path / "run"
-    shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
-    shutil.copy(source / "format.json", run_dir / "format.json")
-    out = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero2.json",
-                                  "schedule.max_steps=6", "checkpoint.every=2", "eval.every=2", "sample.every=0")
-                    + ["--allow-change", "schedule.max_steps"])  # the run is extended from 4 steps to 6
+    out = resume_on_one_rank(source, 2, tiny_dataset, run_dir)
     assert "resuming from" in out.stdout and "global_step4_universal at step 4" in out.stdout
     assert (run_dir / "checkpoints/global_step4_universal").is_dir()
     train, val = read_metrics(run_dir)
@@ -111,6 +116,18 @@ def test_resume_on_a_different_world_size_goes_through_a_universal_checkpoint(ze
     # The 1-rank continuation starts from the 2-rank weights: val loss keeps falling from where it was.
     assert val[0]["val_loss"] < source_val[-1]["val_loss"]
     assert (run_dir / "checkpoints/latest").read_text().strip() == "global_step6"
+
+
+def test_zero0_resumes_on_a_different_world_size_without_conversion(zero_runs, tiny_dataset, tmp_path):
+    # The tiny recipe's stage: no partitions, so the 2-rank checkpoint's optimizer state is whole and loads as it is.
+    source = zero_runs(0)
+    run_dir = tmp_path / "run"
+    out = resume_on_one_rank(source, 0, tiny_dataset, run_dir)
+    assert f"resuming from {run_dir}/checkpoints/global_step4 at step 4" in out.stdout, out.stdout[-2000:]
+    assert not list((run_dir / "checkpoints").glob("*_universal"))
+    train, val = read_metrics(run_dir)
+    assert [r["step"] for r in train] == [5, 6] and train[-1]["tokens"] == 6 * 128
+    assert val[0]["val_loss"] < read_metrics(source)[1][-1]["val_loss"]
 
 
 def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(tiny_dataset, tmp_path):

@@ -20,7 +20,7 @@ def test_saved_recipe_resumes_its_run_from_another_directory(tmp_path, tiny_data
     run_dir = tmp_path / "run"
     run_train(train_command(run_dir, tiny_dataset, "schedule.max_steps=2", "sample.every=0"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["deepspeed"] == str(REPO / "configs/deepspeed/zero1.json")  # tiny-cpu.yaml names it relatively
+    assert saved["deepspeed"] == str(REPO / "configs/deepspeed/zero1.json")  # named relatively (FAST)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # The saved recipe as the config, from another directory, one more update allowed.
