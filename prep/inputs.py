@@ -310,7 +310,6 @@ def _zst_lines(raw, path: Path):
 
 
 def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats):
-    import pyarrow as pa
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(unit.path)
     columns = [text_column] + (["id"] if "id" in pf.schema_arrow.names else [])
@@ -319,10 +318,10 @@ def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats
             table = pf.read_row_group(rg, columns=columns, use_threads=False)  # the workers are the parallelism
         except Exception as exc:  # corrupt page / truncated file
             raise InputError(f"{unit.path} row group {rg}: cannot read ({one_line(exc)})") from None
-        text_col = table.column(text_column)
-        if not (pa.types.is_string(text_col.type) or pa.types.is_large_string(text_col.type)
-                or pa.types.is_binary(text_col.type) or pa.types.is_large_binary(text_col.type)):
-            raise InputError(f"{unit.path} row group {rg}: column {text_column!r} is {text_col.type}, not text")
+        text_col = _text_column(table.column(text_column))
+        if text_col is None:
+            raise InputError(f"{unit.path} row group {rg}: column {text_column!r} is "
+                             f"{table.column(text_column).type}, not text")
         ids = table.column("id").to_pylist() if "id" in columns else [None] * table.num_rows
         texts = _column_texts(text_col, stats)
         for start in range(0, table.num_rows, READ_BATCH_ROWS):
@@ -330,6 +329,26 @@ def _read_parquet(unit: Unit, text_column: str, skip_bad: bool, stats: ReadStats
             for doc_id, text in zip(ids[start:start + READ_BATCH_ROWS], texts[start:start + READ_BATCH_ROWS]):
                 batch.append((None if doc_id is None else str(doc_id), text))
             yield batch
+
+
+def _text_column(col):
+    """`col` as a string or binary column, or None when its values are not text.
+
+    A dictionary-encoded column (a pandas category, a writer's choice for repetitive text) is decoded, and the
+    view types (pyarrow >= 16 writes them) become their large forms: the text is the same whatever the layout.
+    """
+    import pyarrow as pa
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    for view, large in (("is_string_view", pa.large_string), ("is_binary_view", pa.large_binary)):
+        is_view = getattr(pa.types, view, None)  # absent before pyarrow 16, which has no such type to read
+        if is_view is not None and is_view(col.type):
+            col = col.cast(large())
+    kind = col.type
+    if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        return col
+    return None
 
 
 def _column_texts(col, stats: ReadStats) -> list:

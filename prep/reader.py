@@ -13,7 +13,8 @@ import numpy as np
 from common import files, tokenizer
 from common.errors import PipelineError, shown
 
-from .shard import EDGE_BYTES, HEADER_BYTES, TOKEN_DTYPE, ShardError, edges_sha256, open_shard, read_header
+from .shard import (EDGE_BYTES, HEADER_BYTES, TOKEN_DTYPE, ShardError, edges_sha256, open_shard, read_header,
+                    regular_size)
 
 MANIFEST = "manifest.json"
 # The dataset directory's format (manifest.json and .work/recipe.json): a dataset or unfinished work of another
@@ -29,6 +30,7 @@ class DatasetError(PipelineError):
 
 def read_manifest(path: Path) -> dict:
     """manifest.json as a dict; a damaged one (truncated, not JSON) is an error naming the file."""
+    regular_size(path, DatasetError)
     manifest = files.read_json(path, DatasetError, hint=f"a malformed manifest: it is written atomically, so "
                                f"something else damaged it: delete {Path(path).parent} and tokenize again")
     if not isinstance(manifest, dict):
@@ -74,9 +76,9 @@ class Dataset:
             self.shards = [ShardInfo(**{k: s[k] for k in ShardInfo.__dataclass_fields__})
                            for s in self.manifest["shards"]]
             tok = self.manifest["tokenizer"]
-            self.n_vocab, self.eot = int(tok["n_vocab"]), int(tok["eot"])
+            self.n_vocab, self.eot = tok["n_vocab"], tok["eot"]
             totals = {split: self.manifest["totals"][split] for split in SPLITS}
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: int(Infinity)
+        except (KeyError, TypeError) as exc:
             raise DatasetError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
         self._check_manifest(tok, totals)
         self._files_checked = False
@@ -87,6 +89,9 @@ class Dataset:
 
     def _check_manifest(self, tok: dict, totals: dict) -> None:
         """The manifest agrees with itself and with the tokenizer it names (no file is read)."""
+        # type(), not isinstance: True is an int to Python; int() would take 50257.9 as 50257 and "50256" as 50256.
+        if not (type(self.n_vocab) is int and type(self.eot) is int):
+            self._refuse(f"tokenizer n_vocab {shown(self.n_vocab)}, eot {shown(self.eot)} (two JSON integers)")
         if not 0 <= self.eot < self.n_vocab <= 1 << 16:
             self._refuse(f"tokenizer n_vocab {self.n_vocab} / eot {self.eot} do not fit uint16 token shards "
                          f"(0 <= eot < n_vocab <= 65536)")

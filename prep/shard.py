@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,30 @@ def make_header(n_tokens: int) -> bytes:
     return header.tobytes()
 
 
+# What a dataset file found to be something else is, in the refusal.
+NOT_REGULAR = {stat.S_IFIFO: "a named pipe", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def regular_size(path: Path, error: type[PipelineError] = ShardError) -> int:
+    """The size of `path`, which must be a regular file (or a link to one); else `error` naming it.
+
+    Checked before the file is opened: open() of a named pipe waits for a writer for ever (verify and train's
+    start-up check hung on one), and a device or a directory has no size to check a shard against.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise error(f"{path}: {kind}, not a regular file; a dataset holds only the files prep wrote: prepare the "
+                    f"dataset again")
+    return st.st_size
+
+
 def read_header(path: Path) -> int:
     """Validate magic, version and file size; return the token count."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        size = regular_size(path)
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as exc:
@@ -58,6 +78,7 @@ def read_header(path: Path) -> int:
 
 def edges_sha256(path: Path) -> tuple[int, str]:
     """(size, sha256 of the first and last EDGE_BYTES) of a file; the whole file when it is at most twice that."""
+    regular_size(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size

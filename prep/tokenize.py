@@ -11,6 +11,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import files, progress, tokenizer
+from common import cli, files, progress, tokenizer
 from common.errors import PipelineError
 from common.process import die_with_parent
 
@@ -33,6 +34,11 @@ from .workdir import INDEX_DTYPE, check_out_dir, dataset_lock, is_done, task_loc
 
 class WorkerDied(PipelineError):
     """A worker process was killed (out-of-memory killer, a signal) while tokenizing."""
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C (SIGINT) while tokenizing: the workers are ended, the units committed so far kept."""
+    exit_code = cli.INTERRUPTED_EXIT
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ def _init_worker(progress_queue, parent_pid: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
     die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group. A worker interrupted inside a queue's lock left the parent waiting
+    # on it for ever, holding DS/.work/lock: the parent alone acts on it, and ends the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def tokenize_unit(job: UnitJob, report=None) -> dict:
@@ -138,6 +147,9 @@ def run_units(out: Path, units: list[Unit], rcp: dict, workers: int, label: str)
                 on_done(tokenize_unit(job, on_progress))
         else:
             _run_pool(jobs, workers, on_progress, on_done)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the units committed so far are kept: rerun the same command to resume "
+                          "(it skips them)") from None
     finally:
         bar.close()
     return total, counts["committed"]
@@ -166,8 +178,31 @@ def _run_pool(jobs, workers, on_progress, on_done) -> None:
         raise WorkerDied("a tokenize worker process died (killed by a signal, often the out-of-memory killer: "
                          "fewer --workers use less memory); the units committed so far are kept: rerun the same "
                          "command to resume") from None
+    except KeyboardInterrupt:
+        # Now, not once the running units are done (one can take minutes): a unit cut off leaves only temporary
+        # files, and the rerun redoes it. Before the dataset lock is released, which the workers hold too; a
+        # second Ctrl-C must not cut that short.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _end_workers()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on error: let running units finish, start no more
+
+
+def _end_workers() -> None:
+    """SIGTERM every worker (this process starts no other children), SIGKILL one still there after a few seconds,
+    and return once all are gone."""
+    workers = mp.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(5)
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
 
 
 def tokenize(args) -> int:

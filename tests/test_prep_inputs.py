@@ -1,5 +1,6 @@
 """prep tokenize on every input format, and output bytes that depend on neither workers nor array tasks."""
 import numpy as np
+import pytest
 
 from common import tokenizer
 from prep.__main__ import main as prep_main
@@ -78,3 +79,41 @@ def test_finalize_refuses_a_damaged_unit(tmp_path, fineweb_parquet, capsys):
     (out / ".work" / "units" / "u000003.json").unlink()
     assert tokenize([fineweb_parquet], out, *REFERENCE_RECIPE) == 0
     assert "skipping 14 unit(s) already done" in capsys.readouterr().err
+
+
+def with_text_as(source, dest, layout: str):
+    """A copy of the parquet file `source` (same rows and row groups) whose text column has another arrow layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(source)
+    text = table.column("text")
+    if layout == "dictionary":
+        text = text.dictionary_encode()
+    elif layout == "numbers":
+        text = pa.chunked_array([pa.array(range(len(text)))])
+    else:
+        if not hasattr(pa, layout):
+            pytest.skip(f"pyarrow {pa.__version__} has no {layout}")
+        text = text.cast(getattr(pa, layout)())
+    table = table.set_column(table.schema.get_field_index("text"), "text", text)
+    pq.write_table(table, dest, row_group_size=pq.ParquetFile(source).metadata.row_group(0).num_rows)
+    assert pq.read_schema(dest).field("text").type == text.type  # read back in the layout it was written in
+    return dest
+
+
+@pytest.mark.parametrize("layout", ["dictionary", "large_string", "string_view"])
+def test_a_dictionary_encoded_large_or_view_text_column_gives_the_plain_strings_tokens(tmp_path, fineweb_parquet,
+                                                                                     parquet_reference, layout):
+    src = with_text_as(fineweb_parquet, tmp_path / "text.parquet", layout)
+    assert tokenize([src], tmp_path / "ds", *REFERENCE_RECIPE) == 0
+    shards = {name: data for name, data in tree_bytes(tmp_path / "ds").items() if name.endswith(".bin")}
+    assert shards == {name: data for name, data in parquet_reference.items() if name.endswith(".bin")}
+    assert len(shards) > 2
+
+
+def test_a_text_column_of_numbers_is_refused_naming_file_row_group_and_type(tmp_path, fineweb_parquet, capsys):
+    src = with_text_as(fineweb_parquet, tmp_path / "numbers.parquet", "numbers")
+    assert tokenize([src], tmp_path / "ds", *REFERENCE_RECIPE, "--workers", 1) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {src} row group 0: column 'text' is int64, not text")
+    assert not (tmp_path / "ds" / "manifest.json").exists()

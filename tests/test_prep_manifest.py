@@ -1,12 +1,15 @@
 """The dataset directory against its manifest: what prep.reader.Dataset refuses at open and before train reads."""
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from prep.__main__ import main as prep_main
 from prep.reader import Dataset, DatasetError
+from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import run_train, train_command
 
 
@@ -105,7 +108,12 @@ def keep_totals(edit):
     (lambda m: m["shards"][0].pop("edges_sha256"), "malformed manifest (KeyError: 'edges_sha256')"),
     (lambda m: m["shards"][0].update(documents="7"), "shard train_000000.bin: documents '7', sha256 "),
     (lambda m: m["shards"][0].update(sha256=None), "edges_sha256 '"),
-    (lambda m: m["tokenizer"].update(n_vocab=float("inf")), "malformed manifest (OverflowError: "),
+    (lambda m: m["tokenizer"].update(n_vocab=float("inf")), "tokenizer n_vocab inf, eot 50256 (two JSON integers)"),
+    (lambda m: m["tokenizer"].update(n_vocab=50257.9), "tokenizer n_vocab 50257.9, eot 50256 (two JSON integers)"),
+    (lambda m: m["tokenizer"].update(n_vocab=50257.0), "tokenizer n_vocab 50257.0, eot 50256 (two JSON integers)"),
+    (lambda m: m["tokenizer"].update(eot="50256"), "tokenizer n_vocab 50257, eot '50256' (two JSON integers)"),
+    (lambda m: m["tokenizer"].update(eot=True), "tokenizer n_vocab 50257, eot True (two JSON integers)"),
+    (lambda m: m["tokenizer"].update(eot=None), "tokenizer n_vocab 50257, eot None (two JSON integers)"),
 ])
 def test_a_manifest_that_does_not_describe_its_files_is_refused_naming_it(tiny_dataset, tmp_path, edit, needle):
     ds = copy_of(tiny_dataset, tmp_path)
@@ -161,3 +169,58 @@ def test_val_tokens_0_makes_a_dataset_without_validation_that_opens_and_verifies
     assert ds.files("val") == [] and len(ds.files("train")) == ds.manifest["totals"]["train"]["shards"] > 1
     assert ds.manifest["totals"]["val"] == {"tokens": 0, "documents": 0, "shards": 0}
     assert prep_main(["verify", str(out)]) == 0
+
+
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_device(path: Path) -> None:
+    path.symlink_to("/dev/null")  # os.stat follows the link: a character device
+
+
+# What train runs at start-up before reading a token (Dataset.files calls it), as one line or a traceback.
+START_UP_CHECK = """
+import sys
+from common.errors import PipelineError
+from prep.reader import Dataset
+try:
+    Dataset(sys.argv[1]).check_files()
+except PipelineError as exc:
+    sys.exit(f"error: {exc}")
+"""
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("make, kind", [(make_fifo, "a named pipe"), (Path.mkdir, "a directory"),
+                                        (make_device, "a character device")])
+def test_a_shard_or_manifest_that_is_not_a_regular_file_is_refused_not_waited_on(tiny_dataset, tmp_path, make, kind):
+    """open() of a named pipe waits for a writer for ever: verify (in one process and in workers) and train's
+    start-up check must refuse it by name before opening it. The timeouts turn a regression into a failure."""
+    ds = copy_of(tiny_dataset, tmp_path)
+    shard = ds / "train_000001.bin"
+    shard.unlink()
+    make(shard)
+    refused = f"error: {shard}: {kind}, not a regular file; a dataset holds only the files prep wrote: prepare " \
+              f"the dataset again"
+    for workers in ("1", "2"):
+        done = subprocess.run([PYTHON, "-m", "prep", "verify", str(ds), "--workers", workers], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert one_error_line(done) == refused
+    done = subprocess.run([PYTHON, "-c", START_UP_CHECK, str(ds)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert one_error_line(done) == refused
+    assert os.path.lexists(shard) and sorted(p.name for p in ds.iterdir()) == sorted(
+        p.name for p in tiny_dataset.iterdir())  # nothing deleted
+    manifest = ds / "manifest.json"
+    manifest.unlink()
+    make(manifest)
+    done = subprocess.run([PYTHON, "-m", "prep", "verify", str(ds)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert one_error_line(done).startswith(f"error: {manifest}: {kind}, not a regular file; ")

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -110,27 +109,6 @@ def test_info_on_a_manifest_missing_what_it_shows_is_one_line(many_shards, tmp_p
         f"error: {ds / 'manifest.json'}: malformed manifest (AttributeError: 'list' object has no attribute 'items')"]
 
 
-def test_the_earlier_bad_shard_is_named_though_it_fails_after_a_later_one(many_shards, tmp_path):
-    """Shard 1 is a named pipe: its worker waits in open() until the test writes a header into it a second later,
-    by when the other worker has found train_000005.bin bad, so the earlier shard is the last to fail."""
-    ds = copy_of(many_shards, tmp_path / "ds")
-    bad_magic(ds / "train_000005.bin")
-    header = (ds / "train_000001.bin").read_bytes()[:HEADER_BYTES]
-    (ds / "train_000001.bin").unlink()
-    os.mkfifo(ds / "train_000001.bin")
-
-    def release():
-        time.sleep(1.0)
-        with open(ds / "train_000001.bin", "wb") as f:  # waits for verify's reader
-            f.write(header)
-
-    threading.Thread(target=release, daemon=True).start()
-    done = run_verify(ds, "--workers", "2")
-    assert done.returncode == 1, done.stderr
-    lines = error_lines(done.stderr)
-    assert len(lines) == 1 and f"{ds / 'train_000001.bin'}: file is 0 bytes" in lines[0], done.stderr
-
-
 HUGE = (1 << 31) - 1  # the most tokens a header can count: 4 GB, about 15 s to read whole on the 2-core VM
 
 
@@ -145,6 +123,21 @@ def make_huge(ds: Path, index: int) -> None:
     manifest["totals"][entry["split"]]["tokens"] += HUGE - entry["tokens"]
     entry.update(tokens=HUGE, bytes=HEADER_BYTES + 2 * HUGE)  # a manifest that agrees with itself
     (ds / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_earlier_bad_shard_is_named_though_it_fails_after_a_later_one(many_shards, tmp_path):
+    """Shard 1 is huge with a token id out of range 128M tokens in: its worker finds it a second or more after the
+    other worker has found train_000005.bin bad, so the earlier shard is the last to fail."""
+    ds = copy_of(many_shards, tmp_path / "ds")
+    bad_magic(ds / "train_000005.bin")
+    make_huge(ds, 1)
+    with open(ds / "train_000001.bin", "r+b") as f:
+        f.seek(HEADER_BYTES + 2 * 8 * verify.CHUNK_TOKENS)
+        f.write(b"\xff\xff")
+    done = run_verify(ds, "--workers", "2")
+    assert done.returncode == 1, done.stderr
+    lines = error_lines(done.stderr)
+    assert lines == [f"error: {ds / 'train_000001.bin'}: token id 65535 >= n_vocab 50257"], done.stderr
 
 
 def test_a_bad_shard_stops_a_later_shard_being_read(many_shards, tmp_path):
@@ -212,10 +205,9 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_a_killed_worker_is_one_line_and_exit_1(many_shards, tmp_path):
-    """Shard 0 is a named pipe no one writes: its worker waits in open() while the test SIGKILLs a worker."""
+    """Shard 0 is huge: its worker still reads it while the test SIGKILLs a worker."""
     ds = copy_of(many_shards, tmp_path / "ds")
-    (ds / "train_000000.bin").unlink()
-    os.mkfifo(ds / "train_000000.bin")
+    make_huge(ds, 0)
     proc = subprocess.Popen([PYTHON, "-m", "prep", "verify", str(ds), "--workers", "2"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = []
@@ -229,7 +221,7 @@ def test_a_killed_worker_is_one_line_and_exit_1(many_shards, tmp_path):
         os.kill(workers[-1], signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
-        for pid in [proc.pid, *workers]:  # on a failure, the worker waiting on the pipe would wait for ever
+        for pid in [proc.pid, *workers]:  # on a failure, the worker reading the huge shard would read on
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -239,7 +231,7 @@ def test_a_killed_worker_is_one_line_and_exit_1(many_shards, tmp_path):
     lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith(f"error: {ds}: a verify worker process died"), err
     assert "Traceback" not in err and not out
-    assert not Path(f"/proc/{workers[0]}").exists()  # the worker waiting on the pipe was ended too
+    assert not Path(f"/proc/{workers[0]}").exists()  # the other worker was ended too
 
 
 def test_ctrl_c_stops_every_worker_and_prints_one_line(many_shards, tmp_path):
@@ -277,10 +269,9 @@ def is_running(pid: int) -> bool:
 
 def test_a_verify_killed_alone_leaves_no_worker_behind(many_shards, tmp_path):
     """`kill -9` of verify alone (not its group): its workers end with it instead of waiting on the pool for ever.
-    Shard 0 is a named pipe no one writes, so a worker is still there when the parent is killed."""
+    Shard 0 is huge, so a worker is still reading when the parent is killed."""
     ds = copy_of(many_shards, tmp_path / "ds")
-    (ds / "train_000000.bin").unlink()
-    os.mkfifo(ds / "train_000000.bin")
+    make_huge(ds, 0)
     proc = subprocess.Popen([PYTHON, "-m", "prep", "verify", str(ds), "--workers", "2"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
