@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -123,16 +122,8 @@ def cmd_watch(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from common import files
-    from train.rundir import RunDir
-
     from .report import write_report
-    # Eval jobs finishing together each re-render the report: one at a time, so the last to render has read
-    # every line appended before it, and no slower renderer replaces a newer report with an older one.
-    lock = RunDir(args.run_dir).watch / "report.lock"
-    with files.lock(lock, f"the report of {args.run_dir}", wait=True) if lock.parent.is_dir() \
-            else contextlib.nullcontext():
-        report, curves = write_report(args.run_dir)
+    report, curves = write_report(args.run_dir)
     print(f"wrote {report} and {curves}")
     return 0
 

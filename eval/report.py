@@ -207,11 +207,14 @@ def write_report(run: Path) -> tuple[Path, Path]:
     if not layout.metrics.exists() and not layout.results.exists():
         raise EvalError(f"{run}: neither {layout.metrics.relative_to(run)} nor {layout.results.relative_to(run)}; "
                         f"not a run directory?")
-    scored, unscored, earlier = run_records(run)
-    rows, curves = collect(run, scored)
-    layout.eval.mkdir(parents=True, exist_ok=True)
-    report = layout.report
-    files.write_text(report, markdown(run, rows) + other_checkpoints(unscored, earlier))
-    curves_path = layout.curves
-    plot(curves_path, rows, curves, run.name)
-    return report, curves_path
+    # Eval jobs finishing together, and a user's own `eval report`, each render: one at a time, reading under the
+    # lock, so the last to render has read every line appended before it and no slower renderer replaces a newer
+    # report with an older one. Always the watcher's directory and report.lock, also before any watcher ran: a
+    # lock taken only where .watch/ exists would leave the first renders of a run unserialised.
+    layout.watch.mkdir(parents=True, exist_ok=True)
+    with files.lock(layout.watch / "report.lock", f"the report of {run}", wait=True):
+        scored, unscored, earlier = run_records(run)
+        rows, curves = collect(run, scored)
+        files.write_text(layout.report, markdown(run, rows) + other_checkpoints(unscored, earlier))
+        plot(layout.curves, rows, curves, run.name)
+    return layout.report, layout.curves

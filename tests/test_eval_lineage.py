@@ -3,9 +3,11 @@
 a checkpoint rotated away before it was scored is named in results.jsonl and report.md; a run restarted from
 scratch gets its checkpoints scored again and its report keeps the earlier run's scores apart; `eval checkpoint`
 then `eval report` shows the score; eval's outputs never land in checkpoints or datasets nor replace what eval did
-not write; HellaSwag goes to TensorBoard and W&B, and curves.png has the training loss."""
+not write, and one that cannot be written is refused before the scoring; HellaSwag goes to TensorBoard and W&B,
+and curves.png has the training loss."""
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 
@@ -13,6 +15,7 @@ import pytest
 
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import read_metrics, run_train, train_command
+from tests.test_train_writer import in_namespace
 from tests.test_wandb_log import history, offline_env
 
 LIMIT = "8"  # docs per checkpoint: what is recorded is under test here, not the scores
@@ -179,3 +182,26 @@ def test_outputs_never_land_in_checkpoints_or_datasets_nor_replace_files_eval_di
     assert eval_cmd("export", run, "--out", exported).returncode == 0
     shutil.move(exported, run / "checkpoints" / "global_step9")
     assert list(complete_checkpoints(run)) == ["global_step3", "global_step6"]
+
+
+@pytest.mark.parametrize("under", ["result.json", "new/dir/result.json"])
+def test_an_out_in_a_directory_that_cannot_be_written_is_refused_before_scoring(tiny_run, hellaswag_file, tmp_path,
+                                                                                under):
+    # A read-only mount: root writes through permission bits, so it is the unwritable directory root meets too.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    out = locked / under
+    quoted = shlex.quote(str(locked))
+    cmd = in_namespace(f"mount --bind {quoted} {quoted}; mount -o remount,bind,ro {quoted}",
+                       [PYTHON, "-m", "eval", "checkpoint", run, "--out", out, "--hellaswag-file", hellaswag_file,
+                        "--limit", LIMIT, "--batch-size", "8"])
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and done.stderr == (
+        f"error: --out {out}: cannot write in {locked} (Read-only file system); make it writable or choose another "
+        f"--out\n"), done.stderr
+    assert done.stdout == ""  # refused before the start-up table, let alone the scoring
+    assert list(locked.iterdir()) == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p != locked) == before

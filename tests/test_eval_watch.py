@@ -249,6 +249,72 @@ def test_report_refuses_a_line_of_the_wrong_types_naming_it(tmp_path, capsys, fi
     assert err.count("\n") == 1 and not (run / "eval" / "report.md").exists()
 
 
+def waits_for_a_lock(pid: int) -> bool:
+    """`pid` is blocked in flock (the kernel lists a waiter as "N: -> FLOCK ... PID ...")."""
+    fields = (line.split() for line in Path("/proc/locks").read_text().splitlines())
+    return any(len(f) > 5 and f[1] == "->" and f[5] == str(pid) for f in fields)
+
+
+def test_two_reports_at_once_leave_the_newer_one_also_before_any_watcher_ran(tiny_run, hellaswag_file, tmp_path):
+    # `eval checkpoint` alone (no RUN/eval/.watch), then two renders at once. The first is held after it read the
+    # results, at metrics.jsonl (a FIFO the test feeds); a newer result appears and the second render starts.
+    # Unserialised, the second wrote the newer report and the first, let go, replaced it with the older one.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    done = subprocess.run([PYTHON, "-m", "eval", "checkpoint", *map(str, tag_dirs(run)), "--hellaswag-file",
+                           str(hellaswag_file), "--limit", WATCH_LIMIT, "--batch-size", "8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not (run / "eval" / ".watch").exists()
+    newer, aside = run / "eval" / "global_step6.json", tmp_path / "global_step6.json"
+    newer.rename(aside)
+    metrics = run / "metrics.jsonl"
+    logged = metrics.read_bytes()
+    (tmp_path / "metrics.jsonl").write_bytes(logged)
+    metrics.unlink()
+    os.mkfifo(metrics)
+    fifo = tmp_path / "metrics.fifo"  # the FIFO's second name: it is fed after metrics.jsonl is a file again
+    os.link(metrics, fifo)
+    report = [PYTHON, "-m", "eval", "report", str(run)]
+    first = subprocess.Popen(report, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second, fd = None, None
+    try:
+        deadline = time.time() + 300
+        while fd is None:  # opening the FIFO for writing succeeds once the first render has it open to read
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert first.poll() is None and time.time() < deadline, first.communicate()
+                time.sleep(0.05)
+        os.replace(tmp_path / "metrics.jsonl", metrics)
+        aside.rename(newer)
+        second = subprocess.Popen(report, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while second.poll() is None and not waits_for_a_lock(second.pid):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        waited = second.poll() is None
+        os.set_blocking(fd, True)
+        os.write(fd, logged)
+        os.close(fd)
+        fd = None
+        for proc in (first, second):
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and err == "", err
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    rows = [line for line in (run / "eval" / "report.md").read_text().splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["3", "6"]
+    assert waited  # on the first, which held the report's lock
+    assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in (run / "eval").iterdir() if ".tmp-" in p.name]
+    assert [p.name for p in (run / "eval" / ".watch").iterdir()] == ["report.lock"]
+
 def test_eval_outputs_are_readable_by_other_accounts(reported_run):
     """Under umask 022 every file eval writes is 0644, and another account (nobody) can read it."""
     run = reported_run
