@@ -199,11 +199,27 @@ def test_allow_change_names_must_be_changeable_keys():
     (["dist_timeout_minutes=0"], "dist_timeout_minutes must be a positive integer, got 0"),
     (["data.dir="], "data.dir must be a non-empty string, got ''"),
     (["run_dir=[1, 2]"], "run_dir must be a non-empty string, got [1, 2]"),
+    (["optim.max_lr=1e300"], "optim.max_lr must be a non-negative number, at most 10, got 1e+300"),
+    (["optim.muon_lr=10.5"], "optim.muon_lr must be a non-negative number, at most 10, got 10.5"),
+    (["optim.weight_decay=11"], "optim.weight_decay must be a non-negative number, at most 10, got 11"),
+    (["optim.muon_weight_decay=1e3"], "optim.muon_weight_decay must be a non-negative number, at most 10, got 1000.0"),
+    (["optim.eps=0.5"], "optim.eps must be a number in [1e-30, 0.001], got 0.5"),
+    (["optim.eps=0"], "optim.eps must be a number in [1e-30, 0.001], got 0"),  # NaN where a gradient is 0
+    (["optim.grad_clip=1e9"], "optim.grad_clip must be a non-negative number (0: no clipping), at most 100, "
+                              "got 1000000000.0"),
 ])
 def test_every_value_is_bounded_before_anything_starts(sets, message):
     with pytest.raises(RecipeError) as err:
         load(TINY, sets)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_optimizer_values_at_their_bounds_are_taken():
+    optim = load(TINY, ["optim.max_lr=10", "optim.muon_lr=10", "optim.weight_decay=10", "optim.muon_weight_decay=10",
+                        "optim.eps=1e-3", "optim.grad_clip=100"]).optim
+    assert (optim.max_lr, optim.muon_lr, optim.weight_decay, optim.muon_weight_decay, optim.eps, optim.grad_clip) \
+        == (10, 10, 10, 10, 1e-3, 100)
+    assert load(TINY, ["optim.eps=1e-30", "optim.grad_clip=0", "optim.weight_decay=0"]).optim.eps == 1e-30
 
 
 def test_sampling_off_needs_no_prompt_and_the_largest_seed_is_taken():
@@ -254,12 +270,35 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
     with pytest.raises(RecipeError, match=rf"^training recipe: {twice} line \d+: not valid YAML \(the key 'seed' "
                                           r"twice in one mapping\)$"):
         load(twice)
-    with pytest.raises(RecipeError, match=r"^batch must be a mapping, got "):  # not YAML, so --set takes it as text
+    with pytest.raises(RecipeError, match=r"^--set 'batch=\{micro_batch: 2, seq_len: 64, seq_len: 32, total_tokens: "
+                                          r"256\}': not valid YAML \(the key 'seq_len' twice in one mapping\); "):
         load(TINY, ["batch={micro_batch: 2, seq_len: 64, seq_len: 32, total_tokens: 256}"])
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 1, "stage": 3}}')
     with pytest.raises(RecipeError, match=rf"^{ds}: the key 'stage' twice in one object$"):
         read_deepspeed_file(load(TINY, [f"deepspeed={ds}"]))
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("batch={micro_batch: 2, micro_batch: 4}", "not valid YAML (the key 'micro_batch' twice in one mapping)"),
+    ("optim.betas=[0.9, 0.95", "not valid YAML (while parsing a flow sequence: expected ',' or ']', but got "
+                               "'<stream end>')"),
+    ("batch={micro_batch: 2", "not valid YAML (while parsing a flow mapping: expected ',' or '}', but got "
+                              "'<stream end>')"),
+    ("model=" + "[" * 100_000 + "]" * 100_000, "not readable YAML (nested too deeply)"),  # was a RecursionError
+])
+def test_a_set_list_or_mapping_that_is_not_yaml_is_refused_naming_the_set_and_the_problem(value, problem):
+    # Taken as text, it was refused later for its type ("batch must be a mapping, got '{...}'").
+    with pytest.raises(RecipeError) as err:
+        load(TINY, [value])
+    message = str(err.value)
+    assert message.startswith("--set '" + value[:20]) and problem in message and "\n" not in message, message
+    assert len(message) < 400, message
+
+
+def test_a_set_value_that_is_text_stays_text():
+    for text in ("10B", "First Citizen: Hear me: speak", "@user", '"ROMEO:"', '"[INST] hi"'):
+        assert load(TINY, [f"sample.prompt={text}"]).sample.prompt == text.strip('"')
 
 
 def test_counts_in_a_recipe_read_as_the_commands_flags_do():

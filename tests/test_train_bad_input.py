@@ -51,9 +51,13 @@ def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path, tiny_run, ti
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
-    # An absurd learning rate overflows the weights after the first update; the next loss is not finite.
+    # The largest lr and weight decay a recipe takes: each update scales the decayed weights by 1 - 10 x 10 = -99,
+    # so they overflow within a few updates and a later loss is not finite. ZeRO-0's bare torch optimizer applies
+    # the overflowed update; ZeRO-1's wrapper drops every update with non-finite gradients itself, so the loss
+    # there stays finite and this stop is never reached.
     run_dir = tmp_path / "run"
-    result = run_train(train_command(run_dir, tiny_dataset, "optim.max_lr=1.0e30", "optim.warmup_steps=0",
+    result = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero0.json",
+                                     "optim.max_lr=10", "optim.weight_decay=10", "optim.warmup_steps=0",
                                      "checkpoint.every=1", "eval.every=0", "sample.every=0"), check_rc=None)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -65,8 +69,24 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert read_client_state(ckpts / f"global_step{bad_step}")["step"] == bad_step
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "skipped" not in r] == list(range(1, bad_step + 1))
-    optim = torch.load(next((ckpts / f"global_step{bad_step}").glob("*optim_states.pt")), weights_only=False)
-    assert optim["optimizer_state_dict"]["base_optimizer_state"]["state"]  # the saved optimizer state is there
+    # ZeRO-0 keeps the optimizer state beside the weights.
+    optim = torch.load(ckpts / f"global_step{bad_step}" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert optim["optimizer"]["state"]  # the saved optimizer state is there
+
+
+def test_an_optimizer_value_past_its_bound_or_a_set_list_that_is_not_yaml_is_refused_before_anything_is_written(
+        tmp_path, tiny_dataset):
+    # optim.max_lr=1e300 trained, skipped five non-finite updates and stopped with exit 1, leaving a run directory.
+    for value, needle in (("optim.max_lr=1e300", "optim.max_lr must be a non-negative number, at most 10, "
+                                                 "got 1e+300"),
+                          ("optim.grad_clip=1e9", "optim.grad_clip must be a non-negative number (0: no clipping), "
+                                                  "at most 100"),
+                          ("batch={micro_batch: 2, micro_batch: 4}", "--set 'batch={micro_batch: 2, micro_batch: "
+                                                                     "4}': not valid YAML (the key 'micro_batch' "
+                                                                     "twice in one mapping)")):
+        result = run_train(train_command(tmp_path / "run", tiny_dataset, value), check_rc=None)
+        assert_one_line_error(result, 2, needle)
+        assert not (tmp_path / "run").exists()
 
 
 def test_compile_with_zero3_is_refused_before_anything_is_written(tmp_path, tiny_dataset):

@@ -34,6 +34,22 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("adamw", "muon")
 
+# Upper bounds no published recipe comes near, so that only a typo or a value meant for another key is refused
+# (optim.max_lr=1e300 started a run that diverged at its first update and stopped after five skipped ones):
+# - a peak lr: GPT-2 recipes use 6e-4, Muon 0.02-0.05, modded-nanogpt's Adam on embeddings up to ~0.6; 10 is 15x that.
+# - decoupled weight decay (each update scales a weight by 1 - lr x weight_decay): 0.1 in GPT-2/GPT-3/llm.c, 0 in
+#   modded-nanogpt, 1.0 the largest in published work (grokking experiments); 10 is 10x that.
+# - eps: 1e-10 (modded-nanogpt) to 1e-6; GPT-2's per-element gradients are ~1e-4 (a norm of ~1 over 1e8 weights),
+#   so at 1e-3 eps already outweighs sqrt(v) and Adam is plain SGD at lr / eps. Its floor is not 0: at 0 a weight
+#   whose gradient is exactly zero (a position past seq_len, a padded embedding row) is 0 / 0 = NaN after its first
+#   update; 1e-30 is still non-zero in fp32 and bf16.
+# - grad_clip: 1.0 in every GPT-2 recipe, 0.3-5 elsewhere; a clip at a norm of 100 never acts on a healthy update,
+#   and 0 (not a large number) turns clipping off.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 10.0
+EPS_RANGE = (1e-30, 1e-3)
+MAX_GRAD_CLIP = 100.0
+
 
 @dataclass(frozen=True)
 class Optim:
@@ -54,8 +70,14 @@ class Optim:
 
     def check(self) -> None:
         choice("optim.name", self.name, OPTIMIZERS)
-        for key in ("max_lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "muon_lr", "muon_weight_decay"):
-            number(f"optim.{key}", getattr(self, key))
+        for key, high in (("max_lr", MAX_LR), ("muon_lr", MAX_LR), ("weight_decay", MAX_WEIGHT_DECAY),
+                          ("muon_weight_decay", MAX_WEIGHT_DECAY)):
+            number(f"optim.{key}", getattr(self, key), high=high, what=f"a non-negative number, at most {high:g}")
+        number("optim.grad_clip", self.grad_clip, high=MAX_GRAD_CLIP,
+               what=f"a non-negative number (0: no clipping), at most {MAX_GRAD_CLIP:g}")
+        low, high = EPS_RANGE
+        number("optim.eps", self.eps, low, high, what=f"a number in [{low:g}, {high:g}]")
+        number("optim.min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
             raise RecipeError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         integer("optim.warmup_steps", self.warmup_steps, low=0)

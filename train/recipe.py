@@ -304,8 +304,18 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise RecipeError(f"--set expects key=value, got {shown(pair)}")
         try:
             value = yamlfile.parse(raw) if raw != "" else ""
-        except yaml.YAMLError:  # a value that is not YAML is taken as text
-            value = raw
+        except yaml.YAMLError as exc:
+            if not raw.lstrip().startswith(("{", "[")):
+                value = raw  # text that is not YAML (`First Citizen: Hear me: speak`) is taken as text
+            else:
+                # A list or mapping with a typo (a key twice, a bracket left open) was taken as text, and refused
+                # later as "batch must be a mapping, got '{...}'", which hid what was wrong with it.
+                problem = ": ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None))))
+                raise RecipeError(f"--set {shown(pair)}: not valid YAML ({problem or str(exc).splitlines()[0]}); "
+                                  f"a value starting with {{ or [ is a YAML mapping or list (quote it for text)") \
+                    from None
+        except RecursionError:  # PyYAML's composer recurses once per level of [[[...
+            raise RecipeError(f"--set {shown(pair)}: not readable YAML (nested too deeply)") from None
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
