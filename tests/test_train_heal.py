@@ -105,22 +105,36 @@ def test_nan_forever_stops_after_the_limit_naming_the_last_good_checkpoint(tiny_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["global_step2"]
 
 
+def judged(healer, loss, update):
+    """Healer.judge, then the update applied as the trainer applies it when judge lets it through."""
+    reason = healer.judge(loss, update)
+    if reason is None:
+        healer.applied(loss)
+    return reason
+
+
 def test_healer_judges_non_finite_spikes_and_streaks():
     healer = Healer(Heal(max_skips_in_a_row=2, spike_factor=2.0))
     for _ in range(SPIKE_MIN - 1):
-        assert healer.judge(3.0, 1) is None
-    assert healer.judge(100.0, 1) is None  # too little history to call anything a spike: it joins the window
+        assert judged(healer, 3.0, 1) is None
+    assert judged(healer, 100.0, 1) is None  # too little history to call anything a spike: it joins the window
     healer = Healer(Heal(max_skips_in_a_row=2, spike_factor=2.0))
     for _ in range(SPIKE_MIN):
-        assert healer.judge(3.0, 1) is None
-    assert healer.judge(6.1, 11) == "spike"
-    assert healer.judge(math.nan, 12) == "non-finite"
-    assert healer.judge(5.9, 13) is None and healer.in_a_row == 0  # below 2 x 3.0: applied, the streak ends
-    assert healer.judge(math.inf, 14) == "non-finite"
-    assert healer.judge(7.0, 15) == "spike"  # the mean (3.0 x 10, 5.9) is 3.26: 7.0 is above twice that
+        assert judged(healer, 3.0, 1) is None
+    assert judged(healer, 6.1, 11) == "spike"
+    assert judged(healer, math.nan, 12) == "non-finite"
+    assert judged(healer, 5.9, 13) is None and healer.in_a_row == 0  # below 2 x 3.0: applied, the streak ends
+    assert judged(healer, math.inf, 14) == "non-finite"
+    assert judged(healer, 7.0, 15) == "spike"  # the mean (3.0 x 10, 5.9) is 3.26: 7.0 is above twice that
     with pytest.raises(TooManySkips, match="loss is nan"):
-        healer.judge(math.nan, 16)
-    assert Healer(Heal()).judge(1e9, 1) is None  # spike_factor defaults to off
+        judged(healer, math.nan, 16)
+    assert judged(Healer(Heal()), 1e9, 1) is None  # spike_factor defaults to off
+    # The optimizer dropped an update whose loss was finite: a skip of its own kind, in the same streak.
+    healer = Healer(Heal(max_skips_in_a_row=1))
+    assert healer.judge(3.0, 1, gradients_finite=False) == "non-finite gradients" and healer.in_a_row == 1
+    assert not healer.recent  # a dropped update's loss never joins the window
+    with pytest.raises(TooManySkips, match=r"gradients are not finite \(loss 3.5000\)"):
+        healer.judge(3.5, 2, gradients_finite=False)
 
 
 def test_heal_section_bounds():
@@ -171,7 +185,7 @@ def test_a_resume_restores_the_spike_window_and_the_skip_streak(tiny_dataset, tm
         "recent": losses, "in_a_row": 0, "first_skipped": None}
     healer = Healer(Heal(spike_factor=2.0))
     for _ in range(SPIKE_MIN):
-        healer.judge(3.0, 1)
+        judged(healer, 3.0, 1)
     healer.in_a_row, healer.first_skipped = 1, 7
     state = healer.state_dict()
     assert state["recent"].shape == client_state(run_dir, 4)["heal"]["recent"].shape  # one size at every step
@@ -180,3 +194,24 @@ def test_a_resume_restores_the_spike_window_and_the_skip_streak(tiny_dataset, tm
     assert again.judge(6.1, 9) == "spike" and again.in_a_row == 2 and again.first_skipped == 7
     with pytest.raises(ValueError, match="not a heal state"):
         again.load_state_dict({"recent": [3.0], "in_a_row": 0, "first_skipped": None})
+
+
+def test_updates_deepspeed_drops_for_non_finite_gradients_are_skips_and_stop_the_run(tiny_dataset, tmp_path):
+    # lr 10 and weight decay 10 scale the decayed weights by -99 per update: at ZeRO-1 fp32 the gradients overflow
+    # while the loss is still finite, and DeepSpeed's optimizer drops the update itself. Each drop counts as a skip.
+    run_dir = tmp_path / "run"
+    result = run_train(train_command(run_dir, tiny_dataset, *QUIET, "deepspeed=configs/deepspeed/zero1.json",
+                                     "optim.max_lr=10", "optim.weight_decay=10", "optim.warmup_steps=0",
+                                     "schedule.max_steps=12", "checkpoint.every=1", "heal.max_skips_in_a_row=2"),
+                       check_rc=1)
+    records = lines(run_dir)
+    dropped = [r for r in records if r.get("skipped") == "non-finite gradients"]
+    assert len(dropped) == 2 and all(math.isfinite(r["loss"]) for r in dropped), records
+    first = dropped[0]["step"]
+    assert [r["skips_in_a_row"] for r in dropped] == [1, 2] and {r["step"] for r in dropped} == {first}
+    assert [r["step"] for r in records if "skipped" not in r] == list(range(1, first))
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: gradients are not finite (loss ") and last.endswith(
+        f" in update {first} (after step {first - 1}); stopped before it; 3 updates in a row skipped (from update "
+        f"{first}), more than heal.max_skips_in_a_row 2 (last good checkpoint: global_step{first - 1})"), last
+    assert f"warning: update {first} skipped (non-finite gradients: loss " in result.stderr

@@ -1,13 +1,16 @@
-"""The training step as a GPU would run it, checked on CPU with a real DeepSpeed engine (ZeRO-1, gloo, 1 rank):
-the process group's timeout, host syncs per update, compiled graphs. Each case runs in its own process, as train
+"""The training step as a GPU would run it, checked on CPU with a real DeepSpeed engine (ZeRO-1 as the GPU recipes,
+gloo, 1 rank): the process group's timeout, host syncs per update, compiled graphs; and ZeRO-0's (the tiny recipe's). Each case runs in its own process, as train
 does, so process groups and compiled graphs never leak between tests."""
 import json
 import subprocess
 import textwrap
 
-from tests.conftest import PYTHON, REPO
+import pytest
 
-SHAPE = ["batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128", "eval.every=0", "sample.every=0",
+from tests.conftest import PYTHON, REPO
+from tests.fixtures_run import read_metrics, run_train, train_command
+
+SHAPE = ["deepspeed=configs/deepspeed/zero1.json", "batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128", "eval.every=0", "sample.every=0",
          "checkpoint.every=0", "log.tensorboard=false"]
 
 
@@ -52,8 +55,8 @@ SYNC_COUNTER = """
             if active[0]:
                 frames = [f.filename for f in traceback.extract_stack()[:-1]]
                 ours = [f for f in frames if "/site-packages/" not in f and "<string>" not in f]
-                # the project's own reads of a tensor's value; any device synchronize, whoever calls it
-                if name == "synchronize" or (ours and frames[-1] == ours[-1]):
+                # the project's own reads of a tensor's value; any device synchronize or all_reduce, whoever calls it
+                if name in ("synchronize", "all_reduce") or (ours and frames[-1] == ours[-1]):
                     counts[name] += 1
             return original(*args, **kwargs)
         return call
@@ -62,6 +65,7 @@ SYNC_COUNTER = """
     torch.cuda.synchronize = counted("synchronize", torch.cuda.synchronize)
     accelerator = get_accelerator()
     accelerator.synchronize = counted("synchronize", accelerator.synchronize)
+    dist.all_reduce = counted("all_reduce", dist.all_reduce)
     step, calls = trainer.train_step, [0]
 
     def train_step():
@@ -72,7 +76,8 @@ SYNC_COUNTER = """
 """
 
 
-def test_one_host_sync_per_update_and_no_deepspeed_timer(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_one_host_sync_per_update_and_no_deepspeed_timer(stage, tiny_dataset, tmp_path):
     # CPU has no device to wait for, so what is counted is every call that would wait for a GPU: the trainer's
     # own reads of tensor values (.item, .tolist, float/int/bool of a tensor) and any synchronize, DeepSpeed's
     # throughput timer's included. DeepSpeed's optimizer checks its gradient norm itself (once per step in the
@@ -84,10 +89,14 @@ def test_one_host_sync_per_update_and_no_deepspeed_timer(tiny_dataset, tmp_path)
         print(json.dumps({"counts": counts, "updates": calls[0], "lines": len(lines),
                           "norms": sum(l["grad_norm"] is not None for l in lines)}))
     """)
-    out = probe(code, tmp_path / "run", tiny_dataset, "schedule.max_steps=14", "log.every=1")
+    out = probe(code, tmp_path / "run", tiny_dataset, "schedule.max_steps=14", "log.every=1",
+                f"deepspeed=configs/deepspeed/zero{stage}.json")
     assert out["updates"] == 14 and out["lines"] == 14 and out["norms"] == 14  # every line, its norm read late
+    reduces = out["counts"].pop("all_reduce", 0)
     assert sum(out["counts"].values()) <= 10, out["counts"]  # 10 steady-state updates: at most one sync each
     assert out["counts"].get("synchronize", 0) == 0, out["counts"]
+    if stage == 0:  # one rank: the trainer's own all_reduce (loss and stop flag) and no gradient reduction
+        assert reduces == 10, reduces
 
 
 def test_metrics_are_fsynced_by_time_and_before_each_checkpoint_not_per_line(tiny_dataset, tmp_path):
@@ -165,3 +174,20 @@ def test_every_gpu_recipe_compiles_with_a_zero_stage_that_allows_it():
         recipe = load(path)
         assert recipe.compile and not recipe.activation_checkpointing, path
         deepspeed_config(recipe, batch_plan(recipe, 8))  # refuses compile with ZeRO-3
+
+
+def test_zero0_fp32_clips_and_reports_the_norm_as_zero1_does(tiny_dataset, tmp_path):
+    # At ZeRO-0 fp32 the trainer clips (DeepSpeed would, but drops the norm): the same run at ZeRO-1, where
+    # DeepSpeed clips, logs the same norms (there summed in fp64) and the same losses. Early norms are above
+    # grad_clip 0.5, so the clip is applied, not just measured.
+    runs = {}
+    for stage in (0, 1):
+        run_dir = tmp_path / f"zero{stage}"
+        run_train(train_command(run_dir, tiny_dataset, f"deepspeed=configs/deepspeed/zero{stage}.json",
+                                "optim.grad_clip=0.5", "schedule.max_steps=4", "eval.every=0", "sample.every=0",
+                                "checkpoint.every=0"))
+        runs[stage] = read_metrics(run_dir)[0]
+    norms = {stage: [r["grad_norm"] for r in lines] for stage, lines in runs.items()}
+    assert all(n is not None and n > 0.5 for n in norms[0][:2]), norms
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert [r["loss"] for r in runs[0]] == pytest.approx([r["loss"] for r in runs[1]], rel=1e-5)

@@ -25,7 +25,9 @@ from .section import RecipeError, integer, is_int, is_number, number
 # update as the uninterrupted run would have.
 SPIKE_WINDOW = 50
 SPIKE_MIN = 10
-NON_FINITE, SPIKE = "non-finite", "spike"
+# NON_FINITE_GRADIENTS: the loss was finite, but DeepSpeed's optimizer found inf/NaN in the gradients and dropped
+# the update itself (ZeRO 1-3 and its bf16 wrapper check; a bare torch optimizer at ZeRO-0 fp32 applies it).
+NON_FINITE, SPIKE, NON_FINITE_GRADIENTS = "non-finite", "spike", "non-finite gradients"
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,12 @@ class Healer:
         self.recent = deque((x for x in window.tolist() if math.isfinite(x)), maxlen=SPIKE_WINDOW)
         self.in_a_row, self.first_skipped = in_a_row, first
 
-    def judge(self, loss: float, update: int) -> str | None:
-        """None to apply the update (its loss joins the window), else why it is skipped; raises TooManySkips when
-        this skip is one more than heal.max_skips_in_a_row allows."""
-        reason = self._reason(loss)
+    def judge(self, loss: float, update: int, gradients_finite: bool = True) -> str | None:
+        """None to apply the update (call `applied` once it is), else why it is skipped; raises TooManySkips when
+        this skip is one more than heal.max_skips_in_a_row allows. gradients_finite=False: the optimizer has
+        dropped the update itself, which counts as a skip whatever the loss."""
+        reason = self._reason(loss) if gradients_finite else NON_FINITE_GRADIENTS
         if reason is None:
-            self.recent.append(loss)
-            self.in_a_row, self.first_skipped = 0, None
             return None
         self.in_a_row += 1
         if self.first_skipped is None:
@@ -92,6 +93,11 @@ class Healer:
         if self.in_a_row > self.section.max_skips_in_a_row:
             raise TooManySkips(self.describe(reason, loss))
         return reason
+
+    def applied(self, loss: float) -> None:
+        """The update of this loss was applied: the loss joins the window, a streak of skips ends."""
+        self.recent.append(loss)
+        self.in_a_row, self.first_skipped = 0, None
 
     def _reason(self, loss: float) -> str | None:
         if not math.isfinite(loss):
@@ -107,6 +113,8 @@ class Healer:
     def describe(self, reason: str, loss: float) -> str:
         if reason == NON_FINITE:
             return f"loss is {loss}"
+        if reason == NON_FINITE_GRADIENTS:
+            return f"gradients are not finite (loss {loss:.4f})"
         return f"loss {loss:.4f} is above {self.section.spike_factor} x the recent mean {self.mean():.4f}"
 
     def record(self, update: int, reason: str, loss: float) -> dict:

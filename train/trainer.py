@@ -165,11 +165,21 @@ class Trainer:
         # copies; checkpoints record them (client_state param_names) so the masters map to parameters by name.
         self.optimizer, self.peak_lrs, self.param_names = built.optimizer, built.peak_lrs, built.param_names
         self.hyperparameters = built.hyperparameters
+        # ZeRO-0 in fp32 steps the torch optimizer as it is, and there DeepSpeed 0.19.8 clips with its own
+        # clip_grad_norm_ and drops the norm (get_global_grad_norm() is None): the trainer clips instead and keeps
+        # the norm on the device, read at the next update's one sync like DeepSpeed's.
+        self.clips_itself = zero_stage(self.ds_config) == 0 and not self.ds_config.get("bf16", {}).get("enabled")
+        if self.clips_itself:
+            self.ds_config["gradient_clipping"] = 0.0
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         # DeepSpeed copies its zero_to_fp32.py / zero_to_torch.py into RUN/checkpoints at every save; they refuse
         # the GPU recipes' checkpoints (BF16_Optimizer state has no zero_stage) and unpickle without the trust
         # rule's checks. `python -m eval export` is the way to plain weights, so leave no script that fails.
         self.engine._copy_recovery_script = lambda save_path: None
+        if self.clips_itself and self.place.world_size == 1:
+            # Alone, DeepSpeed would still flatten every gradient, all-reduce it over one rank and copy it back
+            # (about 10 ms an update for the tiny model on a CPU): one rank has nothing to reduce.
+            self.engine.enable_backward_allreduce = False
         optim.forget_start_up_step(self.optimizer, zero_stage(self.ds_config),
                                    bool(self.ds_config.get("bf16", {}).get("enabled")))
         optim.check_grouping(self.engine.module, self.recipe.optim)
@@ -223,7 +233,8 @@ class Trainer:
     stop = None                # the StopFlag run() watches
     stop_requested = False     # some rank got SIGUSR1/SIGTERM, as of the last sync
     _synced_at = None          # perf_counter at the last sync; None after eval, sample or save
-    _norm = None               # engine.get_global_grad_norm() of the last update, unread
+    _norm = None               # the last update's gradient norm (a device tensor or None), unread
+    clips_itself = False       # the trainer, not DeepSpeed, clips the gradients (ZeRO-0 fp32; see build)
     _deferred = None           # that update's metrics record, written once its norm is read
     log = None                 # rank 0's RunLog during run()
 
@@ -266,10 +277,23 @@ class Trainer:
             raise TrainError(f"torch.compile failed in update {self.step + 1} "
                              f"({str(exc).strip().splitlines()[0]}); fix that or set compile: false") from None
 
-    def _judge(self, loss: float) -> str | None:
+    def _clip(self) -> torch.Tensor:
+        """The update's gradient norm before clipping (what DeepSpeed reports), clipping to optim.grad_clip. One
+        fp32 norm over the tiny model's 6.4M-element embedding gradient is off by up to 5e-4 on a CPU (its kernel
+        accumulates long runs in fp32), so each gradient is normed by rows in fp32 and the rows' norms summed in
+        fp64: that agrees with DeepSpeed's fp64 norm (ZeRO 1-3) to about 1e-7 at a cost of one fp32 read."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        rows = [torch.linalg.vector_norm(g.reshape(len(g) if g.dim() > 1 else 1, -1), dim=1)
+                for g in (p.grad for p in params)]
+        norm = torch.linalg.vector_norm(torch.cat(rows), dtype=torch.float64)
+        if self.recipe.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.recipe.optim.grad_clip, norm)
+        return norm
+
+    def _judge(self, loss: float, gradients_finite: bool = True) -> str | None:
         """Why this update is skipped (train.heal), None to apply it; stops the run after too many in a row."""
         try:
-            return self.healer.judge(loss, self.step + 1)
+            return self.healer.judge(loss, self.step + 1, gradients_finite)
         except heal.TooManySkips as exc:
             n, first = self.healer.in_a_row, self.healer.first_skipped
             streak = (f"; {n} updates in a row skipped (from update {first}), more than heal.max_skips_in_a_row "
@@ -298,11 +322,21 @@ class Trainer:
                 if reason:
                     heal.skip_update(self.engine)
                     return self.healer.record(self.step + 1, reason, mean_loss)
+                if self.clips_itself:
+                    self._norm = self._clip()
+                skipped = self.engine.skipped_steps
             self.engine.step()
+        if self.engine.skipped_steps > skipped:
+            # DeepSpeed's optimizer found the gradients not finite and dropped the update (a python counter its
+            # own overflow check set: no extra sync); every rank's check agrees, so every rank returns here.
+            reason = self._judge(mean_loss, gradients_finite=False)
+            return self.healer.record(self.step + 1, reason, mean_loss)
+        self.healer.applied(mean_loss)
         step_time = self._synced_at - since
         self.step += 1
         self.tokens_seen += self.plan.total_tokens
-        self._norm = self.engine.get_global_grad_norm()
+        if not self.clips_itself:
+            self._norm = self.engine.get_global_grad_norm()
         tokens_per_s = self.plan.total_tokens / step_time
         # lr: group 0's (AdamW's) as DeepSpeed's optimizer holds it, i.e. what was applied; muon_lr likewise.
         lrs = {"lr": self.engine.get_lr()[0]}
