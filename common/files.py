@@ -55,6 +55,25 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# One block: a full disk or an exhausted quota refuses it, where an empty file would not tell.
+PROBE_BYTES = 4096
+
+
+def probe_write(directory: Path) -> None:
+    """Create, fill (PROBE_BYTES), fsync and remove a temporary file in `directory`: whether the files a command
+    will write there can be written, asked before its work rather than after (the OSError says why not).
+    Permission bits alone would not do: root passes them on a read-only mount."""
+    path = tmp_sibling(Path(directory) / "write-test")
+    try:
+        with open(path, "xb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):  # never an error here in place of the one that says why
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "wb"):
     """Yield a file object on a temporary sibling of `path`; on success it replaces `path`, on failure it is gone."""

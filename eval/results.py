@@ -7,7 +7,6 @@ before anyone scored it gets a line in results.jsonl too, with "unscored" saying
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -221,19 +220,12 @@ def check_out_parent(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise EvalError(f"--out {out}: {parent} is not a directory; choose another --out")
-    # Written as the result will be (files.atomic_file: a temporary there, renamed), then removed; where
-    # directories are missing, in the one that must take the first of them. Permission bits alone would not do:
-    # root passes them on a read-only mount.
-    probe = files.tmp_sibling(parent / out.name)
+    # Where directories are missing, in the one that must take the first of them.
     try:
-        with files.atomic_file(probe, "wb"):
-            pass
+        files.probe_write(parent)
     except OSError as exc:
         raise EvalError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc}); make it writable or "
                         f"choose another --out") from None
-    finally:
-        with contextlib.suppress(OSError):  # never one error in place of the one that names the path
-            probe.unlink(missing_ok=True)
 
 
 def check_export_out(out: Path) -> None:

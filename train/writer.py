@@ -30,7 +30,6 @@ from .rundir import RunDir
 # How long a requeued job waits for its own earlier incarnation's lock: srun gives its tasks 120 s (--wait) to
 # end after the first one does, and a network filesystem's lock recovery (an NFS lease) takes about 90 s.
 TAKEOVER_SECONDS = 300
-PROBE_BYTES = 4096  # one block: a full disk or an exhausted quota refuses it, an empty file would not tell
 
 
 class WriterError(PipelineError):
@@ -38,17 +37,10 @@ class WriterError(PipelineError):
 
 
 def probe(directory: Path) -> None:
-    """Create, fill, fsync and remove a temporary file in `directory`; a WriterError if any of it fails."""
-    path = files.tmp_sibling(directory / "write-test")
+    """files.probe_write in `directory`; a WriterError if it fails."""
     try:
-        with open(path, "xb") as f:
-            f.write(b"\0" * PROBE_BYTES)
-            f.flush()
-            os.fsync(f.fileno())
-        path.unlink()
+        files.probe_write(directory)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            path.unlink()
         raise WriterError(f"cannot write in {directory} ({exc.strerror or exc}): the run would lose every update "
                           f"until its first checkpoint; make it writable (a read-only mount, a full disk or an "
                           f"exhausted quota), or set another run_dir") from None
