@@ -54,10 +54,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     # The largest lr and weight decay a recipe takes: each update scales the decayed weights by 1 - 10 x 10 = -99,
     # so they overflow within a few updates and a later loss is not finite. ZeRO-0's bare torch optimizer applies
     # the overflowed update; ZeRO-1's wrapper drops every update with non-finite gradients itself, so the loss
-    # there stays finite and this stop is never reached.
+    # there stays finite and this stop is never reached. The loss turns non-finite at about update 6, the suite's
+    # usual max_steps: the cosine's decay slows the growth, so a long schedule keeps the rate (and the stop) sure.
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero0.json",
-                                     "optim.max_lr=10", "optim.weight_decay=10", "optim.warmup_steps=0",
+                                     "schedule.max_steps=40", "optim.max_lr=10", "optim.weight_decay=10", "optim.warmup_steps=0",
                                      "checkpoint.every=1", "eval.every=0", "sample.every=0"), check_rc=None)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
