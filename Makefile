@@ -8,6 +8,9 @@ TORCH_INDEX ?=
 # DeepSpeed ships only a source archive whose setup.py imports torch: build it against the torch above.
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 PYTEST_ARGS ?=
+# The suite runs in 2 pytest-xdist workers, whole test modules each (a Slurm module alone: tests/conftest.py);
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 # Test inputs beside the checkout (CI, developer machines, offline machines): tiktoken's GPT-2 BPE cache, Tiny
 # Shakespeare, HellaSwag. Where they are missing, the demo fetches its own (see below).
@@ -32,7 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The demo: documents -> tokenize -> tiny-cpu training -> HellaSwag -> report, all under demo/.
 # Its inputs, each kept for the next run: documents in demo/input (DEMO_TEXT split into documents; by default Tiny
