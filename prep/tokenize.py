@@ -22,7 +22,7 @@ import numpy as np
 
 from common import cli, files, progress, tokenizer
 from common.errors import PipelineError
-from common.process import die_with_parent
+from common.process import die_with_parent, ignore_sigint, sigint_held
 
 from . import finalize as fin
 from . import recipe as recipes
@@ -58,9 +58,9 @@ def _init_worker(progress_queue, parent_pid: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
     die_with_parent(parent_pid)
-    # Ctrl-C reaches the whole process group. A worker interrupted inside a queue's lock left the parent waiting
-    # on it for ever, holding DS/.work/lock: the parent alone acts on it, and ends the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker interrupted inside a queue's lock left the parent waiting on it for ever, holding DS/.work/lock:
+    # the parent alone acts on Ctrl-C, and ends the workers itself.
+    ignore_sigint()
 
 
 def tokenize_unit(job: UnitJob, report=None) -> dict:
@@ -164,7 +164,8 @@ def _run_pool(jobs, workers, on_progress, on_done) -> None:
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                                initargs=(progress_queue, os.getpid()))
     try:
-        pending = {pool.submit(tokenize_unit, job) for job in jobs}
+        with sigint_held():  # the workers are forked here
+            pending = {pool.submit(tokenize_unit, job) for job in jobs}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:

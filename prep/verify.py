@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
-import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from common import cli, progress
 from common.errors import PipelineError
-from common.process import die_with_parent
+from common.process import die_with_parent, ignore_sigint, sigint_held
 
 from .reader import Dataset, DatasetError
 from .shard import HEADER_BYTES, ShardError, read_header
@@ -94,9 +93,9 @@ _worker = None  # (dataset, tokens checked, first bad index, read buffer) in eac
 
 def _init_worker(ds: Dataset, checked, first_bad, parent_pid: int) -> None:
     die_with_parent(parent_pid)  # orphaned, a worker would wait on the pool's queue for ever
-    # Ctrl-C reaches the whole process group; the parent alone acts on it (it stops the workers within a chunk),
-    # so an idle worker does not die printing its own traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent alone acts on Ctrl-C (it stops the workers within a chunk), so an idle worker does not die
+    # printing its own traceback.
+    ignore_sigint()
     global _worker
     _worker = (ds, checked, first_bad, read_buffer(ds))
 
@@ -138,7 +137,8 @@ def check_in_pool(ds: Dataset, workers: int, update) -> None:
         while True:
             # Exactly one shard per worker in flight, none queued: once a shard is bad, no later one starts.
             while len(running) < workers and following < first_bad.value:
-                running[pool.submit(_check_in_worker, following)] = following
+                with sigint_held():  # the workers are forked at the first submit
+                    running[pool.submit(_check_in_worker, following)] = following
                 following += 1
             if not running:
                 break
