@@ -41,13 +41,17 @@ SLOW_TESTS = {"test_a_run_dir_with_another_recipe_is_refused_before_anything_is_
 SLURM_MODULES = {"test_slurm_cluster"}
 
 
-def module_name(item) -> str:
-    return item.module.__name__.rpartition(".")[2]
+def module_name(module) -> str:
+    return module.__name__.rpartition(".")[2]
+
+
+def slow_modules(items) -> set[str]:
+    return {module_name(item.module) for item in items if item.get_closest_marker("slow")}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = module_name(item)
+        module = module_name(item.module)
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if module in SLURM_MODULES:
@@ -56,9 +60,9 @@ def pytest_collection_modifyitems(config, items):
         # Workers take modules in this order (the Makefile turns off xdist's own reordering): the Slurm modules
         # first, which run alone except beside modules without a slow test (slurm_modules_run_alone), so those come
         # next, to fill the other worker meanwhile; then the rest. Every worker sorts alike, as xdist requires.
-        slow = {module_name(item) for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: 0 if module_name(item) in SLURM_MODULES else 1 if module_name(item) not in slow
-                   else 2)  # a stable sort: each module's tests keep their order
+        slow = slow_modules(items)
+        items.sort(key=lambda item: 0 if module_name(item.module) in SLURM_MODULES
+                   else 1 if module_name(item.module) not in slow else 2)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,9 +72,8 @@ def slurm_modules_run_alone(request, tmp_path_factory):
     that a training run on the other worker stretched past their limits. Modules without a slow test run beside it.
     A readers-writer lock of two flocks in the workers' shared temp directory: a writer first takes the turnstile,
     so readers arriving meanwhile wait rather than starve it."""
-    module = request.module.__name__.rpartition(".")[2]
-    slow = any(item.get_closest_marker("slow") for item in request.session.items if module_name(item) == module)
-    if "PYTEST_XDIST_WORKER" not in os.environ or not slow:
+    module = module_name(request.module)
+    if "PYTEST_XDIST_WORKER" not in os.environ or module not in slow_modules(request.session.items):
         yield
         return
     import fcntl

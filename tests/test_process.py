@@ -3,7 +3,6 @@ forked ProcessPoolExecutor."""
 import signal
 import subprocess
 
-
 from tests.conftest import PYTHON, REPO
 
 # A worker gets its Ctrl-C (here sent to itself) after the fork, before its initializer ignores SIGINT; the parent

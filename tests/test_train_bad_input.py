@@ -58,8 +58,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     # usual max_steps: the cosine's decay slows the growth, so a long schedule keeps the rate (and the stop) sure.
     run_dir = tmp_path / "run"
     result = run_train(train_command(run_dir, tiny_dataset, "deepspeed=configs/deepspeed/zero0.json",
-                                     "schedule.max_steps=40", "optim.max_lr=10", "optim.weight_decay=10", "optim.warmup_steps=0",
-                                     "checkpoint.every=1", "eval.every=0", "sample.every=0"), check_rc=None)
+                                     "schedule.max_steps=40", "optim.max_lr=10", "optim.weight_decay=10",
+                                     "optim.warmup_steps=0", "checkpoint.every=1", "eval.every=0", "sample.every=0"),
+                       check_rc=None)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss is ") and "stopped before it" in last, last
