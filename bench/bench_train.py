@@ -16,7 +16,8 @@ per update, log.every 1), so everything it does per update counts (the loader, t
 step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writing do not; its MFU is read from the
 same file. A third row, the engine loop, drives the trainer's own DeepSpeed engine (its DeepSpeed config and
 optimizer) with the plain loop's few lines: plain -> engine is what DeepSpeed costs, engine -> trainer what the
-trainer's own work around the engine costs. --before DIR runs the trainer of another checkout (e.g. `git worktree add
+trainer's own work around the engine costs. On a CPU every side keeps freed memory for reuse, as the trainer does
+(common.device.reuse_freed_cpu_memory), so none pays page faults the others do not. --before DIR runs the trainer of another checkout (e.g. `git worktree add
 DIR COMMIT`) the same way, as another row. They alternate --rounds times to even out a shared machine.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common.device import reuse_freed_cpu_memory  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
@@ -55,7 +57,14 @@ def model_config(args) -> GPTConfig:
     return GPTConfig.preset(args.preset, padded_vocab_size=args.padded_vocab_size)
 
 
+def same_allocator() -> None:
+    """Every side keeps freed CPU memory for reuse, as the trainer does on a CPU (common.device)."""
+    if DEVICE == "cpu":
+        reuse_freed_cpu_memory()
+
+
 def plain_loop(args) -> list[dict]:
+    same_allocator()
     torch.manual_seed(args.seed)
     model = GPT(model_config(args)).to(DEVICE)
     model.activation_checkpointing = args.activation_checkpointing
@@ -106,6 +115,7 @@ def engine_loop(args) -> list[dict]:
     recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", args.deepspeed))
     config = deepspeed_config(recipe, batch_plan(recipe, 1))
     launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
+    same_allocator()
     torch.manual_seed(args.seed)
     model = GPT(model_config(args))
     model.activation_checkpointing = args.activation_checkpointing
