@@ -1,6 +1,9 @@
 """Training runs made by the real `python -m train` on tiny_dataset, for train/eval/slurm tests."""
+import itertools
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,13 +14,34 @@ import pytest
 
 from tests.conftest import PYTHON, REPO
 
-__all__ = ["tiny_run", "train_command", "run_train", "read_metrics", "sigkill_after_step"]
+__all__ = ["tiny_run", "train_command", "run_train", "read_metrics", "sigkill_after_step", "free_port"]
 
 # Shapes small enough that one optimizer step takes about a second on a busy 2-core CPU; ZeRO-1, the GPU recipes'
 # stage (the tiny recipe's own is ZeRO-0), so that runs exercise a partitioned optimizer and universal checkpoints.
 FAST = ["deepspeed=configs/deepspeed/zero1.json", "schedule.max_steps=6", "optim.warmup_steps=3", "batch.seq_len=32", "batch.micro_batch=2", "batch.total_tokens=128",
         "eval.every=3", "eval.val_batches=2", "checkpoint.every=3", "checkpoint.keep_last=3",
         "sample.every=3", "sample.max_new_tokens=8", "log.tensorboard=true"]
+
+
+_port_draws = itertools.count()
+
+
+def free_port() -> int:
+    """A port for one run's rendezvous (torchrun's --master_port), free now. Each pytest-xdist worker hands out
+    ports from its own range of 1,000, so two workers never give their tests the same one. The ranges lie above the
+    ports the test Slurm cluster's jobs take (20000 + job id, train/launch.py) and below the kernel's ephemeral
+    ports (32768 and up), where bind-to-port-0 and every outgoing connection take theirs."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...; unset without xdist
+    base = 24000 + 1000 * (int(worker[2:]) + 1 if worker.startswith("gw") else 0)
+    for _ in range(1000):
+        port = base + next(_port_draws) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or not yet released by a run that just ended
+                continue
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + 999}")
 
 
 def train_command(run_dir, dataset, *overrides, nproc: int = 1, port: int | None = None,
@@ -33,9 +57,9 @@ def train_command(run_dir, dataset, *overrides, nproc: int = 1, port: int | None
     if launcher == "deepspeed":
         # On CPU the deepspeed launcher counts "devices" from LOCAL_SIZE; `env` makes the command self-contained.
         return ["env", f"LOCAL_SIZE={nproc}", str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", str(nproc),
-                "--master_port", str(port or 29500), "--module", *args[1:]]
+                "--master_port", str(port or free_port()), "--module", *args[1:]]
     return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(port or 29500), *args]
+            str(port or free_port()), *args]
 
 
 def run_train(cmd, check_rc: int | None = 0, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -294,7 +294,7 @@ def kill_at(cmd, ckpts, sizes, kind, timeout=240):
 
 
 def test_sigkill_of_one_rank_during_a_save_resumes_from_a_complete_checkpoint(tmp_path, tiny_dataset, shared_dir):
-    from tests.test_train_distributed import free_port
+    from tests.fixtures_run import free_port
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 
 from tests.conftest import PYTHON, REPO
+from tests.fixtures_run import free_port
 
 ENGINE_PROBE = """
 import json, torch
@@ -23,7 +24,7 @@ def test_plan_memory_measures_the_trainers_engine_and_optimizer():
     optimizer section in the DeepSpeed config (DeepSpeed would JIT-build FusedAdam with nvcc), torch's AdamW (fused
     on CUDA) inside the engine. The same function, on CPU with gloo."""
     proc = subprocess.run([PYTHON, "-c", ENGINE_PROBE], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": "29617"})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["optimizer_section"] is False

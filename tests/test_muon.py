@@ -14,7 +14,7 @@ from model.config import GPTConfig
 from model.gpt import GPT
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import FAST, read_metrics, run_train, sigkill_after_step, train_command
-from tests.test_train_distributed import free_port
+from tests.fixtures_run import free_port
 from train.optim import NS_METHOD, build, param_groups, uses_muon
 from train.recipe import RecipeError, batch_plan, deepspeed_config, load
 

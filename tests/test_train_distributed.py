@@ -1,7 +1,6 @@
 """Two CPU ranks (torchrun, gloo) with real DeepSpeed engines: ZeRO 0-3, consolidation, exact resume, world-size change."""
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -10,17 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.fixtures_run import read_metrics, run_train, sigkill_after_step, train_command
+from tests.fixtures_run import free_port, read_metrics, run_train, sigkill_after_step, train_command
 from train.rundir.consolidate import load_model
 
 STEPS = {0: 4, 1: 6, 2: 4, 3: 4}  # ZeRO-1's run is also the uninterrupted baseline of the exactness test
 LAUNCHER = {0: "deepspeed", 1: "torchrun", 2: "torchrun", 3: "torchrun"}  # both multi-process launchers covered
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def zero_command(run_dir, dataset, stage):

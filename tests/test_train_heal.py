@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import FAST, run_train, train_command
-from tests.test_train_distributed import free_port
+from tests.fixtures_run import free_port
 from train.heal import SPIKE_MIN, Heal, Healer, TooManySkips
 
 QUIET = ["eval.every=0", "sample.every=0", "log.tensorboard=false"]

@@ -12,7 +12,7 @@ from prep.reader import Dataset, DatasetError
 from tests.conftest import PYTHON, REPO, SHARED
 from tests.fixtures_data import write_jsonl
 from tests.fixtures_run import read_metrics, run_train, train_command
-from tests.test_train_distributed import free_port
+from tests.fixtures_run import free_port
 from train.data import Interleave, MixLoader, Source, TrainLoader, open_sources
 from train.recipe import RecipeError, load
 from train.rundir.checkpoints import read_client_state

@@ -6,7 +6,7 @@ import subprocess
 
 from tests.conftest import REPO
 from tests.fixtures_run import run_train, train_command
-from tests.test_train_distributed import free_port
+from tests.fixtures_run import free_port
 from train.watchdog import HUNG_EXIT
 
 SETS = ["eval.every=0", "sample.every=0", "log.tensorboard=false", "schedule.max_steps=4", "checkpoint.every=2",

@@ -13,7 +13,7 @@ import psutil
 
 from tests.conftest import PYTHON, REPO
 from tests.fixtures_run import run_train, train_command
-from tests.test_train_distributed import free_port
+from tests.fixtures_run import free_port
 
 QUIET = ["eval.every=0", "sample.every=0", "log.tensorboard=false"]
 

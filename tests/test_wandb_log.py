@@ -119,7 +119,7 @@ def test_a_wandb_run_that_cannot_be_opened_stops_every_rank(tmp_path, tiny_datas
     # Rank 0 alone opens W&B. Started as srun starts them (no launcher to kill the others when one fails), rank 1
     # waited in the first update's collective until the process-group timeout (an hour by default) unless the
     # outcome is shared; the communicate timeout asserts it is.
-    from tests.test_train_distributed import free_port
+    from tests.fixtures_run import free_port
     env = {**offline_env(tmp_path), "WANDB_MODE": "online", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     env.pop("WANDB_API_KEY", None)
