@@ -17,8 +17,9 @@ step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writin
 same file. A third row, the engine loop, drives the trainer's own DeepSpeed engine (its DeepSpeed config and
 optimizer) with the plain loop's few lines: plain -> engine is what DeepSpeed costs, engine -> trainer what the
 trainer's own work around the engine costs. On a CPU every side keeps freed memory for reuse, as the trainer does
-(common.device.reuse_freed_cpu_memory), so none pays page faults the others do not. --before DIR runs the trainer of another checkout (e.g. `git worktree add
-DIR COMMIT`) the same way, as another row. They alternate --rounds times to even out a shared machine.
+(common.device.reuse_freed_cpu_memory), so none pays page faults the others do not. --before DIR runs the trainer
+of another checkout (e.g. `git worktree add DIR COMMIT`) the same way, as another row. They alternate --rounds
+times to even out a shared machine.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def torch_device(name: str | None) -> str:
 def reuse_freed_cpu_memory() -> bool:
     """Have glibc's malloc keep freed blocks under 32 MiB for reuse. A training step on the CPU frees and allocates
     the same tens of MiB every update (a chunk of logits, the gradients); by default glibc returns blocks that
-    large to the kernel and the next update page-faults them in again: 8,000-10,000 faults per update of the tiny
+    large to the kernel and the next update page-faults them in again: about 28,000 faults per update of the tiny
     recipe, a share of its time that changed from process to process with malloc's history (docs/benchmarks.md).
     The CUDA caching allocator does the same for GPU tensors. Process-wide; False where the C library is not
     glibc (nothing changed)."""

@@ -195,8 +195,8 @@ def test_zero0_fp32_clips_and_reports_the_norm_as_zero1_does(tiny_dataset, tmp_p
 
 def test_a_cpu_update_reuses_freed_memory_instead_of_faulting_it_in_again(tiny_dataset, tmp_path):
     # Each update frees and allocates the same tens of MiB (a chunk of logits, the gradients). With glibc's
-    # defaults these went back to the kernel and were page-faulted in again: about 27,000 minor faults per update
-    # of the tiny recipe, 10-30% of its time on this CPU. The trainer keeps them for reuse (common.device).
+    # defaults these went back to the kernel and were page-faulted in again: about 28,000 minor faults per update
+    # of the tiny recipe, about a fifth of its time on this CPU. The trainer keeps them for reuse (common.device).
     code = """
         import resource
         trainer.build()
@@ -212,4 +212,4 @@ def test_a_cpu_update_reuses_freed_memory_instead_of_faulting_it_in_again(tiny_d
     out = probe(code, tmp_path / "run", tiny_dataset, "deepspeed=configs/deepspeed/zero0.json",
                 "batch.total_tokens=256", "batch.seq_len=64")
     assert out["kept"] is True
-    assert out["per_update"] < 2000, out  # 27,000 with glibc's defaults; the working set is about 40 MiB
+    assert out["per_update"] < 2000, out  # 28,000 with glibc's defaults, about 300 kept
