@@ -16,10 +16,12 @@ per update, log.every 1), so everything it does per update counts (the loader, t
 step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writing do not; its MFU is read from the
 same file. A third row, the engine loop, drives the trainer's own DeepSpeed engine (its DeepSpeed config and
 optimizer) with the plain loop's few lines: plain -> engine is what DeepSpeed costs, engine -> trainer what the
-trainer's own work around the engine costs. On a CPU every side keeps freed memory for reuse, as the trainer does
-(common.device.reuse_freed_cpu_memory), so none pays page faults the others do not. --before DIR runs the trainer
-of another checkout (e.g. `git worktree add DIR COMMIT`) the same way, as another row. They alternate --rounds
-times to even out a shared machine.
+trainer's own work around the engine costs. Every side runs with glibc's malloc told to keep freed blocks under
+32 MiB (MALLOC_KEPT, through GLIBC_TUNABLES; --malloc default leaves glibc's defaults): otherwise each update's tens
+of MiB go back to the kernel and are page-faulted in again, a cost that changes from process to process with
+malloc's history and that a GPU's caching allocator does not have. --before DIR runs the trainer of another
+checkout (e.g. `git worktree add DIR COMMIT`) the same way, as another row. They alternate --rounds times to even
+out a shared machine.
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.device import reuse_freed_cpu_memory  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
@@ -52,20 +53,23 @@ from train.optim import build, set_lr  # noqa: E402
 from train.recipe import Mfu, Optim, load  # noqa: E402
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
+# glibc's tunables for every side's process: a fixed mmap threshold (its 64-bit maximum) and a trim threshold of 1 GiB
+MALLOC_KEPT = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+
+
+def side_env(args) -> dict:
+    """The environment of a side's process: the caller's, with --malloc's allocator setting."""
+    env = dict(os.environ)
+    if args.malloc == "kept":
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_KEPT]))
+    return env
 
 
 def model_config(args) -> GPTConfig:
     return GPTConfig.preset(args.preset, padded_vocab_size=args.padded_vocab_size)
 
 
-def same_allocator() -> None:
-    """Every side keeps freed CPU memory for reuse, as the trainer does on a CPU (common.device)."""
-    if DEVICE == "cpu":
-        reuse_freed_cpu_memory()
-
-
 def plain_loop(args) -> list[dict]:
-    same_allocator()
     torch.manual_seed(args.seed)
     model = GPT(model_config(args)).to(DEVICE)
     model.activation_checkpointing = args.activation_checkpointing
@@ -116,7 +120,6 @@ def engine_loop(args) -> list[dict]:
     recipe = load(ROOT / "configs/train/tiny-cpu.yaml", recipe_sets(args, "unused", args.deepspeed))
     config = deepspeed_config(recipe, batch_plan(recipe, 1))
     launch.init_distributed(launch.setup(), timedelta(minutes=recipe.dist_timeout_minutes))
-    same_allocator()
     torch.manual_seed(args.seed)
     model = GPT(model_config(args))
     model.activation_checkpointing = args.activation_checkpointing
@@ -148,7 +151,7 @@ def deepspeed_trainer(args, repo: Path = ROOT, deepspeed: str | None = None) -> 
         for s in sets:
             cmd += ["--set", s]
         # Without rendezvous variables from the caller (a shell under srun or torchrun): the trainer is rank 0 of 1.
-        env = {k: v for k, v in os.environ.items() if k not in launch.resolve_env({})}
+        env = {k: v for k, v in side_env(args).items() if k not in launch.resolve_env({})}
         result = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             sys.exit(f"python -m train exited {result.returncode}:\n{result.stderr[-3000:]}")
@@ -163,7 +166,7 @@ def fresh_process(side: str):
     """Run one side in a process of its own, as the trainer runs: no side inherits another's heap or threads."""
     def run(args) -> list[dict]:
         result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=side_env(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             sys.exit(f"the {side} side exited {result.returncode}:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -191,6 +194,8 @@ def main() -> int:
                    help="the trainer's and the engine loop's DeepSpeed config (default: the tiny recipe's)")
     p.add_argument("--also-deepspeed", metavar="FILE", help="also run this checkout's trainer with this DeepSpeed "
                    "config instead of --deepspeed's (another row)")
+    p.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                   help="kept: every side's glibc keeps freed blocks for reuse (MALLOC_KEPT); default: glibc's own")
     p.add_argument("--side", choices=("plain", "engine"), help=argparse.SUPPRESS)  # one side, in this process
     args = p.parse_args()
     if args.steps <= args.skip:
@@ -223,7 +228,7 @@ def main() -> int:
     print(f"preset {args.preset} (embedding rows {model_config(args).embedding_rows}), micro_batch {args.micro_batch} "
           f"x seq_len {args.seq_len} x grad_accum {args.grad_accum}, {args.precision}, compile {args.compile}, "
           f"activation checkpointing {args.activation_checkpointing}, {args.steps} steps (first {args.skip} skipped), "
-          f"{args.rounds} rounds, DeepSpeed {args.deepspeed}")
+          f"{args.rounds} rounds, DeepSpeed {args.deepspeed}, malloc {args.malloc}")
     print(f"plain PyTorch loop     {plain:10.1f} tok/s")
     print(f"DeepSpeed trainer      {ds:10.1f} tok/s")
     print(f"ratio DeepSpeed/plain  {ds / plain:10.3f}  (median of the rounds' ratios: {paired['deepspeed']:.3f})")
