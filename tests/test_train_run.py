@@ -169,14 +169,18 @@ def test_compiled_run_tracks_the_eager_run_keeps_keys_and_resumes(tiny_run, tiny
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in eager_train[3:]], rel=1e-5)
 
 
-def test_activation_checkpointing_gives_bitwise_the_same_losses(tiny_run, tiny_dataset, tmp_path):
+def test_activation_checkpointing_gives_bitwise_the_same_losses(tiny_dataset, tmp_path):
     # fp32 on CPU: recomputing a block in backward repeats exactly the same ops, so nothing changes, to the bit.
-    run_dir = tmp_path / "run"
+    # The plain run is made here, right before, not taken from tiny_run: in two fresh-clone suite runs the
+    # tiny_run fixture, made earlier in its worker, logged a first loss 7 ulps off every other run of the same
+    # command (cause not found; docs/benchmarks.md).
+    eager_dir, run_dir = tmp_path / "eager", tmp_path / "run"
+    run_train(train_command(eager_dir, tiny_dataset))
     out = run_train(train_command(run_dir, tiny_dataset, "activation_checkpointing=true"))
     assert re.search(r"^module activation checkpointing +True$", out.stdout, re.M), out.stdout[-3000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["activation_checkpointing"] is True
     train, val = read_metrics(run_dir)
-    eager_train, eager_val = read_metrics(tiny_run)
+    eager_train, eager_val = read_metrics(eager_dir)
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in train] == \
         [(r["step"], r["loss"], r["grad_norm"]) for r in eager_train]
     assert [(r["step"], r["val_loss"]) for r in val] == [(r["step"], r["val_loss"]) for r in eager_val]
