@@ -17,11 +17,11 @@ step, metrics lines, the progress bar), DeepSpeed start-up and checkpoint writin
 same file. A third row, the engine loop, drives the trainer's own DeepSpeed engine (its DeepSpeed config and
 optimizer) with the plain loop's few lines: plain -> engine is what DeepSpeed costs, engine -> trainer what the
 trainer's own work around the engine costs. Every side runs with glibc's malloc told to keep freed blocks under
-32 MiB (MALLOC_KEPT, through GLIBC_TUNABLES; --malloc default leaves glibc's defaults): otherwise each update's tens
-of MiB go back to the kernel and are page-faulted in again, a cost that changes from process to process with
-malloc's history and that a GPU's caching allocator does not have. --before DIR runs the trainer of another
-checkout (e.g. `git worktree add DIR COMMIT`) the same way, as another row. They alternate --rounds times to even
-out a shared machine.
+32 MiB (MALLOC_KEPT, through GLIBC_TUNABLES; the trainer also sets it itself on a CPU, with mallopt; --malloc
+default leaves glibc's defaults to the plain and engine sides): otherwise each update's tens of MiB go back to the
+kernel and are page-faulted in again, a cost that changes from process to process with malloc's history and that
+a GPU's caching allocator does not have. --before DIR runs the trainer of another checkout (e.g. `git worktree add
+DIR COMMIT`) the same way, as another row. They alternate --rounds times to even out a shared machine.
 """
 from __future__ import annotations
 

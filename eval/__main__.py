@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common import cli
 from common.cli import positive_int
-from common.device import torch_device
+from common.device import reuse_freed_cpu_memory, torch_device
 from common.errors import UsageError
 
 
@@ -60,6 +60,8 @@ def cmd_checkpoint(args) -> int:
         check_result_out(args.out)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     device = torch_device(args.device)
+    if device == "cpu":
+        reuse_freed_cpu_memory()  # as the trainer does: each batch's logits are freed and allocated again
     print_table("eval checkpoint", {"checkpoints": ", ".join(map(str, args.ckpt)), "tasks": ", ".join(tasks),
                                     "hellaswag file": args.hellaswag_file or "data/eval/hellaswag_val.jsonl",
                                     "limit": args.limit or "all docs", "batch size": args.batch_size,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import tokenizer
+from common.device import reuse_freed_cpu_memory
 from common.errors import PipelineError
 from model.gpt import GPT
 from prep.reader import Dataset
@@ -146,6 +147,7 @@ class Trainer:
     def build(self) -> None:
         import deepspeed
         launch.init_distributed(self.place, timedelta(minutes=self.recipe.dist_timeout_minutes))
+        self.allocator_reuses = self.place.device == "cpu" and reuse_freed_cpu_memory()
         if self.recipe.optim.name == "muon":
             # Every rank probes its own node, and all stop alike, before the run directory is touched.
             problem = launch.first_error(optim.muon_compile_problem(self.place.device), self.place.world_size)
