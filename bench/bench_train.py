@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common.device import MMAP_THRESHOLD_MAX, TRIM_THRESHOLD  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from prep.reader import Dataset  # noqa: E402
@@ -53,8 +54,8 @@ from train.optim import build, set_lr  # noqa: E402
 from train.recipe import Mfu, Optim, load  # noqa: E402
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # the trainer alone on one GPU picks cuda:0 too
-# glibc's tunables for every side's process: a fixed mmap threshold (its 64-bit maximum) and a trim threshold of 1 GiB
-MALLOC_KEPT = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+# glibc's tunables for every side's process: the thresholds the trainer sets itself on a CPU (common.device)
+MALLOC_KEPT = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
 
 
 def side_env(args) -> dict:
